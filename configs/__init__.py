@@ -1,0 +1,1 @@
+"""Training configurations, one file per model family (ml_collections). Installed as `jaxattn.configs`."""

@@ -1,0 +1,112 @@
+"""Public entry point of dot-product attention: validation and backend dispatch."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxattn.core import dispatch, masks, validation
+from jaxattn.dot_product import common
+
+OP = "dot_product_attention"
+LAYOUT_Q = "[batch, q_len, num_heads, head_dim]"
+LAYOUT_KV = "[batch, kv_len, num_kv_heads, head_dim]"
+
+
+def _load_reference():
+    from jaxattn.dot_product.reference import attention_reference
+    return attention_reference
+
+
+def _load_xla():
+    from jaxattn.dot_product.xla import attention_blocked
+    return attention_blocked
+
+
+dispatch.register(OP, dispatch.Backend("reference", _load_reference, platforms=(), priority=-1))
+dispatch.register(OP, dispatch.Backend("xla", _load_xla, platforms=None, priority=0))
+
+
+def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
+                          local_window_size=None, query_segment_ids=None, key_segment_ids=None,
+                          return_lse=False, implementation=None):
+    """Softmax attention `softmax(q k^T * scale + bias, masked) v`, heads-last, with GQA/MQA.
+
+    Args:
+      query: `[B, T, N, H]`.
+      key: `[B, S, K, H]` with `N % K == 0` (K < N is grouped-query attention; k/v are never repeated).
+      value: `[B, S, K, Hv]`.
+      bias: optional additive logits, broadcastable to `[B, N, T, S]`; differentiable.
+      mask: optional boolean, broadcastable to `[B, N, T, S]`; True keeps a key.
+      scale: logit scale, default `H ** -0.5`.
+      is_causal: query `i` sees keys `j <= i + (S - T)`. Aligned bottom-right when `T != S` (FlashAttention
+        >= 2.1, the KV-cache decoding convention); `jax.nn.dot_product_attention` aligns top-left instead.
+      local_window_size: `w` or `(left, right)`: query `i` sees keys with `-left <= j - (i + S - T) <= right`.
+        Same convention as `jax.nn.dot_product_attention` when `T == S`.
+      query_segment_ids, key_segment_ids: integer `[B, T]` and `[B, S]`; a query sees only keys of its segment
+        (packed sequences). Give both or neither.
+      return_lse: also return the fp32 log-sum-exp of the masked, scaled logits, `[B, N, T]`.
+      implementation: 'reference' (materialises `T x S` logits), 'xla' (blocked online softmax, memory
+        O(T * block)), kernels where registered, or None for the best available on this platform.
+
+    Returns:
+      `out [B, T, N, Hv]` in the query dtype, or `(out, lse)`. A query that sees no key gets output 0 and
+      lse `-inf` (never NaN).
+    """
+    spec, scale = _validate(query, key, value, bias, mask, scale, is_causal, local_window_size,
+                            query_segment_ids, key_segment_ids)
+    impl = dispatch.resolve(OP, implementation, query=query, key=key, value=value, bias=bias, mask=mask,
+                            spec=spec, segment_ids=query_segment_ids is not None)
+    out, lse = impl(query, key, value, bias, mask, query_segment_ids, key_segment_ids, scale=scale, spec=spec)
+    return (out, lse) if return_lse else out
+
+
+def _validate(query, key, value, bias, mask, scale, is_causal, local_window_size, q_seg, k_seg):
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    validation.check_rank("query", query, 4, LAYOUT_Q)
+    validation.check_rank("key", key, 4, LAYOUT_KV)
+    validation.check_rank("value", value, 4, LAYOUT_KV)
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        validation.check_floating(name, x)
+    validation.check_same_dtype(query=query, key=key, value=value)
+    validation.check_dim("key", key, 0, query.shape[0], "batch size", "`query`")
+    validation.check_dim("value", value, 0, query.shape[0], "batch size", "`query`")
+    validation.check_dim("key", key, -1, query.shape[-1], "head_dim", "`query`")
+    validation.check_dim("value", value, 1, key.shape[1], "kv_len", "`key`")
+    validation.check_dim("value", value, 2, key.shape[2], "num_kv_heads", "`key`")
+    b, t, n, h = query.shape
+    s, k = key.shape[1], key.shape[2]
+    if k == 0 or n % k:
+        raise ValueError(f"`query` heads ({n}) must be a multiple of `key`/`value` heads ({k}); "
+                         f"shapes {tuple(query.shape)} and {tuple(key.shape)}")
+    target = (b, n, t, s)
+    if bias is not None:
+        validation.check_broadcastable("bias", bias, target, "[B, N, T, S]")
+        validation.check_floating("bias", bias)
+    if mask is not None:
+        validation.check_broadcastable("mask", mask, target, "[B, N, T, S]")
+        if mask.dtype != jnp.bool_:
+            raise ValueError(f"`mask` must be boolean (True keeps a key), got dtype {mask.dtype}")
+    if (q_seg is None) != (k_seg is None):
+        raise ValueError("give both `query_segment_ids` and `key_segment_ids`, or neither")
+    if q_seg is not None:
+        for name, ids, want in (("query_segment_ids", q_seg, (b, t)), ("key_segment_ids", k_seg, (b, s))):
+            if tuple(ids.shape) != want:
+                raise ValueError(f"`{name}` must have shape {want} ([batch, length]), got {tuple(ids.shape)}")
+            if not jnp.issubdtype(ids.dtype, jnp.integer):
+                raise ValueError(f"`{name}` must be integer, got dtype {ids.dtype}")
+    window = _check_window(local_window_size)
+    if scale is None:
+        scale = h ** -0.5
+    return common.MaskSpec(is_causal=bool(is_causal), window=window, causal_offset=s - t), float(scale)
+
+
+def _check_window(local_window_size):
+    if local_window_size is None:
+        return None
+    ok = isinstance(local_window_size, int) or (
+        isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2
+        and all(isinstance(w, int) for w in local_window_size))
+    window = masks.normalize_window(local_window_size) if ok else None
+    if window is None or min(window) < 0:
+        raise ValueError(f"`local_window_size` must be a non-negative int or a (left, right) pair of "
+                         f"non-negative ints, got {local_window_size!r}")
+    return window

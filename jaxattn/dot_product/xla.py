@@ -1,0 +1,146 @@
+"""Blocked dot-product attention in plain XLA: an online softmax over key blocks (`lax.scan`).
+
+Peak memory is O(T * block_k) per head instead of O(T * S). The backward pass is a `custom_vjp` that recomputes
+each block's probabilities from the saved log-sum-exp (FlashAttention-2 style), so nothing `T x S` is stored.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.core import blocking, softmax
+from jaxattn.dot_product import common
+
+DEFAULT_BLOCK_K = 512
+
+
+def attention_blocked(query, key, value, bias, mask, q_segment_ids, k_segment_ids, *, scale, spec,
+                      block_k=DEFAULT_BLOCK_K):
+    """Returns `(out [B, T, N, Hv] in query dtype, lse [B, N, T] fp32)`."""
+    block_k = max(1, min(block_k, key.shape[1]))
+    return _attention(query, key, value, bias, mask, q_segment_ids, k_segment_ids, scale, spec, block_k)
+
+
+def _key_blocks(key, value, bias, mask, k_segment_ids, block_k):
+    """Stacks everything indexed by key position into `[num_blocks, ...]` scan inputs."""
+    num_kv = key.shape[2]
+    bias_g = common.grouped_bnts(common.as_4d(bias), num_kv)
+    mask_g = common.grouped_bnts(common.as_4d(mask), num_kv)
+    nb = blocking.num_blocks(key.shape[1], block_k)
+    xs = {
+        "k": blocking.split_blocks(key, 1, block_k),
+        "v": blocking.split_blocks(value, 1, block_k),
+        "pos": jnp.arange(nb * block_k).reshape(nb, block_k),
+        "bias": blocking.split_blocks(bias_g, -1, block_k),
+        "mask": blocking.split_blocks(mask_g, -1, block_k, value=False),
+        "kseg": blocking.split_blocks(k_segment_ids, 1, block_k, value=-1),
+    }
+    # Arrays broadcast along keys (last dim 1) are not split; the body uses them whole.
+    whole = {"bias": bias_g if xs["bias"] is None else None, "mask": mask_g if xs["mask"] is None else None}
+    return xs, whole
+
+
+def _block_logits(q_grouped, blk, whole, q_pos, q_segment_ids, kv_length, scale, spec):
+    logits = jnp.einsum("btkgh,bskh->bkgts", q_grouped, blk["k"], preferred_element_type=jnp.float32) * scale
+    bias = blk["bias"] if blk["bias"] is not None else whole["bias"]
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    mask = blk["mask"] if blk["mask"] is not None else whole["mask"]
+    kseg = blk["kseg"]
+    block_mask = common.block_mask(spec, q_pos, blk["pos"], kv_length, q_segment_ids, kseg, mask)
+    return softmax.masked_logits(logits, block_mask)
+
+
+def _prob_times_value(p, v_blk):
+    return jnp.einsum("bkgts,bskh->bkgth", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+
+
+def _forward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, scale, spec, block_k):
+    b, t, n, _ = query.shape
+    s, num_kv, hv = key.shape[1], key.shape[2], value.shape[-1]
+    q_grouped = common.group_queries(query, num_kv)
+    xs, whole = _key_blocks(key, value, bias, mask, k_segment_ids, block_k)
+    kv_length = s if s % block_k else None
+    q_pos = jnp.arange(t)
+
+    def body(carry, blk):
+        logits = _block_logits(q_grouped, blk, whole, q_pos, q_segment_ids, kv_length, scale, spec)
+        return softmax.online_softmax_update(carry, logits, blk["v"], _prob_times_value), None
+
+    carry = softmax.online_softmax_init((b, num_kv, n // num_kv, t), hv)
+    carry, _ = jax.lax.scan(body, carry, xs)
+    out, lse = softmax.online_softmax_finalize(carry)
+    return common.ungroup_heads(out).astype(query.dtype), lse.reshape(b, n, t)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _attention(query, key, value, bias, mask, q_segment_ids, k_segment_ids, scale, spec, block_k):
+    return _forward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, scale, spec, block_k)
+
+
+def _attention_fwd(query, key, value, bias, mask, q_segment_ids, k_segment_ids, scale, spec, block_k):
+    out, lse = _forward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, scale, spec, block_k)
+    return (out, lse), (query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse)
+
+
+def _reduce_to(x, shape):
+    """Sums `x` over the axes where `shape` has 1 (the broadcast axes of a bias)."""
+    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _attention_bwd(scale, spec, block_k, residuals, cotangents):
+    query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse = residuals
+    d_out, d_lse = cotangents
+    b, t, n, h = query.shape
+    s, num_kv = key.shape[1], key.shape[2]
+    g = n // num_kv
+    q_grouped = common.group_queries(query, num_kv)
+    xs, whole = _key_blocks(key, value, bias, mask, k_segment_ids, block_k)
+    kv_length = s if s % block_k else None
+    q_pos = jnp.arange(t)
+
+    def grouped_rows(x):  # [B, N, T] -> [B, K, G, T]
+        return x.reshape(b, num_kv, g, t)
+
+    lse_safe = softmax.finite_or_zero(grouped_rows(lse))[..., None]
+    do_g = jnp.moveaxis(common.group_queries(d_out, num_kv), 1, 3)  # [B, K, G, T, Hv]
+    o_g = jnp.moveaxis(common.group_queries(out, num_kv), 1, 3)
+    delta = jnp.sum(do_g.astype(jnp.float32) * o_g.astype(jnp.float32), axis=-1) - grouped_rows(d_lse)
+    bias_g = common.grouped_bnts(common.as_4d(bias), num_kv)
+    bias_keys_whole = bias is not None and xs["bias"] is None
+
+    def body(carry, blk):
+        dq, dbias_whole = carry
+        logits = _block_logits(q_grouped, blk, whole, q_pos, q_segment_ids, kv_length, scale, spec)
+        p = jnp.exp(logits - lse_safe)  # masked logits are -inf -> 0
+        dv = jnp.einsum("bkgts,bkgth->bskh", p.astype(do_g.dtype), do_g, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bkgth,bskh->bkgts", do_g, blk["v"], preferred_element_type=jnp.float32)
+        ds = p * (dp - delta[..., None])
+        dq = dq + jnp.einsum("bkgts,bskh->btkgh", ds, blk["k"].astype(jnp.float32)) * scale
+        dk = jnp.einsum("bkgts,btkgh->bskh", ds, q_grouped.astype(jnp.float32)) * scale
+        dbias_blk = None
+        if bias is not None:
+            db = _reduce_to(ds, bias_g.shape[:-1] + (ds.shape[-1],))
+            if bias_keys_whole:
+                dbias_whole = dbias_whole + jnp.sum(db, axis=-1, keepdims=True)
+            else:
+                dbias_blk = db
+        return (dq, dbias_whole), (dk, dv, dbias_blk)
+
+    dq0 = jnp.zeros(q_grouped.shape, jnp.float32)
+    db0 = jnp.zeros(bias_g.shape, jnp.float32) if bias_keys_whole else None
+    (dq, dbias_whole), (dk, dv, dbias_blocks) = jax.lax.scan(body, (dq0, db0), xs)
+    dk = blocking.merge_blocks(dk, 1, s).astype(key.dtype)
+    dv = blocking.merge_blocks(dv, 1, s).astype(value.dtype)
+    dq = dq.reshape(query.shape).astype(query.dtype)
+    dbias = None
+    if bias is not None:
+        db = dbias_whole if bias_keys_whole else blocking.merge_blocks(dbias_blocks, -1, s)
+        dbias = db.reshape(bias.shape).astype(bias.dtype)
+    return dq, dk, dv, dbias, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

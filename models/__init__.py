@@ -1,0 +1,1 @@
+"""Flax NNX model zoo built on the jaxattn ops. Installed as `jaxattn.models`."""

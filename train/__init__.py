@@ -1,0 +1,1 @@
+"""Training loop: `python -m train.main --config configs/<model>.py`. Installed as `jaxattn.train`."""
