@@ -1,1 +1,9 @@
-"""Flax NNX model zoo built on the jaxattn ops. Installed as `jaxattn.models`."""
+"""Flax NNX model zoo built on the jaxattn ops. Installed as `jaxattn.models`.
+
+    from jaxattn import models
+    model = models.create_model("maxvit_tiny", num_classes=1000, rngs=nnx.Rngs(0))
+    models.list_models()
+"""
+from jaxattn.models.registry import create_model, get_entry, list_models, register
+
+__all__ = ["create_model", "get_entry", "list_models", "register"]
