@@ -1,0 +1,254 @@
+"""DiNAT / NAT (Hassani et al. 2022): a hierarchical transformer of (dilated) neighborhood attention blocks.
+
+Layout and names follow SHI-Labs/Neighborhood-Attention-Transformer `classification/nat.py` with natten 0.14's
+`NeighborhoodAttention2D`, so reference state dicts map one to one (see `convert.py`):
+
+    patch_embed: conv 3x3 s2 (C/2) -> conv 3x3 s2 (C), no activation between -> LayerNorm
+    levels[i].blocks[j]: x + DropPath(g1 * NA(LN(x))); x + DropPath(g2 * MLP(LN(x)))   (g = layer scale or 1)
+    levels[i].downsample (i < last): conv 3x3 s2 to 2C, no bias -> LayerNorm
+    norm -> mean over H, W -> head (Linear)
+
+Images are NHWC; tokens stay `[B, H, W, C]` throughout. Any input size works: the convolutions round up
+(`ceil(H / 2)` per stride), and an attention layer whose map is smaller than its window `k * dilation` zero-pads
+the normed tokens right/bottom before the qkv projection and crops after, as the reference does.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import jaxattn
+from jaxattn.core import validation
+from jaxattn.models.layers import DropPath, drop_path_rates
+
+LN_EPS = 1e-5  # torch.nn.LayerNorm default; flax's default is 1e-6
+_trunc02 = nnx.initializers.truncated_normal(0.02)
+
+
+def _linear(d_in, d_out, *, dtype, rngs, use_bias=True):
+    return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=_trunc02, dtype=dtype, rngs=rngs)
+
+
+def _norm(dim, *, dtype, rngs):
+    return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+
+
+def _conv3x3_s2(d_in, d_out, *, use_bias, dtype, rngs):
+    # torch Conv2d(kernel 3, stride 2, padding 1): one pixel each side, output ceil(H / 2).
+    return nnx.Conv(d_in, d_out, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=use_bias,
+                    dtype=dtype, rngs=rngs)
+
+
+def default_dilations(img_size: int, depths: Sequence[int], kernel_size: int) -> list[list[int]]:
+    """DiNAT's rule: blocks alternate NA (dilation 1) and DiNA with dilation `max(1, resolution // kernel)`,
+    where a stage's resolution is `img_size / 4 / 2**stage` (224, k=7: 8, 4, 2, 1; 384: 13, 6, 3, 1)."""
+    out = []
+    for stage, depth in enumerate(depths):
+        resolution = -(-img_size // (4 * 2 ** stage))
+        dilated = max(1, resolution // kernel_size)
+        out.append([1 if j % 2 == 0 else dilated for j in range(depth)])
+    return out
+
+
+class ConvTokenizer(nnx.Module):
+    """The stem: `[B, H, W, in_chans] -> [B, ceil(H/4), ceil(W/4), embed_dim]`."""
+
+    def __init__(self, in_chans: int, embed_dim: int, *, dtype=None, rngs: nnx.Rngs):
+        self.proj0 = _conv3x3_s2(in_chans, embed_dim // 2, use_bias=True, dtype=dtype, rngs=rngs)
+        self.proj1 = _conv3x3_s2(embed_dim // 2, embed_dim, use_bias=True, dtype=dtype, rngs=rngs)
+        self.norm = _norm(embed_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.norm(self.proj1(self.proj0(x)))
+
+
+class ConvDownsampler(nnx.Module):
+    """`[B, H, W, C] -> [B, ceil(H/2), ceil(W/2), 2C]`: 3x3 stride-2 conv without bias, then LayerNorm."""
+
+    def __init__(self, dim: int, *, dtype=None, rngs: nnx.Rngs):
+        self.reduction = _conv3x3_s2(dim, 2 * dim, use_bias=False, dtype=dtype, rngs=rngs)
+        self.norm = _norm(2 * dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.norm(self.reduction(x))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, dim: int, hidden: int, *, drop: float = 0.0, dtype=None, rngs: nnx.Rngs):
+        self.fc1 = _linear(dim, hidden, dtype=dtype, rngs=rngs)
+        self.fc2 = _linear(hidden, dim, dtype=dtype, rngs=rngs)
+        self.drop = nnx.Dropout(drop, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.drop(jax.nn.gelu(self.fc1(x), approximate=False))  # torch nn.GELU is the exact erf form
+        return self.drop(self.fc2(x))
+
+
+class NeighborhoodAttention2D(nnx.Module):
+    """natten 0.14 `NeighborhoodAttention2D`: qkv Linear, (dilated) NA with a relative position bias, proj Linear.
+
+    `rpb [heads, 2k-1, 2k-1]`. The reference scales q by `head_dim ** -0.5` before the QK product and adds rpb to
+    the scaled logits; the op is called with the pre-scaled q and `scale=1.0` to reproduce exactly that.
+    """
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int, dilation: int = 1, *, qkv_bias: bool = True,
+                 qk_scale: float | None = None, proj_drop: float = 0.0, implementation: str | None = None,
+                 dtype=None, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.window_size = kernel_size * dilation
+        self.scale = qk_scale or self.head_dim ** -0.5
+        self.implementation = implementation
+        self.qkv = _linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.rpb = nnx.Param(_trunc02(rngs.params(), (num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1)))
+        self.proj = _linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.proj_drop = nnx.Dropout(proj_drop, rngs=rngs)
+
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        pad_h, pad_w = max(0, self.window_size - h), max(0, self.window_size - w)
+        if pad_h or pad_w:  # before qkv, as the reference: padded tokens carry the qkv bias, not zeros
+            x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+        hp, wp = h + pad_h, w + pad_w
+        qkv = self.qkv(x).reshape(b, hp, wp, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+        q = q * jnp.asarray(self.scale, q.dtype)
+        rpb = self.rpb[...].astype(q.dtype)
+        out = jaxattn.neighborhood_attention(q, k, v, self.kernel_size, dilation=self.dilation, rpb=rpb,
+                                             scale=1.0, implementation=self.implementation)
+        out = out[:, :h, :w].reshape(b, h, w, c)
+        return self.proj_drop(self.proj(out))
+
+
+class NATLayer(nnx.Module):
+    """Pre-norm transformer block; `layer_scale` (a float) adds per-channel gains `gamma1`, `gamma2`."""
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int, dilation: int, *, mlp_ratio: float,
+                 qkv_bias: bool = True, qk_scale: float | None = None, drop: float = 0.0, drop_path: float = 0.0,
+                 layer_scale: float | None = None, implementation: str | None = None, dtype=None, rngs: nnx.Rngs):
+        self.norm1 = _norm(dim, dtype=dtype, rngs=rngs)
+        self.attn = NeighborhoodAttention2D(dim, num_heads, kernel_size, dilation, qkv_bias=qkv_bias,
+                                            qk_scale=qk_scale, proj_drop=drop, implementation=implementation,
+                                            dtype=dtype, rngs=rngs)
+        self.drop_path = DropPath(drop_path, rngs=rngs)
+        self.norm2 = _norm(dim, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, dtype=dtype, rngs=rngs)
+        if layer_scale is not None:
+            self.gamma1 = nnx.Param(jnp.full((dim,), layer_scale, jnp.float32))
+            self.gamma2 = nnx.Param(jnp.full((dim,), layer_scale, jnp.float32))
+        else:
+            self.gamma1 = self.gamma2 = nnx.data(None)
+
+    def __call__(self, x):
+        y = self.attn(self.norm1(x))
+        if self.gamma1 is not None:
+            y = y * self.gamma1[...].astype(y.dtype)
+        x = x + self.drop_path(y)
+        y = self.mlp(self.norm2(x))
+        if self.gamma2 is not None:
+            y = y * self.gamma2[...].astype(y.dtype)
+        return x + self.drop_path(y)
+
+
+class NATLevel(nnx.Module):
+    """One stage: `len(dilations)` blocks, then the downsampler unless it is the last stage."""
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int, dilations: Sequence[int],
+                 drop_paths: Sequence[float], *, downsample: bool, dtype=None, rngs: nnx.Rngs, **block_args):
+        self.blocks = nnx.List([
+            NATLayer(dim, num_heads, kernel_size, d, drop_path=p, dtype=dtype, rngs=rngs, **block_args)
+            for d, p in zip(dilations, drop_paths)])
+        self.downsample = ConvDownsampler(dim, dtype=dtype, rngs=rngs) if downsample else nnx.data(None)
+
+    def __call__(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class DiNAT(nnx.Module):
+    """DiNAT (NAT when every dilation is 1). NHWC images `[B, H, W, in_chans]` -> logits `[B, num_classes]`
+    (pooled features `[B, embed_dim * 2**(stages-1)]` when `num_classes == 0`).
+
+    Args:
+      embed_dim, depths, num_heads, mlp_ratio, kernel_size: the architecture (stage i has `embed_dim * 2**i`
+        channels and `num_heads[i]` heads).
+      dilations: per stage, one dilation per block; None derives DiNAT's pattern from `img_size`
+        (`default_dilations`). All ones gives NAT.
+      img_size: the resolution the dilations are chosen for. Other input sizes run too (small maps are padded).
+      layer_scale: initial value of the per-channel residual gains (None: no gains, as all but DiNAT-Base).
+      drop_rate: dropout after the stem, on the attention projection and in the MLP; drop_path_rate: stochastic
+        depth, linear in block index from 0. Both only in training mode (`model.train()`, the default).
+      implementation: passed to `jaxattn.neighborhood_attention` (None picks per platform).
+      dtype: computation dtype of the layers (parameters stay float32).
+    """
+
+    def __init__(self, *, embed_dim: int = 64, depths: Sequence[int] = (3, 4, 6, 5),
+                 num_heads: Sequence[int] = (2, 4, 8, 16), mlp_ratio: float = 3.0, kernel_size: int = 7,
+                 dilations: Sequence[Sequence[int]] | None = None, img_size: int = 224, in_chans: int = 3,
+                 num_classes: int = 1000, qkv_bias: bool = True, qk_scale: float | None = None,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.2, layer_scale: float | None = None,
+                 implementation: str | None = None, dtype=None, rngs: nnx.Rngs):
+        depths, num_heads = tuple(int(d) for d in depths), tuple(int(n) for n in num_heads)
+        _check_config(embed_dim, depths, num_heads, kernel_size, img_size, in_chans, num_classes)
+        if dilations is None:
+            dilations = default_dilations(img_size, depths, kernel_size)
+        dilations = [list(map(int, d)) for d in dilations]
+        if len(dilations) != len(depths) or any(len(d) != n for d, n in zip(dilations, depths)):
+            raise ValueError(f"`dilations` must give one dilation per block of each stage (depths {list(depths)}), "
+                             f"got {dilations}")
+        if any(d < 1 for stage in dilations for d in stage):
+            raise ValueError(f"`dilations` must be >= 1, got {dilations}")
+        self.in_chans, self.num_classes, self.img_size = in_chans, num_classes, img_size
+        self.dilations = dilations
+        self.num_features = embed_dim * 2 ** (len(depths) - 1)
+
+        self.patch_embed = ConvTokenizer(in_chans, embed_dim, dtype=dtype, rngs=rngs)
+        self.pos_drop = nnx.Dropout(drop_rate, rngs=rngs)
+        rates = drop_path_rates(drop_path_rate, depths)
+        self.levels = nnx.List([
+            NATLevel(embed_dim * 2 ** i, num_heads[i], kernel_size, dilations[i], rates[i],
+                     downsample=i < len(depths) - 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                     drop=drop_rate, layer_scale=layer_scale, implementation=implementation, dtype=dtype,
+                     rngs=rngs)
+            for i in range(len(depths))])
+        self.norm = _norm(self.num_features, dtype=dtype, rngs=rngs)
+        self.head = (_linear(self.num_features, num_classes, dtype=dtype, rngs=rngs) if num_classes > 0
+                     else nnx.data(None))
+
+    def forward_features(self, x):
+        """NHWC images -> pooled features `[B, num_features]` (after the final LayerNorm)."""
+        validation.check_rank("x", x, 4, "[batch, height, width, channels]")
+        validation.check_floating("x", x)
+        validation.check_dim("x", x, -1, self.in_chans, "channels", "`in_chans`")
+        x = self.pos_drop(self.patch_embed(x))
+        for level in self.levels:
+            x = level(x)
+        return self.norm(x).mean(axis=(1, 2))
+
+    def __call__(self, x):
+        x = self.forward_features(x)
+        return x if self.head is None else self.head(x)
+
+
+def _check_config(embed_dim, depths, num_heads, kernel_size, img_size, in_chans, num_classes):
+    if not depths or len(num_heads) != len(depths):
+        raise ValueError(f"`depths` {list(depths)} and `num_heads` {list(num_heads)} need one entry per stage")
+    if embed_dim < 2:
+        raise ValueError(f"`embed_dim` must be >= 2 (the stem's first conv has embed_dim // 2), got {embed_dim}")
+    for i, heads in enumerate(num_heads):
+        dim = embed_dim * 2 ** i
+        if heads < 1 or dim % heads:
+            raise ValueError(f"stage {i}: width {dim} is not divisible by `num_heads[{i}]` = {heads}")
+    if any(d < 1 for d in depths):
+        raise ValueError(f"`depths` must be >= 1, got {list(depths)}")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"`kernel_size` must be odd (the relative position bias is centred), got {kernel_size}")
+    if img_size < 1 or in_chans < 1 or num_classes < 0:
+        raise ValueError(f"`img_size` ({img_size}) and `in_chans` ({in_chans}) must be >= 1, `num_classes` "
+                         f"({num_classes}) >= 0")
