@@ -1,0 +1,62 @@
+"""Strict import of timm `ByobNet` (`halonet*`) state dicts into `HaloNet`.
+
+The module tree mirrors timm's names, so the loader is a walk over both: `stem.conv{i}` (or `stem.conv`/`stem.bn`
+for a single unpooled stem conv), `stages.{i}.{j}.{shortcut,conv1_1x1,conv2_kxk,attn,self_attn,post_attn,
+conv3_1x1}`, `final_conv`, `head.fc`. PyTorch layouts are converted (`[out, in, kh, kw]` -> `[kh, kw, in, out]`,
+Linear transposed); timm's kv projection keeps its per-head `[k, v]` channel order, which `HaloAttention` uses as is.
+"""
+from __future__ import annotations
+
+from jaxattn.models.convert import StrictLoader, register_checkpoint, register_loader
+from jaxattn.models.halonet.layers import ConvBnAct, HaloAttention
+from jaxattn.models.halonet.model import HaloNet
+
+
+def _conv_bn(loader: StrictLoader, module: ConvBnAct, prefix: str) -> None:
+    loader.conv(module.conv, f"{prefix}.conv")
+    loader.batch_norm(module.bn, f"{prefix}.bn")
+
+
+def _halo(loader: StrictLoader, module: HaloAttention, prefix: str) -> None:
+    loader.conv(module.q, f"{prefix}.q")
+    loader.conv(module.kv, f"{prefix}.kv")
+    loader.set(module.pos_embed.height_rel, f"{prefix}.pos_embed.height_rel")
+    loader.set(module.pos_embed.width_rel, f"{prefix}.pos_embed.width_rel")
+
+
+def _block(loader: StrictLoader, block, prefix: str) -> None:
+    if block.shortcut is not None:
+        _conv_bn(loader, block.shortcut, f"{prefix}.shortcut")
+    _conv_bn(loader, block.conv1_1x1, f"{prefix}.conv1_1x1")
+    if hasattr(block, "self_attn"):
+        _halo(loader, block.self_attn, f"{prefix}.self_attn")
+        loader.batch_norm(block.post_attn, f"{prefix}.post_attn")
+    else:
+        _conv_bn(loader, block.conv2_kxk, f"{prefix}.conv2_kxk")
+        if block.attn is not None:
+            loader.conv(block.attn.fc1, f"{prefix}.attn.fc1")
+            loader.conv(block.attn.fc2, f"{prefix}.attn.fc2")
+    _conv_bn(loader, block.conv3_1x1, f"{prefix}.conv3_1x1")
+
+
+def load_timm_halonet(model: HaloNet, state_dict) -> HaloNet:
+    """Fills `model` from a timm `ByobNet` state dict (names -> numpy arrays); every key and variable must match."""
+    loader = StrictLoader(model, state_dict)
+    if model.stem.single:
+        _conv_bn(loader, model.stem.convs[0], "stem")
+    else:
+        for i, conv in enumerate(model.stem.convs):
+            _conv_bn(loader, conv, f"stem.conv{i + 1}")
+    for i, stage in enumerate(model.stages):
+        for j, block in enumerate(stage):
+            _block(loader, block, f"stages.{i}.{j}")
+    if model.final_conv is not None:
+        _conv_bn(loader, model.final_conv, "final_conv")
+    if model.fc is not None:
+        loader.linear(model.fc, "head.fc")
+    return loader.finish()
+
+
+register_loader("timm", HaloNet, load_timm_halonet)
+for _name in ("halonet26t", "halonet50ts", "halonet_h1", "sehalonet33ts"):
+    register_checkpoint("timm", _name, _name)

@@ -1,0 +1,164 @@
+"""Building blocks of HaloNet in timm's layout: conv-BN-act, stems, squeeze-excite and the halo attention layer.
+
+Attribute names mirror timm's module names (`conv`, `bn`, `q`, `kv`, `pos_embed.height_rel`, ...) so the weight
+loader can walk both trees in parallel. Images are NHWC.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import jaxattn
+from jaxattn.models.halonet.config import AttnCfg, make_divisible
+
+ACTIVATIONS = {"relu": jax.nn.relu, "silu": jax.nn.silu}
+BN_EPS = 1e-5  # torch BatchNorm2d default, as in timm's BatchNormAct2d
+BN_MOMENTUM = 0.9  # flax convention for torch momentum 0.1
+
+# timm's ByobNet init: convs N(0, sqrt(2 / fan_out)), classifier N(0, 0.01).
+conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def activation(name: str | None):
+    if name is None:
+        return lambda x: x
+    if name not in ACTIVATIONS:
+        raise ValueError(f"`act` must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
+def batch_norm(chs: int, *, zero_init: bool = False, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    scale_init = nnx.initializers.zeros if zero_init else nnx.initializers.ones
+    return nnx.BatchNorm(chs, momentum=BN_MOMENTUM, epsilon=BN_EPS, scale_init=scale_init, rngs=rngs)
+
+
+class ConvBnAct(nnx.Module):
+    """timm `ConvNormAct`: bias-free conv with PyTorch symmetric padding `((s-1) + (k-1)) // 2`, BN, activation."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, *, act: str | None = "relu",
+                 zero_init: bool = False, rngs: nnx.Rngs):
+        pad = ((stride - 1) + (kernel_size - 1)) // 2
+        self.conv = nnx.Conv(in_chs, out_chs, (kernel_size, kernel_size), strides=stride,
+                             padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_init, rngs=rngs)
+        self.bn = batch_norm(out_chs, zero_init=zero_init, rngs=rngs)
+        self.act_name = act
+
+    def __call__(self, x):
+        return activation(self.act_name)(self.bn(self.conv(x)))
+
+
+def max_pool_3x3_s2(x):
+    """torch `MaxPool2d(3, 2, 1)`: padding never wins the max."""
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                 ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+class Stem(nnx.Module):
+    """timm `create_byob_stem` for '7x7', '3x3' and 'tiered', with or without the 3x3/2 max-pool (total stride 4,
+    or 2 for a single conv without pool, as timm).
+
+    'tiered' is three 3x3 convs of `(3c//8, c//2, c)` channels, the first strided (the last too when there is no
+    pool). timm names the convs `stem.conv1..3` when the stem is a `Stem` (tiered, or pooled) and `stem.conv`/
+    `stem.bn` for a single unpooled conv: `self.single` records which.
+    """
+    TYPES = ("7x7", "3x3", "tiered")
+
+    def __init__(self, in_chs: int, out_chs: int, stem_type: str = "7x7", pool: bool = True, *, act: str,
+                 rngs: nnx.Rngs):
+        if stem_type not in self.TYPES:
+            raise ValueError(f"`stem_type` must be one of {self.TYPES}, got {stem_type!r}")
+        if stem_type == "tiered":
+            chs, kernel = (3 * out_chs // 8, out_chs // 2, out_chs), 3
+            strides = [2, 1, 1 if pool else 2]
+        else:
+            chs, kernel, strides = (out_chs,), int(stem_type[0]), [2]
+        self.single = len(chs) == 1 and not pool
+        convs, prev = [], in_chs
+        for ch, s in zip(chs, strides):
+            convs.append(ConvBnAct(prev, ch, kernel, s, act=act, rngs=rngs))
+            prev = ch
+        self.convs = nnx.List(convs)
+        self.pool = pool
+        self.stride = 2 ** (sum(s == 2 for s in strides) + pool)
+        self.out_chs = out_chs
+
+    def __call__(self, x):
+        for conv in self.convs:
+            x = conv(x)
+        return max_pool_3x3_s2(x) if self.pool else x
+
+
+class SqueezeExcite(nnx.Module):
+    """timm `SEModule` defaults: reduce to `make_divisible(c / 16, 8, round_limit=0)`, ReLU, sigmoid gate."""
+
+    def __init__(self, chs: int, *, rngs: nnx.Rngs):
+        rd = make_divisible(chs / 16, 8, round_limit=0.0)
+        self.fc1 = nnx.Conv(chs, rd, (1, 1), kernel_init=conv_init, rngs=rngs)
+        self.fc2 = nnx.Conv(rd, chs, (1, 1), kernel_init=conv_init, rngs=rngs)
+
+    def __call__(self, x):
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        return x * jax.nn.sigmoid(self.fc2(jax.nn.relu(self.fc1(s))))
+
+
+class PosEmbedRel(nnx.Module):
+    """timm `PosEmbedRel` tables: `height_rel`, `width_rel` of shape `(2 * win - 1, dim_head)`."""
+
+    def __init__(self, win: int, dim_head: int, std: float, *, rngs: nnx.Rngs):
+        init = nnx.initializers.truncated_normal(std)
+        self.height_rel = nnx.Param(init(rngs.params(), (2 * win - 1, dim_head)))
+        self.width_rel = nnx.Param(init(rngs.params(), (2 * win - 1, dim_head)))
+
+
+class HaloAttention(nnx.Module):
+    """timm `HaloAttn` on NHWC maps: 1x1 q and kv projections, `jaxattn.halo_attention`, heads merged.
+
+    `[B, H, W, dim] -> [B, H/stride, W/stride, dim_out]`. Queries/keys get `dim_head` (or
+    `make_divisible(dim_out * qk_ratio) // num_heads`) per head, values `dim_out // num_heads`. The kv projection's
+    output channels are laid out per head as `[k_head, v_head]` (timm splits them after the head reshape).
+    Stride 2: queries come from a stride-2 1x1 conv (every other pixel) and each `b x b` key block holds
+    `b/2 x b/2` queries; with `avg_down` or a block size not divisible by the stride, attention runs at full
+    resolution and a 2x2 average pool follows (timm's fallback).
+    """
+
+    def __init__(self, dim: int, dim_out: int | None = None, *, stride: int = 1, cfg: AttnCfg = AttnCfg(),
+                 rngs: nnx.Rngs):
+        dim_out = dim_out or dim
+        heads = cfg.num_heads
+        if dim_out % heads:
+            raise ValueError(f"attention width {dim_out} is not divisible by `num_heads` ({heads})")
+        if stride not in (1, 2):
+            raise ValueError(f"halo attention `stride` must be 1 or 2, got {stride}")
+        self.num_heads = heads
+        self.dim_head_qk = cfg.dim_head or make_divisible(dim_out * cfg.qk_ratio) // heads
+        self.dim_head_v = dim_out // heads
+        self.scale = self.dim_head_qk ** -0.5
+        self.scale_pos_embed = cfg.scale_pos_embed
+        self.block_size, self.halo_size = cfg.block_size, cfg.halo_size
+        self.avg_pool = stride > 1 and (cfg.avg_down or cfg.block_size % stride != 0)
+        self.query_stride = 1 if self.avg_pool else stride
+        # timm's init: q/kv truncated normal with std fan_in ** -0.5, tables with std = scale.
+        proj_init = nnx.initializers.truncated_normal(dim ** -0.5)
+        self.q = nnx.Conv(dim, heads * self.dim_head_qk, (1, 1), strides=self.query_stride, use_bias=cfg.qkv_bias,
+                          kernel_init=proj_init, rngs=rngs)
+        self.kv = nnx.Conv(dim, heads * (self.dim_head_qk + self.dim_head_v), (1, 1), use_bias=cfg.qkv_bias,
+                           kernel_init=proj_init, rngs=rngs)
+        self.pos_embed = PosEmbedRel(cfg.block_size + 2 * cfg.halo_size, self.dim_head_qk, self.scale, rngs=rngs)
+
+    def __call__(self, x):
+        b, h, w, _ = x.shape
+        q = self.q(x)
+        q = q.reshape(*q.shape[:3], self.num_heads, self.dim_head_qk)
+        kv = self.kv(x).reshape(b, h, w, self.num_heads, self.dim_head_qk + self.dim_head_v)
+        k, v = kv[..., :self.dim_head_qk], kv[..., self.dim_head_qk:]
+        rel_h, rel_w = self.pos_embed.height_rel[...], self.pos_embed.width_rel[...]
+        if self.scale_pos_embed:  # (q.k + rel) * scale == scale * q.k + q.(scale * rel)
+            rel_h, rel_w = rel_h * self.scale, rel_w * self.scale
+        out = jaxattn.halo_attention(q, k, v, self.block_size, self.halo_size, rel_height=rel_h.astype(q.dtype),
+                                     rel_width=rel_w.astype(q.dtype), scale=self.scale,
+                                     query_stride=self.query_stride)
+        out = out.reshape(*out.shape[:3], self.num_heads * self.dim_head_v)
+        if self.avg_pool:  # torch AvgPool2d(2, 2): floor, no padding
+            out = jax.lax.reduce_window(out, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0
+        return out

@@ -1,0 +1,170 @@
+"""HaloNet (Vaswani et al. 2021) as timm's `ByobNet`: stem, stages of bottleneck / halo self-attention blocks,
+optional final 1x1 conv, global average pool and a linear classifier. NHWC images in, logits out.
+
+The network is described by stages of `BlockCfg` (see `config.py`), so every timm `halonet*` configuration and
+reduced versions of it are expressible. `model.train()` / `model.eval()` switch BatchNorm statistics, drop path and
+the classifier dropout.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxattn.models.halonet.config import AttnCfg, BlockCfg, make_divisible
+from jaxattn.models.halonet.layers import (ConvBnAct, HaloAttention, SqueezeExcite, Stem, activation, batch_norm,
+                                           conv_init)
+from jaxattn.models.layers import DropPath, drop_path_rates
+
+
+def _shortcut(in_chs, out_chs, stride, rngs):
+    """timm 'conv1x1' downsample: a strided 1x1 conv + BN when shape changes, identity otherwise."""
+    if in_chs != out_chs or stride != 1:
+        return ConvBnAct(in_chs, out_chs, 1, stride, act=None, rngs=rngs)
+    return None
+
+
+class BottleneckBlock(nnx.Module):
+    """timm `BottleneckBlock`: 1x1 -> 3x3 (stride) -> [SE] -> 1x1 (no act), drop path, + shortcut, act."""
+
+    def __init__(self, in_chs: int, cfg: BlockCfg, *, act: str, se: bool, drop_path: float, zero_init_last: bool,
+                 rngs: nnx.Rngs):
+        mid = make_divisible(cfg.out_chs * cfg.bottle_ratio)
+        self.shortcut = _shortcut(in_chs, cfg.out_chs, cfg.stride, rngs)
+        self.conv1_1x1 = ConvBnAct(in_chs, mid, 1, act=act, rngs=rngs)
+        self.conv2_kxk = ConvBnAct(mid, mid, 3, cfg.stride, act=act, rngs=rngs)
+        self.attn = SqueezeExcite(mid, rngs=rngs) if se else None
+        self.conv3_1x1 = ConvBnAct(mid, cfg.out_chs, 1, act=None, zero_init=zero_init_last, rngs=rngs)
+        self.drop_path = DropPath(drop_path, rngs=rngs)
+        self.act_name = act
+
+    def __call__(self, x):
+        y = self.conv2_kxk(self.conv1_1x1(x))
+        if self.attn is not None:
+            y = self.attn(y)
+        y = self.drop_path(self.conv3_1x1(y))
+        return activation(self.act_name)(y + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class SelfAttnBlock(nnx.Module):
+    """timm `SelfAttnBlock`: 1x1 -> halo attention (stride) -> BN + act (`post_attn`) -> 1x1 (no act), drop path,
+    + shortcut, act. The attention output is `mid * value_ratio` wide (timm: `value_ratio = 1`)."""
+
+    def __init__(self, in_chs: int, cfg: BlockCfg, *, act: str, attn: AttnCfg, drop_path: float,
+                 zero_init_last: bool, rngs: nnx.Rngs):
+        mid = make_divisible(cfg.out_chs * cfg.bottle_ratio)
+        attn_out = mid if cfg.value_ratio == 1.0 else make_divisible(mid * cfg.value_ratio)
+        self.shortcut = _shortcut(in_chs, cfg.out_chs, cfg.stride, rngs)
+        self.conv1_1x1 = ConvBnAct(in_chs, mid, 1, act=act, rngs=rngs)
+        self.self_attn = HaloAttention(mid, attn_out, stride=cfg.stride, cfg=attn, rngs=rngs)
+        self.post_attn = batch_norm(attn_out, rngs=rngs)
+        self.conv3_1x1 = ConvBnAct(attn_out, cfg.out_chs, 1, act=None, zero_init=zero_init_last, rngs=rngs)
+        self.drop_path = DropPath(drop_path, rngs=rngs)
+        self.act_name = act
+
+    def __call__(self, x):
+        act = activation(self.act_name)
+        y = act(self.post_attn(self.self_attn(self.conv1_1x1(x))))
+        y = self.drop_path(self.conv3_1x1(y))
+        return act(y + (x if self.shortcut is None else self.shortcut(x)))
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+class HaloNet(nnx.Module):
+    """timm `ByobNet` restricted to what the `halonet*` models use.
+
+    Args:
+      stages: sequence of stages, each a sequence of `BlockCfg` (build them with `config.stage` / `interleave`).
+      num_classes: classifier width; 0 returns pooled features.
+      img_size: `int` or `(H, W)`: the training resolution. Every halo attention layer needs its input map
+        divisible by its block size (timm asserts the same); a size that does not fit raises `ValueError` here and
+        inputs are checked again at call time (any size that fits is accepted).
+      stem_type, stem_chs, stem_pool: '7x7' | '3x3' | 'tiered', stem width, 3x3/2 max-pool after the stem.
+      act: 'relu' or 'silu' everywhere (stem, blocks, post-attention BN).
+      num_features: width of a final 1x1 conv-BN-act before pooling (0: none, timm's default).
+      attn: model-wide `AttnCfg` (blocks may override it).
+      se_bottleneck: squeeze-excite after the 3x3 of bottleneck blocks (timm `attn_layer='se'`).
+      drop_rate: dropout before the classifier; drop_path_rate: stochastic depth, linear over all blocks.
+      zero_init_last: zero-init the last BN scale of every residual branch (timm's default).
+    """
+
+    def __init__(self, stages: Sequence[Sequence[BlockCfg]], *, num_classes: int = 1000, img_size=256,
+                 in_chans: int = 3, stem_type: str = "7x7", stem_chs: int = 64, stem_pool: bool = True,
+                 act: str = "relu", num_features: int = 0, attn: AttnCfg = AttnCfg(), se_bottleneck: bool = False,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, zero_init_last: bool = True,
+                 rngs: nnx.Rngs):
+        activation(act)  # validates the name
+        self.stage_cfgs = tuple(tuple(s) for s in stages)
+        if not self.stage_cfgs or any(not s for s in self.stage_cfgs):
+            raise ValueError(f"`stages` must be a non-empty sequence of non-empty stages, got {stages!r}")
+        self.attn_cfg = attn
+        self.img_size = _pair(img_size)
+        self.stem = Stem(in_chans, stem_chs, stem_type, stem_pool, act=act, rngs=rngs)
+        self.check_image_size(self.img_size, name="img_size")
+
+        rates = drop_path_rates(drop_path_rate, [len(s) for s in self.stage_cfgs])
+        stage_modules, prev = [], stem_chs
+        for stage_cfg, stage_rates in zip(self.stage_cfgs, rates):
+            blocks = []
+            for cfg, rate in zip(stage_cfg, stage_rates):
+                common = dict(act=act, drop_path=rate, zero_init_last=zero_init_last, rngs=rngs)
+                if cfg.type == "bottle":
+                    blocks.append(BottleneckBlock(prev, cfg, se=se_bottleneck, **common))
+                else:
+                    blocks.append(SelfAttnBlock(prev, cfg, attn=cfg.attn or attn, **common))
+                prev = cfg.out_chs
+            stage_modules.append(nnx.List(blocks))
+        self.stages = nnx.List(stage_modules)
+        self.final_conv = ConvBnAct(prev, num_features, 1, act=act, rngs=rngs) if num_features else None
+        self.num_features = num_features or prev
+        self.head_drop = nnx.Dropout(drop_rate, rngs=rngs)
+        self.fc = (nnx.Linear(self.num_features, num_classes, kernel_init=nnx.initializers.normal(0.01), rngs=rngs)
+                   if num_classes else None)
+
+    def attention_layers(self, size) -> list[tuple[str, tuple[int, int], int, int]]:
+        """`(name, input map size, input stride, block size)` of every halo attention layer for an image `size`
+        (sizes follow the convs' rounding: a stride-2 layer maps `n` to `ceil(n / 2)`)."""
+        h, w = _pair(size)
+        stride = 1
+        for _ in range(self.stem.stride.bit_length() - 1):
+            h, w, stride = -(-h // 2), -(-w // 2), stride * 2
+        layers = []
+        for i, stage_cfg in enumerate(self.stage_cfgs):
+            for j, cfg in enumerate(stage_cfg):
+                if cfg.type == "self_attn":
+                    block = (cfg.attn or self.attn_cfg).block_size
+                    layers.append((f"stages.{i}.{j}", (h, w), stride, block))
+                if cfg.stride == 2:
+                    h, w, stride = -(-h // 2), -(-w // 2), stride * 2
+        return layers
+
+    def check_image_size(self, size, *, name: str = "images") -> None:
+        """`ValueError` naming the first halo attention layer whose input map is not a multiple of its block."""
+        layers = self.attention_layers(size)
+        need = max((stride * block for _, _, stride, block in layers), default=1)
+        for layer, (h, w), stride, block in layers:
+            if h % block or w % block:
+                raise ValueError(
+                    f"`{name}` spatial size {_pair(size)} does not fit this HaloNet: halo attention in {layer} "
+                    f"(block size {block}, total stride {stride}) gets a {h}x{w} map, not a multiple of {block}. "
+                    f"Image sides must be multiples of block size x total stride ({need} here).")
+
+    def forward_features(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            for block in stage:
+                x = block(x)
+        return x if self.final_conv is None else self.final_conv(x)
+
+    def __call__(self, images):
+        """`images [B, H, W, in_chans]` (NHWC, float) -> logits `[B, num_classes]`."""
+        if images.ndim != 4:
+            raise ValueError(f"`images` must be NHWC (rank 4), got shape {tuple(images.shape)}")
+        self.check_image_size(images.shape[1:3])
+        x = jnp.mean(self.forward_features(images), axis=(1, 2))
+        x = self.head_drop(x)
+        return x if self.fc is None else self.fc(x)
