@@ -1,0 +1,129 @@
+"""Flash attention as Pallas kernels for TPU (Mosaic) and GPU (the Pallas-Triton lowering), with a fused backward.
+
+`flash_attention` takes the op's heads-last arrays, converts them to the kernels' layout (heads-major, padded to
+whole blocks; the conversion is plain XLA and differentiates itself), and calls the forward / backward kernels
+through a `custom_vjp`:
+
+- forward (`pallas_fwd`): out and the fp32 log-sum-exp, one query block per program;
+- backward (`pallas_bwd`): dk/dv per key block (GQA groups accumulated in place), dq per query block, and dbias
+  (the dlogits of each visited tile) only when the bias is actually differentiated (`symbolic_zeros`).
+
+Blocks outside the causal / local-window band are never visited. Not supported: a general boolean `mask`
+(the op falls back to its XLA path), and Mosaic GPU: the shared kernel body is written with `jnp.dot` on
+register values, which Mosaic GPU's warpgroup lowering does not accept (it needs `wgmma`-specific code); GPUs
+run the Pallas-Triton lowering here, or the real Triton kernel (`triton.py`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.core import blocking, softmax
+from jaxattn.kernels.common import blocks as common_blocks
+from jaxattn.kernels.common import platform
+from jaxattn.kernels.flash_attention import blocks, pallas_bwd, pallas_fwd
+from jaxattn.kernels.flash_attention.blocks import BlockSizes
+from jaxattn.kernels.flash_attention.tile import Problem
+from jaxattn.kernels.flash_attention.vjp import flash_vjp
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    problem: Problem
+    sizes: BlockSizes
+    target: str
+    mode: str  # reduction walk: 'grid' (TPU) or 'fori' (Triton); both run in the interpreter
+
+
+def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segment_ids=None, scale=None,
+                    is_causal=False, window=None, causal_offset=None, target=None,
+                    block_sizes: BlockSizes | None = None, reduction: str | None = None):
+    """Softmax attention with the flash-attention kernels. Returns `(out [B, T, N, Hv], lse [B, N, T] fp32)`.
+
+    Args:
+      query `[B, T, N, H]`, key `[B, S, K, H]`, value `[B, S, K, Hv]` with `N % K == 0` (GQA, never repeated).
+      bias: additive logits broadcastable to `[B, N, T, S]` (batch/head broadcasts are not materialised; a
+        broadcast along T or S is). Its gradient costs one `[B, N, T, S]` fp32 buffer in the backward.
+      q_segment_ids `[B, T]`, k_segment_ids `[B, S]`: integer ids; a query sees keys of its own segment.
+      scale: logit scale (default `H ** -0.5`).
+      is_causal / window `(left, right)` / causal_offset: key `j` is visible to query `i` iff
+        `j - (i + causal_offset)` is `<= 0` (causal) and in `[-left, right]` (window); the offset defaults to
+        `S - T` (bottom-right alignment).
+      target: 'tpu', 'triton' or 'interpret' (default: from `jax.default_backend()`, interpret on CPU).
+      block_sizes: tile sizes (default per target, see `blocks.py`); fitted to short lengths.
+      reduction: 'grid' or 'fori' (default 'grid' on TPU, 'fori' elsewhere; see `kernels/common/loops.py`).
+
+    A query that sees no key gets output 0 and lse `-inf`.
+    """
+    target = platform.resolve_target(target)
+    mode = reduction or ("grid" if target == "tpu" else "fori")
+    t, s = query.shape[1], key.shape[1]
+    problem = Problem.of(t, s, query.shape[3], scale=scale, is_causal=is_causal, window=window,
+                         causal_offset=causal_offset)
+    static = _Static(problem, blocks.fit(target, t, s, block_sizes), target, mode)
+    if (q_segment_ids is None) != (k_segment_ids is None):
+        raise ValueError("give both `q_segment_ids` and `k_segment_ids`, or neither")
+    return _flash_attention(query, key, value, bias, q_segment_ids, k_segment_ids, static)
+
+
+def attention(query, key, value, bias, mask, q_segment_ids, k_segment_ids, *, scale, spec):
+    """The `dot_product_attention` backend signature (`spec`: is_causal, window, causal_offset)."""
+    if mask is not None:
+        raise ValueError("the Pallas flash-attention kernel does not take a boolean `mask`; use `bias` or "
+                         "implementation='xla'")
+    return flash_attention(query, key, value, bias, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
+                           scale=scale, is_causal=spec.is_causal, window=spec.window,
+                           causal_offset=spec.causal_offset)
+
+
+@functools.partial(jax.jit, static_argnums=(6,))
+def _flash_attention(query, key, value, bias, q_segment_ids, k_segment_ids, static: _Static):
+    b, t, n, h = query.shape
+    s, hv = key.shape[1], value.shape[-1]
+    tp, sp = blocks.padded_lengths(static.sizes, t, s)
+    hp = common_blocks.feature_dim(h, static.target)
+    hvp = common_blocks.feature_dim(hv, static.target)
+    q, k, v = _kernel_layout(query, tp, hp), _kernel_layout(key, sp, hp), _kernel_layout(value, sp, hvp)
+    bias_k = None
+    if bias is not None:
+        b4 = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+        b4 = jnp.broadcast_to(b4, (*b4.shape[:2], t, s))
+        bias_k = blocking.pad_axis(blocking.pad_axis(b4, 2, tp), 3, sp)
+    q_seg = k_seg = None
+    if q_segment_ids is not None:
+        q_seg = blocking.pad_axis(q_segment_ids.astype(jnp.int32), 1, tp, -1)[:, :, None]
+        k_seg = blocking.pad_axis(k_segment_ids.astype(jnp.int32), 1, sp, -1)[:, None, :]
+    out, lse = _flash(q, k, v, bias_k, q_seg, k_seg, static)
+    out = jnp.swapaxes(out, 1, 2)[:, :t, :, :hv]
+    return out, lse[:, :, :t, 0]
+
+
+def _kernel_layout(x, length, dim):
+    """`[B, L, heads, D]` -> `[B, heads, Lp, Dp]`, zero padded (exact: padded keys are masked, padded features
+    add zero to every dot product, padded query rows are dropped)."""
+    x = jnp.swapaxes(x, 1, 2)
+    return blocking.pad_axis(blocking.pad_axis(x, 2, length), 3, dim)
+
+
+def _forward(q, k, v, bias, q_seg, k_seg, static: _Static):
+    return pallas_fwd.forward(q, k, v, bias, q_seg, k_seg, problem=static.problem, block_q=static.sizes.block_q,
+                              block_k=static.sizes.block_k, target=static.target, mode=static.mode)
+
+
+def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, out, lse, d_out, d_lse, want_dbias):
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    if d_lse is not None:
+        delta = delta - d_lse
+    args = (q, k, v, bias, q_seg, k_seg, d_out, softmax.finite_or_zero(lse), delta)
+    common = dict(problem=static.problem, target=static.target, mode=static.mode)
+    sizes = static.sizes
+    dq, dlogits = pallas_bwd.dq(*args, want_dbias=want_dbias, block_q=sizes.block_q_dq, block_k=sizes.block_k_dq,
+                                **common)
+    dk, dv = pallas_bwd.dkv(*args, block_q=sizes.block_q_dkv, block_k=sizes.block_k_dkv, **common)
+    return dq, dk, dv, dlogits
+
+
+_flash = flash_vjp(_forward, _backward)

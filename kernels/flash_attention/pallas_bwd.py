@@ -1,0 +1,241 @@
+"""Pallas flash-attention backward (FlashAttention-2 split): a dk/dv kernel and a dq (+ dlogits for dbias) kernel.
+
+Both recompute each visited tile's probabilities from the saved log-sum-exp, `p = exp(s - lse)`, and use
+`delta = rowsum(dO * O) - d_lse` (computed by the caller), so `ds = p * (dO V^T - delta)`. Layouts are those of
+`pallas_fwd`; `lse` and `delta` are `[B, N, Tp, 1]` fp32 with empty rows' `lse` already replaced by 0.
+
+- dk/dv: one key block per program, looping over the query blocks that see it for every query head of its GQA
+  group, so dk/dv of a shared key/value head are accumulated in place (k/v are never repeated).
+- dq: one query block per program over the key blocks it sees (the forward's grid). When the bias needs a
+  gradient it also writes `ds` into a zero-initialised `[B, N, Tp, Sp]` fp32 array (aliased in place); the caller
+  sums it over the bias's broadcast axes.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxattn.kernels.common import bands, platform
+from jaxattn.kernels.common.loops import Reduction
+from jaxattn.kernels.flash_attention import tile
+from jaxattn.kernels.flash_attention.blocks import TRITON_LAUNCH
+from jaxattn.kernels.flash_attention.pallas_fwd import QuerySpecs, key_slice, split_refs
+
+
+def _grads(s, lse, do, v, delta):
+    """The shared core of both kernels: `(p, ds)` of one tile, `ds` the gradient of the scaled, biased logits."""
+    p = tile.probabilities(s, lse)
+    dp = tile.matmul(do, v, transpose_b=True)
+    return p, p * (dp - delta)
+
+
+def dq(q, k, v, bias, q_seg, k_seg, do, lse, delta, *, want_dbias: bool, problem: tile.Problem, block_q: int,
+       block_k: int, target: str, mode: str):
+    """Returns `dq [B, N, Tp, H]` (q dtype) and `ds [B, N, Tp, Sp]` fp32 (None unless `want_dbias`)."""
+    b, n, tp, h = q.shape
+    kv_heads, sp, hv = k.shape[1], k.shape[2], v.shape[-1]
+    nq, nk = tp // block_q, sp // block_k
+    red = Reduction(mode, problem.max_kv_blocks(block_q, block_k, nk), axis=3)
+    specs = QuerySpecs(red, problem, batch=b, heads=n, kv_heads=kv_heads, block_q=block_q, block_k=block_k,
+                       q_len_p=tp, kv_len_p=sp, bias_shape=None if bias is None else bias.shape)
+    names, operands = ["q", "k", "v"], [q, k, v]
+    in_specs = [specs.rows(h), specs.kv(h), specs.kv(hv)]
+    if bias is not None:
+        names.append("bias"), operands.append(bias), in_specs.append(specs.bias())
+    if q_seg is not None:
+        names += ["q_seg", "k_seg"]
+        operands += [q_seg, k_seg]
+        in_specs += [specs.q_segments(), specs.k_segments()]
+    names += ["do", "lse", "delta"]
+    operands += [do, lse, delta]
+    in_specs += [specs.rows(hv), specs.rows(1), specs.rows(1)]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    out_specs = [specs.rows(h)]
+    aliases = {}
+    if want_dbias:
+        full = (b, n, tp, sp)
+        # Tiles outside the band are never visited: start from zeros (aliased) rather than writing them.
+        aliases = {len(operands): 1}
+        names.append("ds_init"), operands.append(jnp.zeros(full, jnp.float32))
+        in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
+        out_shape.append(jax.ShapeDtypeStruct(full, jnp.float32))
+        out_specs.append(specs.bias(shape=full))
+    names += ["dq"] + (["ds"] if want_dbias else [])
+    kernel = functools.partial(_dq_kernel, names=tuple(names), problem=problem, block_q=block_q,
+                               block_k=block_k, num_k=nk, red=red, mask_kv_tail=sp > problem.kv_len)
+    warps, stages = TRITON_LAUNCH["bwd"]
+    outs = pl.pallas_call(
+        kernel,
+        grid=red.grid((b, n, nq)),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=red.scratch_shapes([jax.ShapeDtypeStruct((block_q, h), jnp.float32)]),
+        input_output_aliases=aliases,
+        compiler_params=platform.compiler_params(target, dimension_semantics=red.semantics(("parallel",) * 3),
+                                                 num_warps=warps, num_stages=stages),
+        interpret=platform.interpret(target),
+        name="flash_attention_dq",
+    )(*operands)
+    return outs[0], (outs[1] if want_dbias else None)
+
+
+def _dq_kernel(*refs, names, problem, block_q, block_k, num_k, red, mask_kv_tail):
+    ref, scratch = split_refs(refs, names)
+    i = pl.program_id(2)
+    first, stop = problem.kv_blocks(i, block_q, block_k, num_k)
+    q, do, lse, delta = ref["q"][...], ref["do"][...], ref["lse"][...], ref["delta"][...]
+    q_seg = ref["q_seg"][...] if "q_seg" in ref else None
+
+    def step(r, carry):
+        keys = key_slice(r, block_k)
+        cols = (slice(None), keys)
+        k = red.tile(ref["k"], (keys, slice(None)))
+        v = red.tile(ref["v"], (keys, slice(None)))
+        bias = red.tile(ref["bias"], cols) if "bias" in ref else None
+        k_seg = red.tile(ref["k_seg"], cols) if "k_seg" in ref else None
+        s = tile.logits(q, k, bias, q_seg, k_seg, i * block_q, r * block_k, problem, mask_kv_tail=mask_kv_tail)
+        _, ds = _grads(s, lse, do, v, delta)
+        if "ds" in ref:
+            red.store(ref["ds"], cols, ds)
+        return [carry[0] + tile.matmul(ds.astype(k.dtype), k) * problem.scale]
+
+    def finish(carry):
+        ref["dq"][...] = carry[0].astype(ref["dq"].dtype)
+
+    red.run(lambda: [jnp.zeros(q.shape, jnp.float32)], step, finish, start=first, count=stop - first,
+            scratch=scratch)
+
+
+class KeySpecs:
+    """BlockSpecs of a grid `(B, K, Sp / bk[, query steps])` reducing over (query head of the group, query block)."""
+
+    def __init__(self, red: Reduction, problem: tile.Problem, *, batch, heads, kv_heads, block_q, block_k,
+                 q_len_p, span, bias_shape=None):
+        self.red, self.bq, self.bk, self.tp, self.span = red, block_q, block_k, q_len_p, span
+        self.groups = heads // kv_heads
+        self.nq = q_len_p // block_q
+        self.batch, self.heads, self.bias_shape = batch, heads, bias_shape
+
+        def step_index(b, kh, j, s):
+            first, stop = problem.q_blocks(j, block_k, block_q, self.nq)
+            g = lax.div(s, span)
+            return g, bands.step_block(first, stop, lax.rem(s, span), self.nq)
+
+        self.step_index = step_index
+
+    def keys(self, width):
+        return self.red.spec((None, None, self.bk, width), lambda b, kh, j: (b, kh, j, 0))
+
+    def rows(self, width):
+        """Tiles `[bq, width]` of a `[B, N, Tp, width]` array for every query head of key head `kh`'s group."""
+        g = self.groups
+        return self.red.reduced_spec(
+            fori=((None, g, self.tp, width), lambda b, kh, j: (b, kh, 0, 0)),
+            grid=((None, None, self.bq, width), lambda b, kh, j, gi, i: (b, kh * g + gi, i, 0)),
+            step_index=self.step_index)
+
+    def bias(self):
+        bb, nb = self.bias_shape[:2]
+        g = self.groups
+        per_head = nb == self.heads and nb > 1
+
+        def lead(b):
+            return b if bb == self.batch and bb > 1 else 0
+
+        return self.red.reduced_spec(
+            fori=((None, g if per_head else 1, self.tp, self.bk),
+                  lambda b, kh, j: (lead(b), kh if per_head else 0, 0, j)),
+            grid=((None, None, self.bq, self.bk),
+                  lambda b, kh, j, gi, i: (lead(b), kh * g + gi if per_head else 0, i, j)),
+            step_index=self.step_index)
+
+    def q_segments(self):
+        return self.red.reduced_spec(
+            fori=((None, self.tp, 1), lambda b, kh, j: (b, 0, 0)),
+            grid=((None, self.bq, 1), lambda b, kh, j, gi, i: (b, i, 0)),
+            step_index=self.step_index)
+
+    def k_segments(self):
+        return self.red.spec((None, 1, self.bk), lambda b, kh, j: (b, 0, j))
+
+
+def dkv(q, k, v, bias, q_seg, k_seg, do, lse, delta, *, problem: tile.Problem, block_q: int, block_k: int,
+        target: str, mode: str):
+    """Returns `(dk [B, K, Sp, H], dv [B, K, Sp, Hv])` in the key/value dtypes."""
+    b, n, tp, h = q.shape
+    kv_heads, sp, hv = k.shape[1], k.shape[2], v.shape[-1]
+    groups = n // kv_heads
+    nq, nk = tp // block_q, sp // block_k
+    span = problem.max_q_blocks(block_k, block_q, nq)
+    red = Reduction(mode, groups * span, axis=3)
+    specs = KeySpecs(red, problem, batch=b, heads=n, kv_heads=kv_heads, block_q=block_q, block_k=block_k,
+                     q_len_p=tp, span=span, bias_shape=None if bias is None else bias.shape)
+    names, operands = ["q", "k", "v"], [q, k, v]
+    in_specs = [specs.rows(h), specs.keys(h), specs.keys(hv)]
+    if bias is not None:
+        names.append("bias"), operands.append(bias), in_specs.append(specs.bias())
+    if q_seg is not None:
+        names += ["q_seg", "k_seg"]
+        operands += [q_seg, k_seg]
+        in_specs += [specs.q_segments(), specs.k_segments()]
+    names += ["do", "lse", "delta", "dk", "dv"]
+    operands += [do, lse, delta]
+    in_specs += [specs.rows(hv), specs.rows(1), specs.rows(1)]
+    carry = [jax.ShapeDtypeStruct((block_k, h), jnp.float32), jax.ShapeDtypeStruct((block_k, hv), jnp.float32)]
+    kernel = functools.partial(_dkv_kernel, names=tuple(names), problem=problem, block_q=block_q,
+                               block_k=block_k, num_q=nq, groups=groups, span=span, red=red,
+                               mask_kv_tail=sp > problem.kv_len)
+    warps, stages = TRITON_LAUNCH["bwd"]
+    return pl.pallas_call(
+        kernel,
+        grid=red.grid((b, kv_heads, nk)),
+        in_specs=in_specs,
+        out_specs=[specs.keys(h), specs.keys(hv)],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        scratch_shapes=red.scratch_shapes(carry),
+        compiler_params=platform.compiler_params(target, dimension_semantics=red.semantics(("parallel",) * 3),
+                                                 num_warps=warps, num_stages=stages),
+        interpret=platform.interpret(target),
+        name="flash_attention_dkv",
+    )(*operands)
+
+
+def _dkv_kernel(*refs, names, problem, block_q, block_k, num_q, groups, span, red, mask_kv_tail):
+    ref, scratch = split_refs(refs, names)
+    j = pl.program_id(2)
+    first, stop = problem.q_blocks(j, block_k, block_q, num_q)
+    # 'grid' walks a static `groups x span` rectangle and skips the steps past `stop`; 'fori' walks exactly.
+    width = span if red.on_grid else jnp.maximum(stop - first, 1)
+    k, v = ref["k"][...], ref["v"][...]
+    k_seg = ref["k_seg"][...] if "k_seg" in ref else None
+
+    def step(r, carry):
+        g, i = lax.div(r, width), first + lax.rem(r, width)
+        rows = key_slice(i, block_q)
+        q = red.tile(ref["q"], (g, rows, slice(None)))
+        do = red.tile(ref["do"], (g, rows, slice(None)))
+        lse = red.tile(ref["lse"], (g, rows, slice(None)))
+        delta = red.tile(ref["delta"], (g, rows, slice(None)))
+        bias = None
+        if "bias" in ref:
+            head = g if ref["bias"].ndim == 3 and ref["bias"].shape[0] > 1 else 0  # fori block: [Gb, Tp, bk]
+            bias = red.tile(ref["bias"], (head, rows, slice(None)))
+        q_seg = red.tile(ref["q_seg"], (rows, slice(None))) if "q_seg" in ref else None
+        s = tile.logits(q, k, bias, q_seg, k_seg, i * block_q, j * block_k, problem, mask_kv_tail=mask_kv_tail)
+        p, ds = _grads(s, lse, do, v, delta)
+        dk = carry[0] + tile.matmul(ds.astype(q.dtype), q, transpose_a=True) * problem.scale
+        dv = carry[1] + tile.matmul(p.astype(do.dtype), do, transpose_a=True)
+        return [dk, dv]
+
+    def finish(carry):
+        ref["dk"][...] = carry[0].astype(ref["dk"].dtype)
+        ref["dv"][...] = carry[1].astype(ref["dv"].dtype)
+
+    red.run(lambda: [jnp.zeros((block_k, k.shape[-1]), jnp.float32), jnp.zeros((block_k, v.shape[-1]), jnp.float32)],
+            step, finish, start=0, count=groups * (stop - first), scratch=scratch,
+            valid=lambda r: first + lax.rem(r, width) < stop)

@@ -1,0 +1,149 @@
+"""Pallas flash-attention forward: one query block per program, an online softmax over the key blocks it sees.
+
+Kernel layout (the wrapper in `pallas.py` converts): heads-major and padded to whole blocks,
+`q [B, N, Tp, H]`, `k [B, K, Sp, H]`, `v [B, K, Sp, Hv]`, `bias [Bb, Nb, Tp, Sp]` (Bb in {1, B}, Nb in {1, N}:
+broadcast over batch/heads through the index maps, never copied), segment ids as a column `[B, Tp, 1]` and a
+row `[B, 1, Sp]`, `lse [B, N, Tp, 1]` fp32. GQA: query head `n` reads key/value head `n // (N // K)`.
+`QuerySpecs` holds the BlockSpecs of this query-major grid, reused by the dq kernel.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxattn.core import softmax
+from jaxattn.kernels.common import bands, platform
+from jaxattn.kernels.common.loops import Reduction
+from jaxattn.kernels.flash_attention import tile
+from jaxattn.kernels.flash_attention.blocks import TRITON_LAUNCH
+
+
+def key_slice(r, block_k):
+    """The fori-mode slice of key block `r` along a key axis."""
+    return pl.ds(pl.multiple_of(r * block_k, block_k), block_k)
+
+
+class QuerySpecs:
+    """BlockSpecs of a grid `(B, N, Tp / bq[, key steps])` reducing over key blocks (forward and dq kernels)."""
+
+    def __init__(self, red: Reduction, problem: tile.Problem, *, batch, heads, kv_heads, block_q, block_k,
+                 q_len_p, kv_len_p, bias_shape=None):
+        self.red, self.bq, self.bk, self.sp = red, block_q, block_k, kv_len_p
+        self.groups = heads // kv_heads
+        self.nk = kv_len_p // block_k
+        self.bias_shape = bias_shape
+        self.batch, self.heads = batch, heads
+
+        def step_index(b, n, i, j):
+            first, stop = problem.kv_blocks(i, block_q, block_k, self.nk)
+            return bands.step_block(first, stop, j, self.nk)
+
+        self.step_index = step_index
+
+    def rows(self, width):
+        """A `[bq, width]` block of a `[B, N, Tp, width]` array (queries, outputs, lse)."""
+        return self.red.spec((None, None, self.bq, width), lambda b, n, i: (b, n, i, 0))
+
+    def kv(self, width):
+        """Key/value tiles `[bk, width]` of `[B, K, Sp, width]`, read by query head `n` from head `n // G`."""
+        g = self.groups
+        return self.red.reduced_spec(
+            fori=((None, None, self.sp, width), lambda b, n, i: (b, lax.div(n, g), 0, 0)),
+            grid=((None, None, self.bk, width), lambda b, n, i, r: (b, lax.div(n, g), r, 0)),
+            step_index=self.step_index)
+
+    def bias(self, shape=None):
+        """`[bq, bk]` tiles of a `[Bb, Nb, Tp, Sp]` bias (or of the per-head dbias when `shape` is full)."""
+        bb, nb = (shape or self.bias_shape)[:2]
+
+        def lead(b, n):
+            return (b if bb == self.batch and bb > 1 else 0), (n if nb == self.heads and nb > 1 else 0)
+
+        return self.red.reduced_spec(
+            fori=((None, None, self.bq, self.sp), lambda b, n, i: (*lead(b, n), i, 0)),
+            grid=((None, None, self.bq, self.bk), lambda b, n, i, r: (*lead(b, n), i, r)),
+            step_index=self.step_index)
+
+    def q_segments(self):
+        return self.red.spec((None, self.bq, 1), lambda b, n, i: (b, i, 0))
+
+    def k_segments(self):
+        return self.red.reduced_spec(
+            fori=((None, 1, self.sp), lambda b, n, i: (b, 0, 0)),
+            grid=((None, 1, self.bk), lambda b, n, i, r: (b, 0, r)),
+            step_index=self.step_index)
+
+
+def split_refs(refs, names):
+    """Names the positional refs of a kernel: `names` lists the present operands in order; the rest is scratch."""
+    it = iter(refs)
+    named = {name: next(it) for name in names}
+    return named, list(it)
+
+
+def forward(q, k, v, bias, q_seg, k_seg, *, problem: tile.Problem, block_q: int, block_k: int, target: str,
+            mode: str):
+    """Returns `(out [B, N, Tp, Hv] in q.dtype, lse [B, N, Tp, 1] fp32)`; rows that see no key: 0 and -inf."""
+    b, n, tp, h = q.shape
+    kv_heads, sp, hv = k.shape[1], k.shape[2], v.shape[-1]
+    nq, nk = tp // block_q, sp // block_k
+    red = Reduction(mode, problem.max_kv_blocks(block_q, block_k, nk), axis=3)
+    specs = QuerySpecs(red, problem, batch=b, heads=n, kv_heads=kv_heads, block_q=block_q, block_k=block_k,
+                       q_len_p=tp, kv_len_p=sp, bias_shape=None if bias is None else bias.shape)
+    names = ["q", "k", "v"]
+    operands = [q, k, v]
+    in_specs = [specs.rows(h), specs.kv(h), specs.kv(hv)]
+    if bias is not None:
+        names.append("bias"), operands.append(bias), in_specs.append(specs.bias())
+    if q_seg is not None:
+        names += ["q_seg", "k_seg"]
+        operands += [q_seg, k_seg]
+        in_specs += [specs.q_segments(), specs.k_segments()]
+    names += ["out", "lse"]
+    carry = [jax.ShapeDtypeStruct((block_q,), jnp.float32)] * 2 + [jax.ShapeDtypeStruct((block_q, hv), jnp.float32)]
+    kernel = functools.partial(_forward_kernel, names=tuple(names), problem=problem, block_q=block_q,
+                               block_k=block_k, num_k=nk, red=red, mask_kv_tail=sp > problem.kv_len)
+    warps, stages = TRITON_LAUNCH["fwd"]
+    return pl.pallas_call(
+        kernel,
+        grid=red.grid((b, n, nq)),
+        in_specs=in_specs,
+        out_specs=[specs.rows(hv), specs.rows(1)],
+        out_shape=[jax.ShapeDtypeStruct((b, n, tp, hv), q.dtype), jax.ShapeDtypeStruct((b, n, tp, 1), jnp.float32)],
+        scratch_shapes=red.scratch_shapes(carry),
+        compiler_params=platform.compiler_params(target, dimension_semantics=red.semantics(("parallel",) * 3),
+                                                 num_warps=warps, num_stages=stages),
+        interpret=platform.interpret(target),
+        name="flash_attention_fwd",
+    )(*operands)
+
+
+def _forward_kernel(*refs, names, problem, block_q, block_k, num_k, red, mask_kv_tail):
+    ref, scratch = split_refs(refs, names)
+    i = pl.program_id(2)
+    first, stop = problem.kv_blocks(i, block_q, block_k, num_k)
+    q = ref["q"][...]
+    q_seg = ref["q_seg"][...] if "q_seg" in ref else None
+
+    def step(r, carry):
+        keys = key_slice(r, block_k)
+        cols = (slice(None), keys)
+        k = red.tile(ref["k"], (keys, slice(None)))
+        v = red.tile(ref["v"], (keys, slice(None)))
+        bias = red.tile(ref["bias"], cols) if "bias" in ref else None
+        k_seg = red.tile(ref["k_seg"], cols) if "k_seg" in ref else None
+        s = tile.logits(q, k, bias, q_seg, k_seg, i * block_q, r * block_k, problem, mask_kv_tail=mask_kv_tail)
+        return list(softmax.online_softmax_update(
+            tuple(carry), s, v, lambda p, vv: tile.matmul(p.astype(vv.dtype), vv)))
+
+    def finish(carry):
+        out, lse = softmax.online_softmax_finalize(tuple(carry))
+        ref["out"][...] = out.astype(ref["out"].dtype)
+        ref["lse"][...] = lse[:, None]
+
+    red.run(lambda: list(softmax.online_softmax_init((block_q,), ref["v"].shape[-1])), step, finish,
+            start=first, count=stop - first, scratch=scratch)

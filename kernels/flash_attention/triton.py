@@ -1,0 +1,105 @@
+"""Flash attention as real Triton kernels (`triton_kernels.py`), launched from JAX through `jax_triton`.
+
+The GPU path that does not depend on Pallas-Triton (deprecated in JAX 0.11). It works on the op's heads-last
+arrays in place (strides, no transposes or padding), GQA by index, a bias broadcast by zero strides (never
+materialised), and shares the custom VJP (`vjp.py`) and launch plans (`triton_launch.py`) with the tests.
+`jax_triton` is imported when a kernel is traced, so importing this module is free on machines without a GPU.
+Not supported: a boolean `mask` (the op falls back to XLA).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.core import softmax
+from jaxattn.kernels.flash_attention import triton_launch
+from jaxattn.kernels.flash_attention.tile import Problem
+from jaxattn.kernels.flash_attention.vjp import flash_vjp
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    problem: Problem
+    blocks: tuple | None = None  # per-kernel (block_m, block_n, warps, stages) overrides, as triton_launch.BLOCKS
+
+
+def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segment_ids=None, scale=None,
+                    is_causal=False, window=None, causal_offset=None, blocks: dict | None = None):
+    """Same arguments and results as `pallas.flash_attention` (without target/block_sizes/reduction);
+    `blocks` optionally overrides `triton_launch.BLOCKS` per kernel name. Returns `(out, lse)`."""
+    if (q_segment_ids is None) != (k_segment_ids is None):
+        raise ValueError("give both `q_segment_ids` and `k_segment_ids`, or neither")
+    problem = Problem.of(query.shape[1], key.shape[1], query.shape[3], scale=scale, is_causal=is_causal,
+                         window=window, causal_offset=causal_offset)
+    static = _Static(problem, None if blocks is None else tuple(sorted(blocks.items())))
+    if bias is not None:
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    q_seg = None if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
+    k_seg = None if k_segment_ids is None else k_segment_ids.astype(jnp.int32)
+    return _attention(query, key, value, bias, q_seg, k_seg, static)
+
+
+def attention(query, key, value, bias, mask, q_segment_ids, k_segment_ids, *, scale, spec):
+    """The `dot_product_attention` backend signature (`spec`: is_causal, window, causal_offset)."""
+    if mask is not None:
+        raise ValueError("the Triton flash-attention kernel does not take a boolean `mask`; use `bias` or "
+                         "implementation='xla'")
+    return flash_attention(query, key, value, bias, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
+                           scale=scale, is_causal=spec.is_causal, window=spec.window,
+                           causal_offset=spec.causal_offset)
+
+
+def _triton_call():
+    import jax_triton  # lazily: it raises ImportError on a CPU-only jax
+    return jax_triton.triton_call
+
+
+def _plan(kernel, static: _Static, q, k, v, bias, q_seg, **extra):
+    overrides = dict(static.blocks or ())
+    return triton_launch.plan(kernel, q_shape=q.shape, k_shape=k.shape, v_shape=v.shape,
+                              bias_shape=None if bias is None else bias.shape, segments=q_seg is not None,
+                              band=static.problem.band, scale=static.problem.scale,
+                              fp32=q.dtype == jnp.float32, blocks=overrides.get(kernel), **extra)
+
+
+def _launch(launch: triton_launch.Launch, inputs, out_shape, **kwargs):
+    from jaxattn.kernels.flash_attention import triton_kernels
+    return _triton_call()(*inputs, kernel=getattr(triton_kernels, launch.kernel), out_shape=out_shape,
+                          grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages,
+                          name=launch.kernel, **kwargs, **launch.constexprs)
+
+
+def _operands(q, k, v, bias, q_seg, k_seg):
+    dummy = jnp.zeros((1,), q.dtype)
+    no_seg = jnp.zeros((1,), jnp.int32)
+    return (q, k, v, dummy if bias is None else bias, no_seg if q_seg is None else q_seg,
+            no_seg if k_seg is None else k_seg)
+
+
+def _forward(q, k, v, bias, q_seg, k_seg, static: _Static):
+    b, t, n, _ = q.shape
+    launch = _plan("flash_fwd", static, q, k, v, bias, q_seg)
+    out_shape = [jax.ShapeDtypeStruct((b, t, n, v.shape[-1]), q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)]
+    out, lse = _launch(launch, _operands(q, k, v, bias, q_seg, k_seg), out_shape)
+    return out, lse
+
+
+def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, out, lse, d_out, d_lse, want_dbias):
+    b, t, n, _ = q.shape
+    delta = jnp.einsum("btnd,btnd->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    if d_lse is not None:
+        delta = delta - d_lse
+    inputs = (*_operands(q, k, v, bias, q_seg, k_seg), d_out, softmax.finite_or_zero(lse), delta)
+    dkv = _plan("flash_bwd_dkv", static, q, k, v, bias, q_seg)
+    dk, dv = _launch(dkv, inputs, [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)])
+    dq_launch = _plan("flash_bwd_dq", static, q, k, v, bias, q_seg, store_ds=want_dbias)
+    ds_shape = (b, n, t, k.shape[1]) if want_dbias else (1,)
+    dq, ds = _launch(dq_launch, inputs, [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                                         jax.ShapeDtypeStruct(ds_shape, jnp.float32)],
+                     zeroed_outputs=(1,) if want_dbias else ())
+    return dq, dk, dv, (ds if want_dbias else None)
+
+
+_attention = jax.jit(flash_vjp(_forward, _backward), static_argnums=(6,))

@@ -1,0 +1,80 @@
+"""Launch plans of the Triton flash-attention kernels: grids, compile-time constants, warps and stages.
+
+Pure Python on shapes, shared by the JAX launcher (`triton.py`, through `jax_triton.triton_call`) and the tests
+(torch tensors under `TRITON_INTERPRET=1`, `triton.compile` for sm_80/sm_90), so what is tested is what runs.
+Pointer arguments come first, in the order of `ARGS`, inputs then outputs (jax-triton passes outputs last).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jaxattn.kernels.common import blocks as common_blocks
+
+ARGS = {
+    "flash_fwd": ("Q", "K", "V", "Bias", "QSeg", "KSeg", "Out", "Lse"),
+    "flash_bwd_dkv": ("Q", "K", "V", "Bias", "QSeg", "KSeg", "DO", "Lse", "Delta", "DK", "DV_"),
+    "flash_bwd_dq": ("Q", "K", "V", "Bias", "QSeg", "KSeg", "DO", "Lse", "Delta", "DQ", "DS"),
+}
+# (block_m, block_n, num_warps, num_stages) per kernel; block_n of dkv is its key block.
+BLOCKS = {"flash_fwd": (128, 64, 4, 3), "flash_bwd_dkv": (64, 64, 4, 2), "flash_bwd_dq": (64, 64, 4, 2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    kernel: str
+    grid: tuple[int, int]
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+
+def contiguous_strides(shape) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for dim in reversed(shape):
+        strides.append(acc)
+        acc *= dim
+    return tuple(reversed(strides))
+
+
+def bias_strides(shape4) -> tuple[int, int, int, int]:
+    """Strides of a contiguous 4-D bias `[Bb, Nb, Tb, Sb]` with 0 on its broadcast (size 1) axes."""
+    return tuple(0 if dim == 1 else st for dim, st in zip(shape4, contiguous_strides(shape4)))
+
+
+def plan(kernel: str, *, q_shape, k_shape, v_shape, bias_shape=None, segments=False, band=(None, None),
+         scale: float, fp32: bool, store_ds: bool = False, blocks=None) -> Launch:
+    """Launch of `kernel` for heads-last `q [B, T, N, D]`, `k [B, S, K, D]`, `v [B, S, K, DV]`, a 4-D bias
+    broadcastable to `[B, N, T, S]` (or None) and the visible band `(lower, upper)` on `key_pos - query_pos`."""
+    b, t, n, d = q_shape
+    s, kv_heads, dv = k_shape[1], k_shape[2], v_shape[3]
+    block_m, block_n, warps, stages = blocks or BLOCKS[kernel]
+    block_m = common_blocks.fit_block(t, block_m, "triton")
+    block_n = common_blocks.fit_block(s, block_n, "triton")
+    lower, upper = band
+    sq, sk, sv = contiguous_strides(q_shape), contiguous_strides(k_shape), contiguous_strides(v_shape)
+    sb = bias_strides(bias_shape) if bias_shape is not None else (0, 0, 0, 0)
+    consts = dict(
+        T=t, S=s, N=n, GROUPS=n // kv_heads, D=d, DV=dv,
+        DP=common_blocks.feature_dim(d, "triton"), DVP=common_blocks.feature_dim(dv, "triton"),
+        SQB=sq[0], SQT=sq[1], SQN=sq[2], SKB=sk[0], SKS=sk[1], SKN=sk[2], SVB=sv[0], SVS=sv[1], SVN=sv[2],
+        SBB=sb[0], SBN=sb[1], SBT=sb[2], SBS=sb[3],
+        SCALE=float(scale), HAS_LOWER=lower is not None, LOWER=int(lower or 0),
+        HAS_UPPER=upper is not None, UPPER=int(upper or 0),
+        HAS_BIAS=bias_shape is not None, HAS_SEG=bool(segments), PRECISION="ieee" if fp32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n)
+    if kernel == "flash_bwd_dq":
+        consts["STORE_DS"] = bool(store_ds)
+    if kernel == "flash_bwd_dkv":
+        grid = (math.ceil(s / block_n), b * kv_heads)
+    else:
+        grid = (math.ceil(t / block_m), b * n)
+    return Launch(kernel, grid, consts, warps, stages)
+
+
+def signature(kernel: str, dtype: str, *, bias_dtype: str | None = None) -> dict[str, str]:
+    """Triton pointer types of `kernel`'s arguments for `triton.compile` ('bf16', 'fp16' or 'fp32' data)."""
+    types = {"Q": dtype, "K": dtype, "V": dtype, "Bias": bias_dtype or dtype, "QSeg": "i32", "KSeg": "i32",
+             "Out": dtype, "Lse": "fp32", "DO": dtype, "Delta": "fp32", "DK": dtype, "DV_": dtype, "DQ": dtype,
+             "DS": "fp32"}
+    return {name: "*" + types[name] for name in ARGS[kernel]}
