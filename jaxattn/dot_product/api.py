@@ -21,8 +21,33 @@ def _load_xla():
     return attention_blocked
 
 
+def _load_pallas():
+    from jaxattn.kernels.flash_attention.pallas import attention
+    return attention
+
+
+def _load_triton():
+    from jaxattn.kernels.flash_attention.triton import attention
+    return attention
+
+
+def _flash_supports(mask=None, **_):
+    """The flash-attention kernels take everything but a general boolean `mask` (None then falls back to xla)."""
+    return mask is None
+
+
+def _triton_supports(mask=None, query=None, **_):
+    """The Triton kernel needs jax-triton (the `gpu` extra) and keeps a head of <= 256 features in registers."""
+    import importlib.util
+    return mask is None and query.shape[-1] <= 256 and importlib.util.find_spec("jax_triton") is not None
+
+
 dispatch.register(OP, dispatch.Backend("reference", _load_reference, platforms=(), priority=-1))
 dispatch.register(OP, dispatch.Backend("xla", _load_xla, platforms=None, priority=0))
+dispatch.register(OP, dispatch.Backend("pallas", _load_pallas, platforms=("tpu", "gpu"), priority=1,
+                                       supports=_flash_supports))
+dispatch.register(OP, dispatch.Backend("triton", _load_triton, platforms=("gpu",), priority=2,
+                                       supports=_triton_supports))
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
