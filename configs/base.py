@@ -1,0 +1,82 @@
+"""Defaults shared by every training config; each family file (`configs/<family>.py`) starts from `get_config()`.
+
+Every field, its meaning and its default (override any from the command line, `--config.optimizer.learning_rate=1e-3`):
+
+    task                'classification' (images -> logits) or 'lm' (bytes -> next-byte logits)
+    model               registry name (`jaxattn.models.list_models()`) or 'package.module:builder'
+    model_kwargs        overrides passed to the model builder (e.g. img_size, drop_path_rate)
+    dataset             TFDS name; 'digits' and 'stdlib_bytes' are embedded (built on first use, no download)
+    data_dir            TFDS data dir ('' -> $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    train_split, eval_split
+    image_size          square input side for vision models
+    seq_len             tokens (bytes) per training window for language models
+    input.*             preprocessing and augmentation (see `train/augment.py`)
+    batch_size          global batch size (all processes together)
+    eval_batch_size     global evaluation batch size
+    eval_max_examples   evaluate on the first N held-out examples (0 = all)
+    num_train_steps     steps to train (-1: derive from num_epochs)
+    num_epochs          epochs to train when num_train_steps is -1
+    optimizer.*         AdamW: learning_rate, min_learning_rate, warmup_steps, schedule ('cosine' | 'constant'),
+                        weight_decay, b1, b2, eps, grad_clip_norm (0 = off), ema_decay (0 = no EMA)
+    mesh                device mesh axes -> sizes (-1 = the remaining devices); data, fsdp and context required
+    logical_axis_rules  logical parameter / activation axis name -> mesh axis (or None)
+    seed                initialisation, data order, augmentation and dropout all derive from it
+    log_every, eval_every (0 = only at the end), checkpoint_every, keep_checkpoints, async_checkpointing
+    data_threads, data_workers (grain worker processes; 0 = threads only), prefetch_batches
+"""
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "classification"
+    c.model = ""
+    c.model_kwargs = ml_collections.ConfigDict()
+    c.dataset = "digits"
+    c.data_dir = ""
+    c.train_split = "train"
+    c.eval_split = "test"
+    c.image_size = 64
+    c.seq_len = 256
+
+    c.input = ml_collections.ConfigDict(dict(
+        channels=3, image_key="image", label_key="label",
+        crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), crop_pct=0.875, flip=True,
+        randaugment_ops=0, randaugment_magnitude=9.0,
+        mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=1.0, mix_switch_prob=0.5, label_smoothing=0.0,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    ))
+
+    c.batch_size = 128
+    c.eval_batch_size = 256
+    c.eval_max_examples = 0
+    c.num_train_steps = -1
+    c.num_epochs = 10.0
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=1e-3, min_learning_rate=1e-5, warmup_steps=100, schedule="cosine", weight_decay=0.05,
+        b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0, ema_decay=0.0,
+    ))
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "context": 1})
+    c.logical_axis_rules = (
+        ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vocab", None), ("mlp", None), ("heads", None),
+        ("kv", None), ("length", "context"), ("conv_in", None), ("conv_out", "fsdp"),
+    )
+    c.seed = 0
+
+    c.log_every = 20
+    c.eval_every = 0
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+
+    c.data_threads = 2
+    c.data_workers = 0
+    c.prefetch_batches = 2
+    return c

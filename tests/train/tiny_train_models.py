@@ -1,0 +1,48 @@
+"""Tiny models for testing the training loop quickly (not in the model registry).
+
+Referenced from configs as `config.model = "tiny_train_models:classifier"` (this folder on the import path).
+They use what real models use: BatchNorm statistics, dropout RNG streams, a logical sharding annotation.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Classifier(nnx.Module):
+    def __init__(self, *, num_classes: int, width: int = 8, dropout: float = 0.1,
+                 rngs: nnx.Rngs):
+        self.conv = nnx.Conv(3, width, (3, 3), strides=(2, 2), rngs=rngs)
+        self.norm = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
+        self.drop = nnx.Dropout(dropout, rngs=rngs)
+        init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "vocab"))
+        self.head = nnx.Linear(width, num_classes, kernel_init=init, rngs=rngs)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.norm(self.conv(x)))
+        return self.head(self.drop(x.mean(axis=(1, 2))))
+
+
+class LanguageModel(nnx.Module):
+    """Embedding, one causal depthwise mix of the previous 4 tokens, an MLP, and a head."""
+
+    def __init__(self, *, vocab_size: int, dim: int = 32, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(vocab_size, dim, rngs=rngs)
+        self.mix = nnx.Param(jnp.full((4, dim), 0.25))
+        self.mlp = nnx.Linear(dim, dim, rngs=rngs)
+        self.head = nnx.Linear(dim, vocab_size, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embed(tokens)
+        shifted = [jnp.pad(x, ((0, 0), (k, 0), (0, 0)))[:, :x.shape[1]] for k in range(4)]
+        x = x + sum(w * s for w, s in zip(self.mix[...], shifted))
+        return self.head(x + jax.nn.gelu(self.mlp(x)))
+
+
+def classifier(*, rngs, num_classes, **kwargs):
+    return Classifier(num_classes=num_classes, rngs=rngs, **kwargs)
+
+
+def language_model(*, rngs, vocab_size, **kwargs):
+    return LanguageModel(vocab_size=vocab_size, rngs=rngs, **kwargs)

@@ -1,0 +1,1 @@
+"""TFDS builder of scikit-learn's digits (`digits`)."""

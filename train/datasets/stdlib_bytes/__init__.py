@@ -1,0 +1,1 @@
+"""TFDS builder of the Python standard library's source files as bytes (`stdlib_bytes`)."""

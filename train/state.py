@@ -1,0 +1,134 @@
+"""The model and the train state: building the model, splitting it into arrays, sharded initialisation.
+
+An NNX model is split once into a static `graphdef` (one for training mode, one for evaluation mode) and arrays:
+`params` (`nnx.Param`), `model_state` (every other variable, e.g. BatchNorm statistics) and `rng_state` (RNG
+streams). The RNG streams are not part of the train state: every step re-seeds them from `(seed, step)` and the
+stream's path, so dropout and stochastic depth are reproducible, resumable and independent of the device layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import zlib
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from . import sharding as shard_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    model_state: nnx.State
+    opt_state: optax.OptState
+    ema_params: nnx.State | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+    train_graph: nnx.GraphDef
+    eval_graph: nnx.GraphDef
+    rng_state: nnx.State
+
+
+def build_model(config, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`config.model` is a registry name (`jaxattn.models.create_model`) or `'package.module:builder'`, a callable
+    `builder(*, rngs, num_classes | vocab_size, **config.model_kwargs)`. Vision models get `num_classes`, language
+    models `vocab_size`."""
+    kwargs = dict(config.model_kwargs)
+    kwargs["num_classes" if config.task == "classification" else "vocab_size"] = num_outputs
+    if ":" in config.model:
+        module, _, attr = config.model.partition(":")
+        return getattr(importlib.import_module(module), attr)(rngs=rngs, **kwargs)
+    from jaxattn.models import create_model, get_entry
+    kind = get_entry(config.model).kind
+    expected = "vision" if config.task == "classification" else "lm"
+    if kind != expected:
+        raise ValueError(f"`model` {config.model!r} is a {kind} model, but `task` is {config.task!r}")
+    if kind == "lm":
+        return create_model(config.model, rngs=rngs, **kwargs)
+    return create_model(config.model, rngs=rngs, **kwargs)
+
+
+def _split(model):
+    return nnx.split(model, nnx.Param, nnx.RngState, ...)
+
+
+def _init_fn(config, num_outputs, tx):
+    def init():
+        with nnx.use_eager_sharding(False):
+            model = build_model(config, num_outputs, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+        _, params, rng_state, model_state = _split(model)
+        ema = params if config.optimizer.ema_decay > 0 else None
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                           opt_state=tx.init(params), ema_params=ema)
+        return state, rng_state
+    return init
+
+
+def _shardings(abstract, mesh, rules):
+    """Variables get their logical / FSDP sharding, everything else (counters, scalars) is replicated."""
+    def leaf(x):
+        if isinstance(x, nnx.Variable):
+            return shard_lib.state_shardings(x, mesh, rules)
+        return shard_lib.replicated(mesh)
+    return jax.tree.map(leaf, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create(config, num_outputs: int, tx, mesh, rules):
+    """Returns `(model_def, init, abstract_state, state_shardings)`.
+
+    `init()` builds the initial `TrainState` on the mesh, already sharded; `abstract_state` carries the shardings
+    (for restoring checkpoints into place).
+    """
+    init = _init_fn(config, num_outputs, tx)
+    with jax.set_mesh(mesh):
+        abstract_state, abstract_rngs = jax.eval_shape(init)
+    state_shardings = _shardings(abstract_state, mesh, rules)
+    rng_state = jax.tree.map(_placeholder, abstract_rngs)  # values never used: every step re-seeds
+    with nnx.use_eager_sharding(False):  # outside the mesh: logical names are not mesh axes
+        abstract_model = nnx.eval_shape(
+            lambda: build_model(config, num_outputs, nnx.Rngs(params=config.seed, dropout=config.seed + 1)))
+    abstract_model.train()
+    train_graph = nnx.graphdef(abstract_model)
+    abstract_model.eval()
+    eval_graph = nnx.graphdef(abstract_model)
+    abstract_with_sharding = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings)
+    initializer = jax.jit(lambda: init()[0], out_shardings=state_shardings)
+    return ModelDef(train_graph, eval_graph, rng_state), initializer, abstract_with_sharding, state_shardings
+
+
+def _placeholder(a: jax.ShapeDtypeStruct):
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+        key = jax.random.key(0)
+        return jax.random.split(key, a.shape) if a.shape else key
+    return jnp.zeros(a.shape, a.dtype)
+
+
+def merge(graph: nnx.GraphDef, params, model_state, rng_state) -> nnx.Module:
+    return nnx.merge(graph, params, rng_state, model_state, copy=True)
+
+
+def split_model_state(model) -> nnx.State:
+    """The non-parameter, non-RNG variables of a (merged) model, e.g. updated BatchNorm statistics."""
+    return _split(model)[3]
+
+
+def reseeded(rng_state: nnx.State, key: jax.Array) -> nnx.State:
+    """`rng_state` with every stream re-seeded from `key` (e.g. `fold_in(seed_key, step)`): each stream's key is
+    `key` folded with a hash of the stream's path, and its counter restarts at 0."""
+    def leaf(path, v):
+        if isinstance(v, nnx.RngKey):
+            name = "/".join(str(getattr(p, "key", p)) for p in path)
+            new = jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+            return v.replace(jax.random.split(new, v.value.shape) if v.value.shape else new)
+        if isinstance(v, nnx.RngCount):
+            return v.replace(jnp.zeros_like(v.value))
+        return v
+    return jax.tree_util.tree_map_with_path(leaf, rng_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
