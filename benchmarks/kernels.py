@@ -1,0 +1,134 @@
+"""Attention kernels on an accelerator: TFLOP/s of forward and forward+backward.
+
+    python benchmarks/kernels.py              # T = 1k .. 16k, causal and full, bf16, B=4, N=16, H=128
+    python benchmarks/kernels.py --quick      # T = 1k, 2k, causal only
+    python benchmarks/kernels.py --interpret  # CPU smoke test of this script (tiny shapes, interpreter; no timing value)
+
+Compared, where the platform has them: `jax.nn.dot_product_attention` (cuDNN on GPU, its XLA path), jaxattn's
+blocked XLA path, the Pallas kernel (Mosaic on TPU, Pallas-Triton on GPU) and the Triton kernel (jax-triton, GPU).
+FLOPs count the two attention matmuls (4 B N T S H, halved when causal); the backward counts 2.5x the forward.
+Without a GPU or TPU the script says so and exits 0. Results: printed table, results/kernels.json and
+results/kernels.png (TFLOP/s against T).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import pathlib
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+
+import jaxattn
+from benchmarks.common import RESULTS, print_table, time_fn, write_json
+
+
+def _candidates(platform: str, interpret: bool) -> dict:
+    """name -> f(q, k, v, causal) on heads-last arrays."""
+    def ours(impl):
+        return lambda q, k, v, causal: jaxattn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+
+    def jax_nn(impl):
+        return lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+
+    if interpret:
+        return {"jaxattn-xla": ours("xla"), "pallas(interpret)": ours("pallas")}
+    out = {"jax.nn-xla": jax_nn("xla"), "jaxattn-xla": ours("xla"), "pallas": ours("pallas")}
+    if platform == "gpu":
+        out = {"jax.nn-cudnn": jax_nn("cudnn"), **out, "triton": ours("triton")}
+    return out
+
+
+def _flops(b, n, t, h, causal):
+    return 4 * b * n * t * t * h * (0.5 if causal else 1.0)
+
+
+def _measure(fn, q, k, v, causal, repeats):
+    fwd = functools.partial(fn, causal=causal)
+
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(fwd, q, k, v)
+        return vjp(out)
+
+    return time_fn(fwd, q, k, v, repeats=repeats), time_fn(fwd_bwd, q, k, v, repeats=repeats)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--interpret", action="store_true", help="tiny CPU smoke run of the script itself")
+    args = parser.parse_args(argv)
+    platform = jax.default_backend()
+    if platform == "cpu" and not args.interpret:
+        print(f"No GPU or TPU here (jax backend: {platform}, devices: {jax.devices()}): the kernels only run in the "
+              "Pallas interpreter on CPU, which measures nothing useful. Run this on a GPU or TPU machine "
+              "(or pass --interpret for a smoke test of the script).")
+        return 0
+    lengths = [1024, 2048] if args.quick else args.lengths
+    modes = [True] if args.quick else [True, False]
+    if args.interpret:
+        lengths, modes, args.batch, args.heads, args.kv_heads, args.head_dim, args.repeats = [64], [True], 1, 2, 2, 32, 1
+    dtype = jnp.float32 if args.interpret else jnp.bfloat16
+    rows = []
+    for t in lengths:
+        keys = jax.random.split(jax.random.key(t), 3)
+        q = jax.random.normal(keys[0], (args.batch, t, args.heads, args.head_dim), dtype)
+        k = jax.random.normal(keys[1], (args.batch, t, args.kv_heads, args.head_dim), dtype)
+        v = jax.random.normal(keys[2], (args.batch, t, args.kv_heads, args.head_dim), dtype)
+        for causal in modes:
+            flops = _flops(args.batch, args.heads, t, args.head_dim, causal)
+            for name, fn in _candidates(platform, args.interpret).items():
+                row = {"T": t, "causal": causal, "impl": name}
+                try:
+                    fwd_s, fwd_bwd_s = _measure(fn, q, k, v, causal, args.repeats)
+                except Exception as err:  # an implementation missing on this machine (e.g. no cuDNN) is a row
+                    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+                else:
+                    row.update(fwd_ms=1e3 * fwd_s, fwd_TFLOPs=flops / fwd_s / 1e12,
+                               fwd_bwd_ms=1e3 * fwd_bwd_s, fwd_bwd_TFLOPs=3.5 * flops / fwd_bwd_s / 1e12)
+                rows.append(row)
+                print_table([row], list(row))
+    print()
+    print_table(rows, ["T", "causal", "impl", "fwd_ms", "fwd_TFLOPs", "fwd_bwd_ms", "fwd_bwd_TFLOPs", "error"])
+    write_json("kernels", {"config": vars(args), "platform": platform, "rows": rows})
+    _plot(rows)
+    return 0
+
+
+def _plot(rows):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("fwd_TFLOPs", "fwd_bwd_TFLOPs")):
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            for causal in (True, False):
+                pts = [(r["T"], r[key]) for r in rows if r["impl"] == impl and r["causal"] == causal and key in r]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"{impl}{' causal' if causal else ''}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = RESULTS / "kernels.png"
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
