@@ -20,12 +20,13 @@ def pad_axis(x, axis: int, target: int, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def split_blocks(x, axis: int, block: int, value=0):
+def split_blocks(x, axis: int, block: int, value=0, *, broadcast_ones: bool = False):
     """`x` with `axis` of length L -> blocks stacked on a new leading axis: `[ceil(L/block), ..., block, ...]`.
 
-    Axes of length 1 are broadcast and not split: returns None for those so callers pass them whole.
+    With `broadcast_ones` an axis of length 1 is a broadcast axis (e.g. of a bias) and is not split: returns None so
+    the caller passes the array whole. None in, None out.
     """
-    if x is None or x.shape[axis] == 1:
+    if x is None or (broadcast_ones and x.shape[axis] == 1):
         return None
     axis = axis % x.ndim
     nb = num_blocks(x.shape[axis], block)

@@ -33,8 +33,8 @@ def _key_blocks(key, value, bias, mask, k_segment_ids, block_k):
         "k": blocking.split_blocks(key, 1, block_k),
         "v": blocking.split_blocks(value, 1, block_k),
         "pos": jnp.arange(nb * block_k).reshape(nb, block_k),
-        "bias": blocking.split_blocks(bias_g, -1, block_k),
-        "mask": blocking.split_blocks(mask_g, -1, block_k, value=False),
+        "bias": blocking.split_blocks(bias_g, -1, block_k, broadcast_ones=True),
+        "mask": blocking.split_blocks(mask_g, -1, block_k, value=False, broadcast_ones=True),
         "kseg": blocking.split_blocks(k_segment_ids, 1, block_k, value=-1),
     }
     # Arrays broadcast along keys (last dim 1) are not split; the body uses them whole.
