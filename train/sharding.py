@@ -93,7 +93,7 @@ def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh) -> tuple:
 
 
 def _variable_spec(variable, mesh: Mesh, rules: Mapping[str, object]) -> P:
-    shape = tuple(variable.value.shape)
+    shape = tuple(variable.get_value().shape)
     logical = variable.get_metadata().get("out_sharding")
     if logical:
         spec = list(_resolve(logical, rules, mesh))

@@ -127,8 +127,9 @@ def reseeded(rng_state: nnx.State, key: jax.Array) -> nnx.State:
         if isinstance(v, nnx.RngKey):
             name = "/".join(str(getattr(p, "key", p)) for p in path)
             new = jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
-            return v.replace(jax.random.split(new, v.value.shape) if v.value.shape else new)
+            shape = v.get_value().shape
+            return v.replace(jax.random.split(new, shape) if shape else new)
         if isinstance(v, nnx.RngCount):
-            return v.replace(jnp.zeros_like(v.value))
+            return v.replace(jnp.zeros_like(v.get_value()))
         return v
     return jax.tree_util.tree_map_with_path(leaf, rng_state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -51,7 +51,7 @@ def train_step(state: state_lib.TrainState, batch, rng_state, *, model_def, task
         ema = optimizer.ema_update(ema, params, config.optimizer.ema_decay, state.step)
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
                               ema_params=ema)
-    out = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads),
+    out = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads),
            **{k: v for k, v in aux.items()}}
     return new_state, out
 

@@ -11,6 +11,7 @@ from jaxattn.configs import base
 def get_config(arg=None):
     c = base.get_config()
     c.model = "tiny_train_models:classifier"
+    c.model_kwargs = ml_collections.ConfigDict({"delay": 0.0, "poison_after": 0, "dropout": 0.1})
     c.image_size = 16
     c.batch_size = 16
     c.eval_batch_size = 64
