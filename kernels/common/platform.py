@@ -3,7 +3,9 @@
 Kernel targets:
   'tpu'       -> Mosaic TPU (`pltpu.CompilerParams`, grid-pipelined reduction, VMEM scratch);
   'triton'    -> the Pallas-Triton GPU lowering (`pallas.triton.CompilerParams`, in-kernel loop);
-  'interpret' -> `interpret=True`: runs anywhere (the only way on CPU), used by the tests.
+  'interpret' -> `interpret=True`: runs anywhere (the only way on CPU), used by the tests;
+  'tpu_interpret' -> `interpret=pltpu.InterpretParams()`: Mosaic TPU's own simulator on CPU, closer to the
+                 hardware (output blocks are not read back from HBM, uninitialised memory is NaN); slower.
 
 The target is chosen in Python when the kernel is traced, from `jax.default_backend()` unless given. Lowering
 for another platform from this machine (tests) names the target explicitly.
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 
 import jax
 
-TARGETS = ("tpu", "triton", "interpret")
+TARGETS = ("tpu", "triton", "interpret", "tpu_interpret")
 _BACKEND_TARGET = {"tpu": "tpu", "gpu": "triton", "cuda": "triton", "rocm": "triton"}
 
 
@@ -27,8 +29,17 @@ def resolve_target(target: str | None = None) -> str:
     return target
 
 
-def interpret(target: str) -> bool:
+def interpret(target: str):
+    """The `interpret` argument of `pallas_call` for `target`."""
+    if target == "tpu_interpret":
+        from jax.experimental.pallas import tpu as pltpu
+        return pltpu.InterpretParams(uninitialized_memory="nan")
     return target == "interpret"
+
+
+def tpu_like(target: str) -> bool:
+    """Targets with Mosaic TPU's rules (tile alignment, grid-pipelined reductions)."""
+    return target in ("tpu", "tpu_interpret")
 
 
 def compiler_params(target: str, *, dimension_semantics: Sequence[str] = (), num_warps: int | None = None,
@@ -38,7 +49,7 @@ def compiler_params(target: str, *, dimension_semantics: Sequence[str] = (), num
     `dimension_semantics` names each grid axis 'parallel' or 'arbitrary' (TPU only: the sequential reduction axis
     must be 'arbitrary'); `num_warps`/`num_stages` apply to Triton only.
     """
-    if target == "tpu":
+    if tpu_like(target):
         from jax.experimental.pallas import tpu as pltpu
         return pltpu.CompilerParams(dimension_semantics=tuple(dimension_semantics),
                                     vmem_limit_bytes=vmem_limit_bytes)

@@ -49,7 +49,7 @@ TRITON_LAUNCH = {"fwd": (4, 2), "bwd": (4, 2)}
 def fit(target: str, q_len: int, kv_len: int, requested: BlockSizes | None = None) -> BlockSizes:
     """Block sizes legal for `target` and no larger than needed, such that every query block divides the padded
     query length (likewise for keys): all kernels then share one padding of the inputs."""
-    sizes = requested or DEFAULTS[target]
+    sizes = requested or DEFAULTS.get(target, DEFAULTS["interpret"])
     qs = _fit_axis(q_len, sizes.q_blocks, target, align=16)  # bf16 sublane tiles hold 16 rows
     ks = _fit_axis(kv_len, sizes.k_blocks, target, align=128)
     return BlockSizes(qs[0], ks[0], qs[1], ks[1], qs[2], ks[2])

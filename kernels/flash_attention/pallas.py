@@ -52,14 +52,19 @@ def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segme
       is_causal / window `(left, right)` / causal_offset: key `j` is visible to query `i` iff
         `j - (i + causal_offset)` is `<= 0` (causal) and in `[-left, right]` (window); the offset defaults to
         `S - T` (bottom-right alignment).
-      target: 'tpu', 'triton' or 'interpret' (default: from `jax.default_backend()`, interpret on CPU).
+      target: 'tpu', 'triton', 'interpret' or 'tpu_interpret' (default: from `jax.default_backend()`,
+        'interpret' on CPU); see `kernels/common/platform.py`.
       block_sizes: tile sizes (default per target, see `blocks.py`); fitted to short lengths.
-      reduction: 'grid' or 'fori' (default 'grid' on TPU, 'fori' elsewhere; see `kernels/common/loops.py`).
+      reduction: 'grid' or 'fori' (default 'grid' on TPU, where it is the only choice, 'fori' elsewhere; see
+        `kernels/common/loops.py`). Triton needs 'fori'.
 
     A query that sees no key gets output 0 and lse `-inf`.
     """
     target = platform.resolve_target(target)
-    mode = reduction or ("grid" if target == "tpu" else "fori")
+    mode = reduction or ("grid" if platform.tpu_like(target) else "fori")
+    if target == "tpu" and mode != "grid":
+        raise ValueError("target='tpu' walks key blocks on the grid (reduction='grid'); 'fori' would keep whole "
+                         "key/value sequences in VMEM")
     t, s = query.shape[1], key.shape[1]
     problem = Problem.of(t, s, query.shape[3], scale=scale, is_causal=is_causal, window=window,
                          causal_offset=causal_offset)

@@ -107,6 +107,13 @@ def _dq_kernel(*refs, names, problem, block_q, block_k, num_k, red, mask_kv_tail
     def finish(carry):
         ref["dq"][...] = carry[0].astype(ref["dq"].dtype)
 
+    if "ds" in ref and red.on_grid:
+        # A query block that sees no key still owns one (re-mapped) dlogits block, which the pipeline writes
+        # back: it must hold zeros, not whatever VMEM held.
+        @pl.when((stop == first) & (pl.program_id(3) == 0))
+        def _empty_band():
+            ref["ds"][...] = jnp.zeros(ref["ds"].shape, ref["ds"].dtype)
+
     red.run(lambda: [jnp.zeros(q.shape, jnp.float32)], step, finish, start=first, count=stop - first,
             scratch=scratch)
 
