@@ -102,10 +102,10 @@ def _dq_kernel(*refs, names, problem, block_q, block_k, num_k, red, mask_kv_tail
         _, ds = _grads(s, lse, do, v, delta)
         if "ds" in ref:
             red.store(ref["ds"], cols, ds)
-        return [carry[0] + tile.matmul(ds.astype(k.dtype), k) * problem.scale]
+        return [carry[0] + tile.matmul(ds.astype(k.dtype), k)]
 
     def finish(carry):
-        ref["dq"][...] = carry[0].astype(ref["dq"].dtype)
+        ref["dq"][...] = (carry[0] * problem.scale).astype(ref["dq"].dtype)
 
     if "ds" in ref and red.on_grid:
         # A query block that sees no key still owns one (re-mapped) dlogits block, which the pipeline writes
@@ -123,7 +123,7 @@ class KeySpecs:
 
     def __init__(self, red: Reduction, problem: tile.Problem, *, batch, heads, kv_heads, block_q, block_k,
                  q_len_p, span, bias_shape=None):
-        self.red, self.bq, self.bk, self.tp, self.span = red, block_q, block_k, q_len_p, span
+        self.red, self.bq, self.bk, self.tp = red, block_q, block_k, q_len_p
         self.groups = heads // kv_heads
         self.nq = q_len_p // block_q
         self.batch, self.heads, self.bias_shape = batch, heads, bias_shape
@@ -235,12 +235,12 @@ def _dkv_kernel(*refs, names, problem, block_q, block_k, num_q, groups, span, re
         q_seg = red.tile(ref["q_seg"], (rows, slice(None))) if "q_seg" in ref else None
         s = tile.logits(q, k, bias, q_seg, k_seg, i * block_q, j * block_k, problem, mask_kv_tail=mask_kv_tail)
         p, ds = _grads(s, lse, do, v, delta)
-        dk = carry[0] + tile.matmul(ds.astype(q.dtype), q, transpose_a=True) * problem.scale
+        dk = carry[0] + tile.matmul(ds.astype(q.dtype), q, transpose_a=True)
         dv = carry[1] + tile.matmul(p.astype(do.dtype), do, transpose_a=True)
         return [dk, dv]
 
     def finish(carry):
-        ref["dk"][...] = carry[0].astype(ref["dk"].dtype)
+        ref["dk"][...] = (carry[0] * problem.scale).astype(ref["dk"].dtype)
         ref["dv"][...] = carry[1].astype(ref["dv"].dtype)
 
     red.run(lambda: [jnp.zeros((block_k, k.shape[-1]), jnp.float32), jnp.zeros((block_k, v.shape[-1]), jnp.float32)],
