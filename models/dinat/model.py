@@ -36,6 +36,11 @@ def _norm(dim, *, dtype, rngs):
     return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
 
 
+def _dropout(rate, rngs):
+    # No rng stream when inactive: a model without dropout then holds parameters only (cheap to build abstractly).
+    return nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
+
+
 def _conv3x3_s2(d_in, d_out, *, use_bias, dtype, rngs):
     # torch Conv2d(kernel 3, stride 2, padding 1): one pixel each side, output ceil(H / 2).
     return nnx.Conv(d_in, d_out, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=use_bias,
@@ -80,7 +85,7 @@ class Mlp(nnx.Module):
     def __init__(self, dim: int, hidden: int, *, drop: float = 0.0, dtype=None, rngs: nnx.Rngs):
         self.fc1 = _linear(dim, hidden, dtype=dtype, rngs=rngs)
         self.fc2 = _linear(hidden, dim, dtype=dtype, rngs=rngs)
-        self.drop = nnx.Dropout(drop, rngs=rngs)
+        self.drop = _dropout(drop, rngs)
 
     def __call__(self, x):
         x = self.drop(jax.nn.gelu(self.fc1(x), approximate=False))  # torch nn.GELU is the exact erf form
@@ -107,7 +112,7 @@ class NeighborhoodAttention2D(nnx.Module):
         self.qkv = _linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.rpb = nnx.Param(_trunc02(rngs.params(), (num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1)))
         self.proj = _linear(dim, dim, dtype=dtype, rngs=rngs)
-        self.proj_drop = nnx.Dropout(proj_drop, rngs=rngs)
+        self.proj_drop = _dropout(proj_drop, rngs)
 
     def __call__(self, x):
         b, h, w, c = x.shape
@@ -209,7 +214,7 @@ class DiNAT(nnx.Module):
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
 
         self.patch_embed = ConvTokenizer(in_chans, embed_dim, dtype=dtype, rngs=rngs)
-        self.pos_drop = nnx.Dropout(drop_rate, rngs=rngs)
+        self.pos_drop = _dropout(drop_rate, rngs)
         rates = drop_path_rates(drop_path_rate, depths)
         self.levels = nnx.List([
             NATLevel(embed_dim * 2 ** i, num_heads[i], kernel_size, dilations[i], rates[i],

@@ -1,0 +1,242 @@
+"""DiNAT: reference-fixture parity, exact parameter counts, the padding path of small maps, train/eval, loading."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import example, given, settings, strategies as st
+
+from jaxattn import models
+from jaxattn.models import convert
+from jaxattn.models.convert import StateDictError
+from jaxattn.models.dinat import DiNAT, default_dilations
+from jaxattn.models.dinat.model import NATLayer, NeighborhoodAttention2D
+from jaxattn.testing.fixtures import load_model_fixture
+
+EXACT_PARAMS = {"dinat_mini": 19_984_174, "dinat_tiny": 27_901_582, "dinat_small": 50_719_681,
+                "dinat_base": 89_769_652, "dinat_large": 200_943_514}
+PICO_SIZE = 64  # dilations 2, 1, 1, 1; stages 16, 8, 4, 2 px, so the last two are padded up to the window
+
+
+def _num_params(module) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def _forward(model, x):
+    return model(x)
+
+
+_jit_forward = nnx.jit(_forward)  # also runs single layers
+
+
+@pytest.fixture(scope="module")
+def pico():
+    return models.create_model("dinat_pico", num_classes=5, img_size=PICO_SIZE, rngs=nnx.Rngs(0))
+
+
+def _images(seed, b, h, w, c=3):
+    return jax.random.normal(jax.random.key(seed), (b, h, w, c), jnp.float32)
+
+
+# -- the reference fixture ----------------------------------------------------------------------------------------
+def _abstract_zeros(name, **overrides):
+    """The registered model built by `nnx.eval_shape` (no random init, so no per-shape init compiles), then
+    given zero arrays so a state dict can be loaded into it. Needs every dropout rate 0 (no rng state)."""
+    model = nnx.eval_shape(lambda: models.create_model(name, rngs=nnx.Rngs(0), **overrides))
+    nnx.update(model, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nnx.state(model)))
+    return model
+
+
+def test_fixture_parity():
+    fx = load_model_fixture("dinat_reduced_official")
+    if fx is None:
+        pytest.skip("fixture dinat_reduced_official.npz not found under ../shared/fixtures")
+    c = fx.config
+    model = _abstract_zeros("dinat_mini", num_classes=c["num_classes"], embed_dim=c["embed_dim"],
+                            depths=c["depths"], num_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"],
+                            kernel_size=c["kernel_size"], dilations=c["dilations"], img_size=c["img_size"],
+                            drop_path_rate=c["drop_path_rate"])
+    convert.load_dinat(model, fx.state_dict)
+    model.eval()
+    logits = np.asarray(_jit_forward(model, jnp.asarray(fx.images_nhwc)))
+    np.testing.assert_allclose(logits, fx.logits, atol=1e-4, rtol=0)
+
+
+# -- configuration --------------------------------------------------------------------------------------------------
+def test_exact_parameter_counts():
+    for name, expected in EXACT_PARAMS.items():
+        abstract = nnx.eval_shape(lambda name=name: models.create_model(name, rngs=nnx.Rngs(0)))
+        assert _num_params(abstract) == expected, name
+    assert set(EXACT_PARAMS) | {"dinat_pico"} == set(models.list_models(family="dinat"))
+
+
+def test_dilations_follow_resolution_as_the_official_configs():
+    k7_224 = [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5]
+    assert default_dilations(224, (3, 4, 18, 5), 7) == k7_224
+    assert default_dilations(224, (3, 4, 6, 5), 7) == [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 3, [1] * 5]
+    assert default_dilations(384, (3, 4, 18, 5), 7) == [[1, 13, 1], [1, 6, 1, 6], [1, 3] * 9, [1] * 5]
+    assert default_dilations(384, (3, 4, 18, 5), 11) == k7_224  # dinat_large_384_11x11
+    names = convert.checkpoint_names("dinat")
+    for name in ("dinat_mini_in1k_224", "dinat_base_in1k_224", "dinat_large_in22k_in1k_384",
+                 "dinat_large_in22k_in1k_384_11x11", "dinat_large_in22k_224_11x11interp"):
+        assert name in names
+
+
+# -- the attention layer, including maps smaller than the window --------------------------------------------------
+def _axis_window(length, k, d):
+    """Dense `[L, L]` mask and rpb index along one axis, written from NATTEN 0.14's rule (ops.md)."""
+    mask = np.zeros((length, length), bool)
+    rel = np.zeros((length, length), np.int64)
+    for i in range(length):
+        lg = len(range(i % d, length, d))
+        start = min(max(i // d - k // 2, 0), lg - k)
+        for m in range(i % d, length, d):
+            mask[i, m] = start <= m // d < start + k
+            rel[i, m] = min(max(m // d - i // d + k - 1, 0), 2 * k - 2)  # clipped where masked anyway
+    return mask, rel
+
+
+def _attention_layer_numpy(layer, x):
+    """The natten 0.14 layer in float64: zero-pad right/bottom to `k * d`, qkv, scaled q, + rpb, softmax, crop."""
+    x = np.asarray(x, np.float64)
+    b, h, w, c = x.shape
+    k, d, n = layer.kernel_size, layer.dilation, layer.num_heads
+    hp, wp = max(h, k * d), max(w, k * d)
+    x = np.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+    param = lambda v: np.asarray(v[...], np.float64)
+    qkv = (x @ param(layer.qkv.kernel) + param(layer.qkv.bias)).reshape(b, hp, wp, 3, n, c // n)
+    q, kk, v = qkv[..., 0, :, :] * layer.scale, qkv[..., 1, :, :], qkv[..., 2, :, :]
+    mh, rh = _axis_window(hp, k, d)
+    mw, rw = _axis_window(wp, k, d)
+    mask = mh[:, None, :, None] & mw[None, :, None, :]  # [qy, qx, ky, kx]
+    bias = param(layer.rpb)[:, rh[:, None, :, None], rw[None, :, None, :]]  # [n, qy, qx, ky, kx]
+    logits = np.einsum("bijnc,bklnc->bnijkl", q, kk) + bias[None]
+    logits = np.where(mask[None, None], logits, -np.inf)
+    p = np.exp(logits - logits.max(axis=(-2, -1), keepdims=True))
+    p /= p.sum(axis=(-2, -1), keepdims=True)
+    out = np.einsum("bnijkl,bklnc->bijnc", p, v)[:, :h, :w].reshape(b, h, w, c)
+    return out @ param(layer.proj.kernel) + param(layer.proj.bias)
+
+
+@settings(max_examples=3)
+@given(h=st.integers(1, 11), w=st.integers(1, 11), k=st.sampled_from([3, 5]), d=st.integers(1, 3),
+       heads=st.sampled_from([1, 2]))
+@example(h=2, w=3, k=5, d=1, heads=2)  # both axes padded
+@example(h=3, w=9, k=3, d=2, heads=2)  # only the height padded (window 6), dilated
+def test_attention_layer_matches_dense_numpy(h, w, k, d, heads):
+    """Includes maps smaller than the window: they are zero-padded before qkv, so padded keys carry the bias."""
+    layer = NeighborhoodAttention2D(4 * heads, heads, k, d, rngs=nnx.Rngs(h * 31 + w))
+    layer.qkv.bias[...] = jax.random.normal(jax.random.key(d), layer.qkv.bias.shape)
+    x = _images(h + w, 1, h, w, 4 * heads)
+    np.testing.assert_allclose(np.asarray(_jit_forward(layer, x)), _attention_layer_numpy(layer, x), atol=2e-5,
+                               rtol=0)
+
+
+def test_layer_scale_zero_makes_a_block_the_identity():
+    block = NATLayer(8, 2, 3, 1, mlp_ratio=2.0, layer_scale=0.0, rngs=nnx.Rngs(0))
+    x = _images(0, 1, 5, 6, 8)
+    np.testing.assert_array_equal(np.asarray(_jit_forward(block, x)), np.asarray(x))
+    assert block.gamma1 is not None and block.gamma2 is not None
+
+
+# -- the whole model ------------------------------------------------------------------------------------------------
+def test_pico_train_step_finite_and_train_eval_differ(pico):
+    x = _images(0, 2, PICO_SIZE, PICO_SIZE)
+    labels = jnp.array([1, 3])
+
+    @nnx.jit
+    def loss_and_grads(model, x):
+        def loss_fn(model):
+            logits = model(x)
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)), logits
+        return nnx.value_and_grad(loss_fn, has_aux=True)(model)
+
+    pico.train()
+    (loss, train_logits), grads = loss_and_grads(pico, x)
+    assert np.isfinite(float(loss))
+    leaves = jax.tree.leaves(grads)
+    assert len(leaves) == len(jax.tree.leaves(nnx.state(pico, nnx.Param)))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert float(jnp.abs(grads["levels"][0]["blocks"][0]["attn"]["rpb"][...]).sum()) > 0
+
+    pico.eval()
+    a, b = _jit_forward(pico, x), _jit_forward(pico, x)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.allclose(np.asarray(a), np.asarray(train_logits))  # stochastic depth acts in training only
+
+
+def test_small_odd_input_runs_through_the_padding_path(pico):
+    """44 x 20 px: stage maps 11x5, 6x3, 3x2, 2x1, each smaller than its window (14 in stage 0, then 7)."""
+    pico.eval()
+    out = _jit_forward(pico, _images(2, 2, 44, 20))
+    assert out.shape == (2, 5) and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_bfloat16_compute_tracks_float32(pico):
+    pico.eval()
+    low = models.create_model("dinat_pico", num_classes=5, img_size=PICO_SIZE, dtype=jnp.bfloat16,
+                              rngs=nnx.Rngs(0))
+    nnx.update(low, nnx.state(pico, nnx.Param))
+    low.eval()
+    x = _images(0, 2, PICO_SIZE, PICO_SIZE)  # the shape compiled above
+    ref, out = np.asarray(_jit_forward(pico, x)), np.asarray(_jit_forward(low, x), np.float32)
+    assert out.dtype == np.float32 and np.abs(out - ref).max() <= 0.05 * np.abs(ref).max() + 0.05
+
+
+# -- loading and bad inputs -----------------------------------------------------------------------------------------
+def _state_dict_of(model):
+    """Our parameters in the reference's names and layouts, via the loader's own key list (round trip)."""
+    out = {}
+    for path, var in nnx.iter_graph(model):
+        if not isinstance(var, nnx.Param):
+            continue
+        parts = [str(p) for p in path]
+        value = np.asarray(var[...])
+        leaf, owner = parts[-1], parts[:-1]
+        owner = [{"proj0": "proj.0", "proj1": "proj.1"}.get(p, p) for p in owner]
+        if leaf == "kernel":
+            leaf, value = "weight", (value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1))
+        elif leaf == "scale":
+            leaf = "weight"
+        out[".".join(owner + [leaf])] = value
+    return out
+
+
+def test_from_dinat_round_trip_with_layer_scale_and_strict_errors():
+    # Pico's shapes (their init already compiled for the `pico` fixture) with DiNAT-Base's layer scale.
+    arch = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), mlp_ratio=2.0, img_size=PICO_SIZE)
+    src = models.create_model("dinat_base", num_classes=5, rngs=nnx.Rngs(3), **arch)
+    for level in src.levels:
+        for block in level.blocks:
+            block.gamma1[...] = jax.random.normal(jax.random.key(1), block.gamma1.shape)
+            block.gamma2[...] = jax.random.normal(jax.random.key(2), block.gamma2.shape)
+    sd = _state_dict_of(src)
+    assert "levels.2.blocks.1.gamma2" in sd and "levels.0.downsample.reduction.weight" in sd
+    dst = convert.from_dinat("dinat_base_in1k_224", sd, rngs=nnx.Rngs(4), **arch)
+    assert dst.head.out_features == 5  # read from head.weight
+    want, got = nnx.state(src, nnx.Param), nnx.state(dst, nnx.Param)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), want, got)
+
+    with pytest.raises(StateDictError, match="levels.0.blocks.0.gamma1"):
+        convert.load_dinat(dst, {k: v for k, v in sd.items() if k != "levels.0.blocks.0.gamma1"})
+    with pytest.raises(StateDictError, match="not used.*extra.weight"):
+        convert.load_dinat(dst, {**sd, "extra.weight": np.zeros(3)})
+    with pytest.raises(StateDictError, match="attn.rpb"):
+        convert.load_dinat(dst, {**sd, "levels.0.blocks.0.attn.rpb": np.zeros((1, 7, 7), np.float32)})
+    with pytest.raises(ValueError, match="unknown dinat checkpoint"):
+        convert.from_dinat("dinat_huge_in1k_224", sd)
+
+
+def test_bad_inputs_raise_value_errors(pico):
+    with pytest.raises(ValueError, match="`x` must have rank 4"):
+        pico(jnp.zeros((3, 32, 32)))
+    with pytest.raises(ValueError, match="`x` channels"):
+        pico(jnp.zeros((1, 32, 32, 4)))
+    with pytest.raises(ValueError, match="floating"):
+        pico(jnp.zeros((1, 32, 32, 3), jnp.int32))
+    bad = [dict(dilations=[[1], [1], [1, 2]]), dict(dilations=[[1], [1], [1, 0], [1]]), dict(kernel_size=6),
+           dict(num_heads=(3, 2, 4, 8)), dict(depths=(1, 1, 2)), dict(embed_dim=1)]
+    for overrides in bad:
+        with pytest.raises(ValueError, match=next(iter(overrides))):
+            DiNAT(**{"embed_dim": 32, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 4, 8), **overrides},
+                  rngs=nnx.Rngs(0))
