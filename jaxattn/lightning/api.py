@@ -49,7 +49,8 @@ def lightning_attention(query, key, value, *, slopes=None, is_causal=True, block
         bidirectional output has no prefix state. Differentiable.
       return_state: also return the final state `S_{T-1}` `[B, N, H, Hv]` in fp32; causal only. Differentiable.
       implementation: 'reference' (naive `T x T` decay matrix), 'xla' (chunked `lax.scan`, state in fp32, memory
-        O(T * block) forward and backward), or None for the best available.
+        O(T * block) forward and backward through a `custom_vjp`: reverse mode only, grad-of-grad included),
+        or None for the best available.
 
     Returns:
       `out [B, T, N, Hv]` in the input dtype (accumulated in fp32), or `(out, final_state)`.
@@ -120,6 +121,8 @@ def _check_slopes(slopes, num_heads):
     validation.check_floating("slopes", slopes)
     if slopes.shape != (num_heads,):
         raise ValueError(f"`slopes` must have shape [num_heads] = ({num_heads},), got {tuple(slopes.shape)}")
+    if not isinstance(slopes, jax.core.Tracer) and bool(np.any(np.asarray(slopes) < 0)):  # concrete values only
+        raise ValueError(f"`slopes` must be >= 0 (lambda = exp(-slope) <= 1), got {np.asarray(slopes)}")
     return jax.lax.stop_gradient(slopes.astype(jnp.float32))
 
 

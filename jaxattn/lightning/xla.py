@@ -4,15 +4,16 @@ For a block of `L` rows entering with state `KV` (the decayed sum of `k_s^T v_s`
 the token just before the block):
   out_r = sum_{c<=r} lambda^(r-c) (q_r . k_c) v_c  +  lambda^(r+1) q_r KV
   KV   <- lambda^L KV + sum_c lambda^(L-1-c) k_c^T v_c
-A `lax.scan` runs over the blocks; a partial block is zero-padded at the front, which is exact (zero keys and
-values keep the zero starting state at zero). The initial state enters in closed form outside the scan.
+Blocks are sliced from the `[B, T, ...]` inputs inside a loop and outputs written in place, so nothing but the
+fp32 output is allocated at length T. When `block` does not divide T, the first block (in processing order) is the
+short one. Every sweep also runs backwards in time (`reverse=True`: the anti-causal sum over `s >= t`, state
+carried from the end), with mirrored decay factors and no flipped copies of the inputs.
 
-The gradient is a `custom_vjp` built from the same recurrence (memory O(T * block), nothing `T x T` stored):
-  dq     = chunked(dO, V, K)                                  (forward in time, state V^T K)
-  dk, dv = one reverse-time scan with the shared state Q^T dO (dv is chunked(K, Q, dO) in reversed time,
-           dk is chunked(V, dO, Q), whose state is the transpose)
-plus the terms of the final-state cotangent, `lambda^(T-1-s)` times `dS v_s` and `dS^T k_s`. The backward is
-plain differentiable JAX, so higher-order derivatives work as well.
+The gradient is a `custom_vjp` built from the same sweeps (memory O(T * block), nothing `T x T` stored):
+  dq     = chunked(dO, V, K), same direction                      (state V^T K)
+  dk, dv = one sweep in the opposite direction sharing the state Q^T dO: dv is chunked(K, Q, dO) and dk is
+           chunked(V, dO, Q), whose state is the transpose
+plus the terms of the final-state cotangent. The backward is plain differentiable JAX (grad-of-grad works).
 """
 from __future__ import annotations
 
@@ -29,21 +30,24 @@ F32 = jnp.float32
 
 
 class _Decays(NamedTuple):
-    """Decay factors of one block of `L` rows (None where there is no decay)."""
+    """Decay factors of one block of `L` rows (None where there is no decay), for a forward sweep; a reverse
+    sweep mirrors them (`r -> L-1-r`)."""
     intra: jax.Array         # [N or 1, L, L]: lambda^(r-c) for r >= c, else 0
     rows: jax.Array | None   # [L, N]: lambda^(r+1), applied to the incoming state's contribution
     cols: jax.Array | None   # [L, N]: lambda^(L-1-c), weight of key c in the outgoing state
     whole: jax.Array | None  # [N]: lambda^L, decay of the state across the block
 
 
-def _decays(slopes, length: int) -> _Decays:
+def _decays(slopes, length: int, reverse: bool) -> _Decays:
     r = jnp.arange(length, dtype=F32)
-    dist = r[:, None] - r[None, :]
+    dist = (r[:, None] - r[None, :]) * (-1 if reverse else 1)
     intra = jnp.where(dist >= 0, decay_weights(slopes, jnp.maximum(dist, 0.0)), 0.0)
     if slopes is None:
         return _Decays(intra, None, None, None)
-    return _Decays(intra, decay_weights(slopes, r + 1).T, decay_weights(slopes, length - 1 - r).T,
-                   decay_weights(slopes, jnp.asarray(float(length))))
+    rows, cols = decay_weights(slopes, r + 1).T, decay_weights(slopes, length - 1 - r).T
+    if reverse:
+        rows, cols = rows[::-1], cols[::-1]
+    return _Decays(intra, rows, cols, decay_weights(slopes, jnp.asarray(float(length))))
 
 
 def _block_out(state, q, k, v, dec: _Decays):
@@ -65,84 +69,80 @@ def _block_update(state, k, v, dec: _Decays):
     return state + jnp.einsum("bcnh,bcne->bnhe", kf, v.astype(F32))
 
 
-def _scan_blocks(body, arrays, state, block):
-    """Runs `body(state, blocks) -> (state, outs)` over `[B, T, ...]` arrays cut into blocks along T.
+def _sweep(step, arrays, state, out_dims, slopes, block, reverse):
+    """Runs `step(state, blocks, decays) -> (state, outs)` over the blocks of the `[B, T, N, ...]` `arrays` in
+    time order (from the end when `reverse`), writing each block's outputs into fp32 `[B, T, N, d]` buffers.
 
-    A partial block is zero-padded at the front, where it is exact: zero keys and values leave a zero state at
-    zero, and the padded rows' outputs are dropped.
+    Returns `(state, outs)`. The short block (T % block rows), if any, is processed first.
     """
-    t = arrays[0].shape[1]
-    pad = -t % block
-    num = (t + pad) // block
+    b, t, n = arrays[0].shape[:3]
+    part, num = t % block, t // block
+    outs = tuple(jnp.zeros((b, t, n, d), F32) for d in out_dims)
 
-    def to_blocks(x):
-        x = jnp.pad(x, [(0, 0), (pad, 0)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape((x.shape[0], num, block) + x.shape[2:]), 1, 0)
+    def apply(state, outs, start, length, dec):
+        blocks = tuple(jax.lax.dynamic_slice_in_dim(x, start, length, axis=1) for x in arrays)
+        state, ys = step(state, blocks, dec)
+        return state, tuple(jax.lax.dynamic_update_slice_in_dim(o, y, start, axis=1) for o, y in zip(outs, ys))
 
-    def from_blocks(y):
-        y = jnp.moveaxis(y, 0, 1)
-        return y.reshape((y.shape[0], num * block) + y.shape[3:])[:, pad:]
+    if part:
+        state, outs = apply(state, outs, t - part if reverse else 0, part, _decays(slopes, part, reverse))
+    if num:
+        dec = _decays(slopes, block, reverse)
 
-    state, outs = jax.lax.scan(body, state, tuple(to_blocks(x) for x in arrays))
-    return state, jax.tree.map(from_blocks, outs)
+        def body(j, carry):
+            start = t - part - (j + 1) * block if reverse else part + j * block
+            return apply(*carry, start, block, dec)
+        state, outs = jax.lax.fori_loop(0, num, body, (state, outs))
+    return state, outs
 
 
-def _chunked_forward(q, k, v, slopes, block):
-    dec = _decays(slopes, block)
-
-    def body(state, x):
-        q, k, v = x
-        return _block_update(state, k, v, dec), _block_out(state, q, k, v, dec)
+def _chunked_forward(q, k, v, slopes, block, reverse):
+    def step(state, blocks, dec):
+        q, k, v = blocks
+        return _block_update(state, k, v, dec), (_block_out(state, q, k, v, dec),)
 
     state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), F32)
-    state, out = _scan_blocks(body, (q, k, v), state, block)
+    state, (out,) = _sweep(step, (q, k, v), state, (v.shape[3],), slopes, block, reverse)
     return out, state
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def chunked(q, k, v, slopes, block):
-    """Causal lightning attention from a zero state: `(out [B, T, N, Hv] fp32, final_state [B, N, H, Hv] fp32)`.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def chunked(q, k, v, slopes, block, reverse=False):
+    """Lightning attention from a zero state: `(out [B, T, N, Hv] fp32, final_state [B, N, H, Hv] fp32)`.
 
-    `slopes` `[N]` fp32 or None; it gets a zero cotangent (the public API stops its gradient).
+    Causal (`o_t = sum_{s<=t} lambda^(t-s) (q_t . k_s) v_s`, final state after token T-1), or with `reverse`
+    anti-causal (`o_t = sum_{s>=t} lambda^(s-t) ...`, final state before token 0). `slopes` `[N]` fp32 or None;
+    it gets a zero cotangent (the public API stops its gradient).
     """
-    return _chunked_forward(q, k, v, slopes, block)
+    return _chunked_forward(q, k, v, slopes, block, reverse)
 
 
-def _chunked_fwd(q, k, v, slopes, block):
-    return _chunked_forward(q, k, v, slopes, block), (q, k, v, slopes)
+def _chunked_fwd(q, k, v, slopes, block, reverse):
+    return _chunked_forward(q, k, v, slopes, block, reverse), (q, k, v, slopes)
 
 
-def _flip(x):
-    return jnp.flip(x, axis=1)
-
-
-def _key_value_grads(q, k, v, d_out, slopes, block):
-    """dK, dV (fp32) of the outputs, in one reverse-time scan sharing the state `sum lambda^. q^T dO`.
-
-    In reversed time dV is lightning attention of (K, Q, dO) and dK that of (V, dO, Q), whose state is the
-    transpose of the first one's.
-    """
-    dec = _decays(slopes, block)
-
-    def body(state, x):
-        q, k, v, do = x
-        dv = _block_out(state, k, q, do, dec)
+def _key_value_grads(q, k, v, d_out, slopes, block, reverse):
+    """dK, dV (fp32) of the outputs of a sweep in the direction opposite to `reverse`."""
+    def step(state, blocks, dec):
+        q, k, v, do = blocks
         dk = _block_out(jnp.swapaxes(state, -1, -2), v, do, q, dec)
+        dv = _block_out(state, k, q, do, dec)
         return _block_update(state, q, do, dec), (dk, dv)
 
     state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], d_out.shape[3]), F32)
-    _, (dk, dv) = _scan_blocks(body, tuple(map(_flip, (q, k, v, d_out))), state, block)
-    return _flip(dk), _flip(dv)
+    _, (dk, dv) = _sweep(step, (q, k, v, d_out), state, (k.shape[3], v.shape[3]), slopes, block, reverse)
+    return dk, dv
 
 
-def _chunked_bwd(block, residuals, cotangents):
+def _chunked_bwd(block, reverse, residuals, cotangents):
     q, k, v, slopes = residuals
     d_out, d_state = cotangents
-    dq, _ = chunked(d_out, v, k, slopes, block)  # forward in time, state V^T K
-    dk, dv = _key_value_grads(q, k, v, d_out, slopes, block)
-    # The final state holds lambda^(T-1-s) k_s^T v_s.
+    dq, _ = chunked(d_out, v, k, slopes, block, reverse)
+    dk, dv = _key_value_grads(q, k, v, d_out, slopes, block, not reverse)
+    # The final state holds lambda^(distance to its end of the sequence) k_s^T v_s.
     t = q.shape[1]
-    to_end = decay_weights(slopes, t - 1 - jnp.arange(t, dtype=F32)).T[None, :, :, None]  # [1, T, N, 1]
+    pos = jnp.arange(t, dtype=F32)
+    to_end = decay_weights(slopes, pos if reverse else t - 1 - pos).T[None, :, :, None]  # [1, T, N, 1]
     dk = dk + jnp.einsum("bsne,bnhe->bsnh", v.astype(F32), d_state) * to_end
     dv = dv + jnp.einsum("bsnh,bnhe->bsne", k.astype(F32), d_state) * to_end
     d_slopes = None if slopes is None else jnp.zeros_like(slopes)
@@ -177,9 +177,8 @@ def _bidirectional(query, key, value, slopes, block):
     if slopes is None:  # no decay: q (K^T V), linear in T without any blocking
         kv = jnp.einsum("bsnh,bsne->bnhe", key, value, preferred_element_type=F32)
         return jnp.einsum("btnh,bnhe->btne", query.astype(F32), kv)
-
-    # Causal pass + anti-causal pass (causal in reversed time) count the diagonal s == t twice.
-    forward, _ = chunked(query, key, value, slopes, block)
-    backward, _ = chunked(_flip(query), _flip(key), _flip(value), slopes, block)
+    # The causal and the anti-causal sweeps both count the diagonal s == t.
+    causal, _ = chunked(query, key, value, slopes, block, False)
+    anti_causal, _ = chunked(query, key, value, slopes, block, True)
     diag = jnp.einsum("btnh,btnh->btn", query, key, preferred_element_type=F32)[..., None] * value.astype(F32)
-    return forward + _flip(backward) - diag
+    return causal + anti_causal - diag

@@ -227,6 +227,7 @@ def _bad_calls():
         (lambda: la(q, k, v.astype(BF16)), "one dtype"),
         (lambda: la(q.astype(jnp.int32), k, v), "`query` must be a floating"),
         (lambda: la(q, k, v, slopes=jnp.ones(3)), r"`slopes` must have shape \[num_heads\] = \(2,\)"),
+        (lambda: la(q, k, v, slopes=-jnp.ones(2)), "`slopes` must be >= 0"),
         (lambda: la(q, k, v, initial_state=s0[..., :3]), r"`initial_state` must have shape"),
         (lambda: la(q, k, v, block_size=0), "`block_size` must be a positive int"),
         (lambda: la(q, k, v, block_size=16.0), "`block_size` must be a positive int"),
@@ -242,7 +243,7 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("index", range(20))
+@pytest.mark.parametrize("index", range(21))
 def test_bad_inputs_raise_value_error(index):
     call, match = _bad_calls()[index]
     with pytest.raises(ValueError, match=match):
