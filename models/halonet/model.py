@@ -121,7 +121,7 @@ class HaloNet(nnx.Module):
         self.stages = nnx.List(stage_modules)
         self.final_conv = ConvBnAct(prev, num_features, 1, act=act, rngs=rngs) if num_features else None
         self.num_features = num_features or prev
-        self.head_drop = nnx.Dropout(drop_rate, rngs=rngs)
+        self.head_drop = nnx.Dropout(drop_rate, rngs=rngs if drop_rate > 0 else None)
         self.fc = (nnx.Linear(self.num_features, num_classes, kernel_init=nnx.initializers.normal(0.01), rngs=rngs)
                    if num_classes else None)
 
