@@ -33,11 +33,17 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="XLA:CPU threads (1 = single-threaded)")
     p.add_argument("--quick", action="store_true", help="fast smoke run: T = 1k..4k, one repeat")
-    p.add_argument("--out", default="results/lightning")
+    p.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
+                   help="what the table's main columns, the flatness check and the plot use: wall time (min of "
+                        "repeats) or process CPU time (median; on a shared CPU machine the wall clock measures the "
+                        "other jobs). auto = cpu on the CPU backend, wall elsewhere")
+    p.add_argument("--out", default=None, help="path prefix, default results/lightning[_bwd]")
     args = p.parse_args(argv)
     if args.quick:
         args.lengths = [n for n in args.lengths if n <= 4096][:3] or args.lengths[:1]
         args.repeats = 1
+    if args.out is None:
+        args.out = "results/lightning_bwd" if args.backward else "results/lightning"
     return args
 
 
@@ -84,12 +90,14 @@ def main(argv=None):
 
     rows = []
     mode = "fwd+bwd" if args.backward else "fwd"
+    clock = args.clock if args.clock != "auto" else ("cpu" if jax.default_backend() == "cpu" else "wall")
+    key = "cpu_us_per_token" if clock == "cpu" else "us_per_token"
     print(f"{jax.devices()[0].platform} | batch {args.batch}, heads {args.heads}, head_dim {args.head_dim}, "
-          f"{args.dtype}, {mode}, lightning block {args.block}; time per token in microseconds (min wall of "
-          f"{args.repeats}; cpu = median process CPU time, steadier on a shared machine), compiled temporaries "
-          f"in MiB")
-    header = (f"{'T':>7} | {'lightning us/tok':>16} {'cpu us/tok':>10} {'temp MiB':>9} | {'softmax us/tok':>14} "
-              f"{'temp MiB':>9} | {'speedup':>7} | {'naive lightning MiB':>19}")
+          f"{args.dtype}, {mode}, lightning block {args.block} | time per token in microseconds by the {clock} "
+          f"clock ({'median process CPU time' if clock == 'cpu' else 'min wall time'} of {args.repeats}); "
+          f"compiled temporaries in MiB")
+    header = (f"{'T':>7} | {'lightning us/tok':>16} {'temp MiB':>9} | {'softmax us/tok':>14} {'temp MiB':>9} | "
+              f"{'lightning faster':>16} | {'naive lightning MiB':>19}")
     print(header)
     print("-" * len(header))
     for t in args.lengths:
@@ -98,40 +106,36 @@ def main(argv=None):
         spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
         tokens = args.batch * t
         row = {"T": t}
-        wall, cpu = timed(impls["lightning"], x)
-        row.update(lightning_us_per_token=wall / tokens * 1e6, lightning_cpu_us_per_token=cpu / tokens * 1e6,
-                   lightning_temp_mib=temp_mb(impls["lightning"], spec),
-                   lightning_naive_temp_mib=temp_mb(impls["lightning_naive"], spec))
-        if t <= args.softmax_max_len:
-            wall, cpu = timed(impls["softmax"], x)
-            row.update(softmax_us_per_token=wall / tokens * 1e6, softmax_cpu_us_per_token=cpu / tokens * 1e6,
-                       softmax_temp_mib=temp_mb(impls["softmax"], spec))
+        for name in ("lightning", "softmax"):
+            if name == "softmax" and t > args.softmax_max_len:
+                continue
+            wall, cpu = timed(impls[name], x)
+            row.update({f"{name}_us_per_token": wall / tokens * 1e6, f"{name}_cpu_us_per_token": cpu / tokens * 1e6,
+                        f"{name}_temp_mib": temp_mb(impls[name], spec)})
+        row["lightning_naive_temp_mib"] = temp_mb(impls["lightning_naive"], spec)
         rows.append(row)
-        sm = row.get("softmax_us_per_token")
-        print(f"{t:>7} | {row['lightning_us_per_token']:>16.3f} {row['lightning_cpu_us_per_token']:>10.3f} "
-              f"{row['lightning_temp_mib']:>9.1f} | "
-              + (f"{sm:>14.3f} {row['softmax_temp_mib']:>9.1f} | {sm / row['lightning_us_per_token']:>6.2f}x"
-                 if sm is not None else f"{'skipped':>14} {'':>9} | {'':>7}")
+        light, soft = row[f"lightning_{key}"], row.get(f"softmax_{key}")
+        print(f"{t:>7} | {light:>16.3f} {row['lightning_temp_mib']:>9.1f} | "
+              + (f"{soft:>14.3f} {row['softmax_temp_mib']:>9.1f} | {soft / light:>15.1f}x"
+                 if soft is not None else f"{'skipped':>14} {'':>9} | {'':>16}")
               + f" | {row['lightning_naive_temp_mib']:>19.1f}", flush=True)
 
-    flatness = {}
-    for kind in ("lightning_us_per_token", "lightning_cpu_us_per_token"):
-        per_token = [r[kind] for r in rows]
-        flatness[kind] = max(per_token) / min(per_token)
-        print(f"{kind.replace('_', ' ')}, max/min over T = {rows[0]['T']}..{rows[-1]['T']}: "
-              f"{flatness[kind]:.2f}x ({'flat' if flatness[kind] <= 1.5 else 'NOT flat'} within 1.5x)")
+    per_token = [r[f"lightning_{key}"] for r in rows]
+    flatness = max(per_token) / min(per_token)
+    print(f"lightning time per token ({clock} clock), max/min over T = {rows[0]['T']}..{rows[-1]['T']}: "
+          f"{flatness:.2f}x ({'flat' if flatness <= 1.5 else 'NOT flat'} within 1.5x)")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     result = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "mode": mode,
               "platform": jax.devices()[0].platform, "device": str(jax.devices()[0]), "rows": rows,
-              "max_over_min": flatness}
+              "clock": clock, "lightning_max_over_min": flatness}
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=2)
-    plot(rows, args, mode, args.out + ".png")
+    plot(rows, args, mode, key, clock, args.out + ".png")
     print(f"wrote {args.out}.json and {args.out}.png")
     return result
 
 
-def plot(rows, args, mode, path):
+def plot(rows, args, mode, key, clock, path):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -140,13 +144,13 @@ def plot(rows, args, mode, path):
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["T"] for r in rows], [r["lightning_us_per_token"] for r in rows], "o-", label="lightning (xla)")
-    sm = [r for r in rows if "softmax_us_per_token" in r]
-    ax.plot([r["T"] for r in sm], [r["softmax_us_per_token"] for r in sm], "s-", label="causal softmax (xla)")
+    ax.plot([r["T"] for r in rows], [r[f"lightning_{key}"] for r in rows], "o-", label="lightning (xla)")
+    sm = [r for r in rows if f"softmax_{key}" in r]
+    ax.plot([r["T"] for r in sm], [r[f"softmax_{key}"] for r in sm], "s-", label="causal softmax (xla)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length T")
-    ax.set_ylabel("time per token (us)")
+    ax.set_ylabel(f"time per token (us, {clock} clock)")
     ax.set_title(f"{mode}, B={args.batch} N={args.heads} H={args.head_dim} {args.dtype}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
