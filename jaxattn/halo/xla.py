@@ -5,10 +5,10 @@
   of block `i` is the concatenation of the `ceil(win / block)` consecutive row-blocks starting at `i`, trimmed.
   Done per axis, this is a handful of static slices (one fused copy), like timm's `unfold`.
 - Relative logits `q . rel_h[ky - qy + win - 1] + q . rel_w[kx - qx + win - 1]` (timm's rel-to-abs indexing)
-  are folded into the dot product: each query gets `2*win` extra channels (its logits against the `win` row and
-  `win` column offsets) and each key the matching one-hot row/column indicators. One dense attention then gives
-  `q.k*scale + rel_logits` exactly, with no `[tokens, win*win]` bias tensor and no bias support needed from the
-  attention backend. The one-hot channels are constants, so their (discarded) gradient costs nothing extra.
+  are computed per axis (`[tiles, bq, bq, N, win]`: each query against the `win` row / column offsets, a matmul
+  with the gathered *table*, never the map) and broadcast-added into the additive bias `[tiles, N, T, win*win]`
+  of the tile attention. (Folding them into the dot product instead, as extra one-hot channels on q and k, was
+  measured too: it saves a little forward memory for tiny head dims but costs more in forward+backward.)
 """
 from __future__ import annotations
 
@@ -50,23 +50,20 @@ def rel_offsets(query_block, win):
     return jnp.arange(win)[None, :] - jnp.arange(query_block)[:, None] + win - 1
 
 
-def _augment(q_tiles, k_tiles, rel_height, rel_width, scale, bq, win):
-    """Appends the relative-logit channels: `q [Bt, bq, bq, N, D]`, `k [Bt, win, win, N, D]` -> `[Bt, T, N, D']`."""
+def _rel_bias(q_tiles, rel_height, rel_width, win):
+    """timm's relative logits of `q [Bt, bq, bq, N, D]` as an additive bias `[Bt, N, bq*bq, win*win]` (fp32)."""
+    bt, bq, _, n, _ = q_tiles.shape
     offsets = rel_offsets(bq, win)
-    q_parts, k_parts = [q_tiles * jnp.asarray(scale, q_tiles.dtype)], [k_tiles]
-    eye = jnp.eye(win, dtype=k_tiles.dtype)
-    key_shape = k_tiles.shape[:-1] + (win,)
+    bias = jnp.zeros((bt, bq, bq, n, win, win), jnp.float32)
+
+    def axis_logits(spec, table):  # each query against the `win` row (or column) offsets of the window
+        return jnp.einsum(spec, q_tiles, table[offsets].astype(q_tiles.dtype), preferred_element_type=jnp.float32)
+
     if rel_height is not None:  # query row qy, key row ky
-        table = rel_height[offsets].astype(q_tiles.dtype)  # [bq, win(ky), D]
-        q_parts.append(jnp.einsum("byxnd,ykd->byxnk", q_tiles, table, preferred_element_type=jnp.float32))
-        k_parts.append(jnp.broadcast_to(eye[:, None, None, :], key_shape))
+        bias = bias + axis_logits("byxnd,ykd->byxnk", rel_height)[..., :, None]
     if rel_width is not None:  # query column qx, key column kx
-        table = rel_width[offsets].astype(q_tiles.dtype)
-        q_parts.append(jnp.einsum("byxnd,xkd->byxnk", q_tiles, table, preferred_element_type=jnp.float32))
-        k_parts.append(jnp.broadcast_to(eye[None, :, None, :], key_shape))
-    q_aug = jnp.concatenate([p.astype(q_tiles.dtype) for p in q_parts], axis=-1)
-    k_aug = jnp.concatenate(k_parts, axis=-1)
-    return q_aug.reshape(q_aug.shape[0], -1, *q_aug.shape[3:]), k_aug.reshape(k_aug.shape[0], -1, *k_aug.shape[3:])
+        bias = bias + axis_logits("byxnd,xkd->byxnk", rel_width)[..., None, :]
+    return jnp.moveaxis(bias, 3, 1).reshape(bt, n, bq * bq, win * win)
 
 
 def _padding_mask(h, w, block, halo, batch):
@@ -81,16 +78,13 @@ def halo_attention_xla(query, key, value, rel_height, rel_width, *, block_size, 
     b, hq, wq, n, d = query.shape
     h, w = key.shape[1:3]
     bq, win = block_size // query_stride, block_size + 2 * halo_size
-    q = image_tiles.to_windows(query, (bq, bq))  # [B, blocks, bq*bq, N, D]
-    k = halo_windows(key, block_size, halo_size)  # [B, blocks, win*win, N, D]
-    v = halo_windows(value, block_size, halo_size)
-    q = q.reshape(-1, bq * bq, n, d)
-    k = k.reshape(-1, win * win, n, d)
-    v = v.reshape(-1, win * win, n, value.shape[-1])
+    q = image_tiles.to_windows(query, (bq, bq)).reshape(-1, bq, bq, n, d)
+    k = halo_windows(key, block_size, halo_size).reshape(-1, win, win, n, d)
+    v = halo_windows(value, block_size, halo_size).reshape(-1, win * win, n, value.shape[-1])
+    bias = None
     if rel_height is not None or rel_width is not None:
-        q, k = _augment(q.reshape(-1, bq, bq, n, d), k.reshape(-1, win, win, n, d), rel_height, rel_width,
-                        scale, bq, win)
-        scale = 1.0
+        bias = _rel_bias(q, rel_height, rel_width, win).astype(query.dtype)
+    q, k = q.reshape(-1, bq * bq, n, d), k.reshape(-1, win * win, n, d)
     mask = _padding_mask(h, w, block_size, halo_size, b) if mask_padding else None
-    out = dot_product_attention(q, k, v, mask=mask, scale=scale)  # [B*blocks, bq*bq, N, Dv]
+    out = dot_product_attention(q, k, v, bias, mask, scale=scale)  # [B*blocks, bq*bq, N, Dv]
     return image_tiles.from_windows(out.reshape(b, -1, *out.shape[1:]), (bq, bq), (hq, wq))
