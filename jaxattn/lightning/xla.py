@@ -5,8 +5,8 @@ the token just before the block):
   out_r = sum_{c<=r} lambda^(r-c) (q_r . k_c) v_c  +  lambda^(r+1) q_r KV
   KV   <- lambda^L KV + sum_c lambda^(L-1-c) k_c^T v_c
 Blocks are sliced from the `[B, T, ...]` inputs inside a loop and outputs written in place, so nothing but the
-fp32 output is allocated at length T. When `block` does not divide T, the first block (in processing order) is the
-short one. Every sweep also runs backwards in time (`reverse=True`: the anti-causal sum over `s >= t`, state
+fp32 output is allocated at length T (plus zero-padded inputs when `block` does not divide T: one loop body to
+compile, not two). Every sweep also runs backwards in time (`reverse=True`: the anti-causal sum over `s >= t`, state
 carried from the end), with mirrored decay factors and no flipped copies of the inputs.
 
 The gradient is a `custom_vjp` built from the same sweeps (memory O(T * block), nothing `T x T` stored):
@@ -71,28 +71,31 @@ def _block_update(state, k, v, dec: _Decays):
 
 def _sweep(step, arrays, state, out_dims, slopes, block, reverse):
     """Runs `step(state, blocks, decays) -> (state, outs)` over the blocks of the `[B, T, N, ...]` `arrays` in
-    time order (from the end when `reverse`), writing each block's outputs into fp32 `[B, T, N, d]` buffers.
+    time order (from the end when `reverse`), writing each block's outputs in place into fp32 `[B, T, N, d]`.
 
-    Returns `(state, outs)`. The short block (T % block rows), if any, is processed first.
+    When `block` does not divide T the inputs are zero-padded where the sweep starts (the front, or the end when
+    `reverse`): zero keys and values keep the zero starting state at zero, and the padded rows are dropped.
+    Returns `(state, outs)`.
     """
     b, t, n = arrays[0].shape[:3]
-    part, num = t % block, t // block
-    outs = tuple(jnp.zeros((b, t, n, d), F32) for d in out_dims)
+    pad = -t % block
+    if pad:
+        where = (0, pad) if reverse else (pad, 0)
+        arrays = tuple(jnp.pad(x, [(0, 0), where] + [(0, 0)] * (x.ndim - 2)) for x in arrays)
+    num = (t + pad) // block
+    dec = _decays(slopes, block, reverse)
 
-    def apply(state, outs, start, length, dec):
-        blocks = tuple(jax.lax.dynamic_slice_in_dim(x, start, length, axis=1) for x in arrays)
+    def body(j, carry):
+        state, outs = carry
+        start = (num - 1 - j if reverse else j) * block
+        blocks = tuple(jax.lax.dynamic_slice_in_dim(x, start, block, axis=1) for x in arrays)
         state, ys = step(state, blocks, dec)
         return state, tuple(jax.lax.dynamic_update_slice_in_dim(o, y, start, axis=1) for o, y in zip(outs, ys))
 
-    if part:
-        state, outs = apply(state, outs, t - part if reverse else 0, part, _decays(slopes, part, reverse))
-    if num:
-        dec = _decays(slopes, block, reverse)
-
-        def body(j, carry):
-            start = t - part - (j + 1) * block if reverse else part + j * block
-            return apply(*carry, start, block, dec)
-        state, outs = jax.lax.fori_loop(0, num, body, (state, outs))
+    outs = tuple(jnp.zeros((b, t + pad, n, d), F32) for d in out_dims)
+    state, outs = jax.lax.fori_loop(0, num, body, (state, outs))
+    if pad:
+        outs = tuple(o[:, :t] if reverse else o[:, pad:] for o in outs)
     return state, outs
 
 
