@@ -48,7 +48,7 @@ def lightning_attention(query, key, value, *, slopes=None, is_causal=True, block
       initial_state: `[B, N, H, Hv]` state before token 0 (any float dtype, used in fp32); causal only, since a
         bidirectional output has no prefix state. Differentiable.
       return_state: also return the final state `S_{T-1}` `[B, N, H, Hv]` in fp32; causal only. Differentiable.
-      implementation: 'reference' (naive `T x T` decay matrix), 'xla' (chunked `lax.scan`, state in fp32, memory
+      implementation: 'reference' (naive `T x T` decay matrix), 'xla' (loop over blocks, state in fp32, memory
         O(T * block) forward and backward through a `custom_vjp`: reverse mode only, grad-of-grad included),
         or None for the best available.
 
