@@ -12,6 +12,7 @@ from jaxattn.models.convert import StateDictError
 from jaxattn.models.dinat import DiNAT, default_dilations
 from jaxattn.models.dinat.model import NATLayer, NeighborhoodAttention2D
 from jaxattn.testing.fixtures import load_model_fixture
+from jaxattn.testing.model_init import abstract_model
 
 EXACT_PARAMS = {"dinat_mini": 19_984_174, "dinat_tiny": 27_901_582, "dinat_small": 50_719_681,
                 "dinat_base": 89_769_652, "dinat_large": 200_943_514}
@@ -31,7 +32,8 @@ _jit_forward = nnx.jit(_forward)  # also runs single layers
 
 @pytest.fixture(scope="module")
 def pico():
-    return models.create_model("dinat_pico", num_classes=5, img_size=PICO_SIZE, rngs=nnx.Rngs(0))
+    # Built abstractly and filled with numpy: eager init would compile one program per parameter shape.
+    return abstract_model(lambda: models.create_model("dinat_pico", num_classes=5, img_size=PICO_SIZE))
 
 
 def _images(seed, b, h, w, c=3):
@@ -39,23 +41,15 @@ def _images(seed, b, h, w, c=3):
 
 
 # -- the reference fixture ----------------------------------------------------------------------------------------
-def _abstract_zeros(name, **overrides):
-    """The registered model built by `nnx.eval_shape` (no random init, so no per-shape init compiles), then
-    given zero arrays so a state dict can be loaded into it. Needs every dropout rate 0 (no rng state)."""
-    model = nnx.eval_shape(lambda: models.create_model(name, rngs=nnx.Rngs(0), **overrides))
-    nnx.update(model, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nnx.state(model)))
-    return model
-
-
 def test_fixture_parity():
     fx = load_model_fixture("dinat_reduced_official")
     if fx is None:
         pytest.skip("fixture dinat_reduced_official.npz not found under ../shared/fixtures")
     c = fx.config
-    model = _abstract_zeros("dinat_mini", num_classes=c["num_classes"], embed_dim=c["embed_dim"],
-                            depths=c["depths"], num_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"],
-                            kernel_size=c["kernel_size"], dilations=c["dilations"], img_size=c["img_size"],
-                            drop_path_rate=c["drop_path_rate"])
+    model = abstract_model(lambda: models.create_model(
+        "dinat_mini", num_classes=c["num_classes"], embed_dim=c["embed_dim"], depths=c["depths"],
+        num_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"], kernel_size=c["kernel_size"], dilations=c["dilations"],
+        img_size=c["img_size"], drop_path_rate=c["drop_path_rate"]), fill="zeros")
     convert.load_dinat(model, fx.state_dict)
     model.eval()
     logits = np.asarray(_jit_forward(model, jnp.asarray(fx.images_nhwc)))
@@ -118,14 +112,15 @@ def _attention_layer_numpy(layer, x):
     return out @ param(layer.proj.kernel) + param(layer.proj.bias)
 
 
-@settings(max_examples=3)
+@settings(max_examples=2)
 @given(h=st.integers(1, 11), w=st.integers(1, 11), k=st.sampled_from([3, 5]), d=st.integers(1, 3),
        heads=st.sampled_from([1, 2]))
 @example(h=2, w=3, k=5, d=1, heads=2)  # both axes padded
 @example(h=3, w=9, k=3, d=2, heads=2)  # only the height padded (window 6), dilated
 def test_attention_layer_matches_dense_numpy(h, w, k, d, heads):
     """Includes maps smaller than the window: they are zero-padded before qkv, so padded keys carry the bias."""
-    layer = NeighborhoodAttention2D(4 * heads, heads, k, d, rngs=nnx.Rngs(h * 31 + w))
+    layer = abstract_model(lambda: NeighborhoodAttention2D(4 * heads, heads, k, d, rngs=nnx.Rngs(0)),
+                           seed=h * 31 + w)
     layer.qkv.bias[...] = jax.random.normal(jax.random.key(d), layer.qkv.bias.shape)
     x = _images(h + w, 1, h, w, 4 * heads)
     np.testing.assert_allclose(np.asarray(_jit_forward(layer, x)), _attention_layer_numpy(layer, x), atol=2e-5,
@@ -133,7 +128,8 @@ def test_attention_layer_matches_dense_numpy(h, w, k, d, heads):
 
 
 def test_layer_scale_zero_makes_a_block_the_identity():
-    block = NATLayer(8, 2, 3, 1, mlp_ratio=2.0, layer_scale=0.0, rngs=nnx.Rngs(0))
+    block = abstract_model(lambda: NATLayer(8, 2, 3, 1, mlp_ratio=2.0, layer_scale=0.0, rngs=nnx.Rngs(0)))
+    block.gamma1[...], block.gamma2[...] = np.zeros(8, np.float32), np.zeros(8, np.float32)
     x = _images(0, 1, 5, 6, 8)
     np.testing.assert_array_equal(np.asarray(_jit_forward(block, x)), np.asarray(x))
     assert block.gamma1 is not None and block.gamma2 is not None
@@ -174,8 +170,8 @@ def test_small_odd_input_runs_through_the_padding_path(pico):
 
 def test_bfloat16_compute_tracks_float32(pico):
     pico.eval()
-    low = models.create_model("dinat_pico", num_classes=5, img_size=PICO_SIZE, dtype=jnp.bfloat16,
-                              rngs=nnx.Rngs(0))
+    low = abstract_model(lambda: models.create_model("dinat_pico", num_classes=5, img_size=PICO_SIZE,
+                                                     dtype=jnp.bfloat16))
     nnx.update(low, nnx.state(pico, nnx.Param))
     low.eval()
     x = _images(0, 2, PICO_SIZE, PICO_SIZE)  # the shape compiled above
@@ -203,17 +199,13 @@ def _state_dict_of(model):
 
 
 def test_from_dinat_round_trip_with_layer_scale_and_strict_errors():
-    # Pico's shapes (their init already compiled for the `pico` fixture) with DiNAT-Base's layer scale.
-    arch = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), mlp_ratio=2.0, img_size=PICO_SIZE)
-    src = models.create_model("dinat_base", num_classes=5, rngs=nnx.Rngs(3), **arch)
-    for level in src.levels:
-        for block in level.blocks:
-            block.gamma1[...] = jax.random.normal(jax.random.key(1), block.gamma1.shape)
-            block.gamma2[...] = jax.random.normal(jax.random.key(2), block.gamma2.shape)
+    # DiNAT-Base's layer scale on a one-stage model: from_dinat builds it eagerly, so keep its shapes few.
+    arch = dict(embed_dim=8, depths=(2,), num_heads=(2,), kernel_size=3, mlp_ratio=2.0, img_size=16)
+    src = abstract_model(lambda: models.create_model("dinat_base", num_classes=3, **arch), seed=3)
     sd = _state_dict_of(src)
-    assert "levels.2.blocks.1.gamma2" in sd and "levels.0.downsample.reduction.weight" in sd
-    dst = convert.from_dinat("dinat_base_in1k_224", sd, rngs=nnx.Rngs(4), **arch)
-    assert dst.head.out_features == 5  # read from head.weight
+    assert {"levels.0.blocks.1.gamma2", "levels.0.blocks.0.attn.rpb", "patch_embed.proj.1.weight"} <= set(sd)
+    dst = convert.from_dinat("dinat_base_in1k_224", sd, **arch)
+    assert dst.head.out_features == 3  # read from head.weight
     want, got = nnx.state(src, nnx.Param), nnx.state(dst, nnx.Param)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), want, got)
 
@@ -222,7 +214,7 @@ def test_from_dinat_round_trip_with_layer_scale_and_strict_errors():
     with pytest.raises(StateDictError, match="not used.*extra.weight"):
         convert.load_dinat(dst, {**sd, "extra.weight": np.zeros(3)})
     with pytest.raises(StateDictError, match="attn.rpb"):
-        convert.load_dinat(dst, {**sd, "levels.0.blocks.0.attn.rpb": np.zeros((1, 7, 7), np.float32)})
+        convert.load_dinat(dst, {**sd, "levels.0.blocks.0.attn.rpb": np.zeros((2, 7, 7), np.float32)})
     with pytest.raises(ValueError, match="unknown dinat checkpoint"):
         convert.from_dinat("dinat_huge_in1k_224", sd)
 
