@@ -45,9 +45,13 @@ def assert_allclose(actual, expected, *, dtype=jnp.float32, kind="out", name="ou
 
 
 def random_inputs(seed: int, shapes: Sequence[Sequence[int]], dtype=jnp.float32, scale: float = 1.0):
-    """Normal random arrays of the given shapes, rounded to `dtype`."""
-    keys = jax.random.split(jax.random.key(seed), len(shapes))
-    return tuple((scale * jax.random.normal(k, s, jnp.float32)).astype(dtype) for k, s in zip(keys, shapes))
+    """Normal random arrays of the given shapes, rounded to `dtype`.
+
+    Drawn with numpy: eager `jax.random` compiles once per new shape, which dominates small tests.
+    """
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray((scale * rng.standard_normal(tuple(s))).astype(np.float32)).astype(dtype)
+                 for s in shapes)
 
 
 def _as_tuple(x):
