@@ -80,3 +80,42 @@ def get_config() -> ml_collections.ConfigDict:
     c.data_workers = 0
     c.prefetch_batches = 2
     return c
+
+
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+def imagenet_recipe(c: ml_collections.ConfigDict, *, image_size: int = 224, batch_size: int = 1024,
+                    epochs: float = 300.0, learning_rate: float = 1e-3, warmup_epochs: float = 20.0,
+                    weight_decay: float = 0.05) -> ml_collections.ConfigDict:
+    """The DeiT / Swin style ImageNet-1k recipe shared by the vision families (each family file adjusts it):
+    AdamW, linear warmup then cosine to 1e-5, clipping at 5.0, RandAugment(2, 9), mixup 0.8 / cutmix 1.0 (switch
+    0.5), label smoothing 0.1, random-resized crop + flip, evaluation at crop 0.875."""
+    c.dataset, c.train_split, c.eval_split = "imagenet2012", "train", "validation"
+    c.image_size = image_size
+    c.input.update(mean=IMAGENET_MEAN, std=IMAGENET_STD, flip=True, crop_scale=(0.08, 1.0),
+                   crop_ratio=(3 / 4, 4 / 3), crop_pct=0.875, randaugment_ops=2, randaugment_magnitude=9.0,
+                   mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0, mix_switch_prob=0.5, label_smoothing=0.1)
+    c.batch_size, c.eval_batch_size, c.num_epochs, c.num_train_steps = batch_size, 1000, epochs, -1
+    steps_per_epoch = IMAGENET_TRAIN_EXAMPLES // batch_size
+    c.optimizer.update(learning_rate=learning_rate, min_learning_rate=1e-5, schedule="cosine",
+                       warmup_steps=int(warmup_epochs * steps_per_epoch), weight_decay=weight_decay,
+                       grad_clip_norm=5.0, ema_decay=0.0)
+    c.log_every, c.eval_every, c.checkpoint_every = 100, 5 * steps_per_epoch, 2_000
+    c.data_threads, c.data_workers, c.prefetch_batches = 8, 16, 4
+    return c
+
+
+def digits_recipe(c: ml_collections.ConfigDict, *, model: str, image_size: int = 64,
+                  **model_kwargs) -> ml_collections.ConfigDict:
+    """The embedded default of the vision families: a small model on scikit-learn digits upscaled to
+    `image_size`, light crop jitter (no flips: digits are not mirror-symmetric), 12 epochs of batch 64."""
+    c.model = model
+    c.model_kwargs = ml_collections.ConfigDict({"img_size": image_size, **model_kwargs})
+    c.dataset, c.train_split, c.eval_split = "digits", "train", "test"
+    c.image_size = image_size
+    c.input.update(crop_scale=(0.6, 1.0), crop_ratio=(0.85, 1.18), flip=False, crop_pct=1.0)
+    c.batch_size, c.num_epochs = 64, 12.0
+    c.optimizer.update(learning_rate=3e-3, warmup_steps=30)
+    c.log_every, c.eval_every, c.checkpoint_every = 10, 100, 100
+    return c

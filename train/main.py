@@ -15,6 +15,7 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (`path.py` or `path.py:variant`).",
@@ -66,7 +67,9 @@ def _default_workdir(argv_config: str) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.WARNING)  # JAX, TFDS and orbax are chatty at INFO
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger(__package__ or "train").setLevel(logging.INFO)  # ours: resume and preemption notices
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _CPU_DEVICES.value)
     from . import train, validate
     workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].config_filename)

@@ -16,6 +16,7 @@ import jax
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+_SHOWN = ("train/loss", "eval/accuracy", "eval/bits_per_byte", "train/examples_per_s", "train/tokens_per_s")
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -31,6 +32,20 @@ def _jsonable(value):
     return value if not isinstance(value, float) or math.isfinite(value) else str(value)
 
 
+def _summary_writer():
+    """tensorboardX's `SummaryWriter`, imported without PyTorch: tensorboardX imports torch whenever it is
+    installed (15 s here) although scalars never need it."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` fail fast inside tensorboardX's optional import
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     def __init__(self, workdir: str, *, total_steps: int, start_step: int, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -43,8 +58,7 @@ class MetricWriter:
         self._path = os.path.join(workdir, METRICS_FILE)
         with open(self._path, "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in kept)
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+        self._tb = _summary_writer()(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
         if sys.stderr.isatty():
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -59,8 +73,8 @@ class MetricWriter:
             if key != "step" and isinstance(value, float):
                 self._tb.add_scalar(key, value, step)
         self._tb.flush()
-        shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in record.items()
-                 if k in ("train/loss", "eval/accuracy", "eval/bits_per_byte", "train/examples_per_s")}
+        shown = {k.split("/")[-1]: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in record.items()
+                 if k in _SHOWN}
         if self._bar is not None:
             self._bar.set_postfix(shown, refresh=False)
         else:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from . import checkpoint as ckpt_lib
 from . import input_pipeline, metrics, optimizer, sharding, tasks, validate
@@ -40,7 +41,8 @@ def train_step(state: state_lib.TrainState, batch, rng_state, *, model_def, task
 
     def loss_fn(params):
         model = state_lib.merge(model_def.train_graph, params, state.model_state, rng_state)
-        loss, aux = task.train_loss(model, batch, jax.random.fold_in(key, 2))
+        with nnx.logical_axis_rules(config.logical_axis_rules):  # for models that constrain activations
+            loss, aux = task.train_loss(model, batch, jax.random.fold_in(key, 2))
         return loss, (aux, state_lib.split_model_state(model))
 
     (loss, (aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -56,10 +58,11 @@ def train_step(state: state_lib.TrainState, batch, rng_state, *, model_def, task
     return new_state, out
 
 
-def eval_step(params, model_state, batch, rng_state, *, model_def, task):
+def eval_step(params, model_state, batch, rng_state, *, model_def, task, rules):
     """Sums of the task's evaluation metrics over a (masked) global batch."""
     model = state_lib.merge(model_def.eval_graph, params, model_state, rng_state)
-    return task.eval_sums(model, batch)
+    with nnx.logical_axis_rules(rules):
+        return task.eval_sums(model, batch)
 
 
 def _total_steps(config, num_train_examples: int) -> int:
@@ -143,19 +146,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step_fn = functools.partial(train_step, model_def=model_def, task=task, tx=tx, schedule=schedule,
                                 config=config)
     evaluator = _Evaluator(config, eval_src, eval_prep, mesh, jax.jit(
-        functools.partial(eval_step, model_def=model_def, task=task)))
+        functools.partial(eval_step, model_def=model_def, task=task, rules=config.logical_axis_rules)))
     writer = metrics.MetricWriter(workdir, total_steps=total_steps, start_step=start)
     stop = ckpt_lib.StopRequest()
     meta = {"config": config.to_json_best_effort(), "total_steps": total_steps}
     units = config.batch_size * (config.seq_len if config.task == "lm" else 1)
     unit_name = "tokens" if config.task == "lm" else "examples"
 
-    def evaluate(step):
+    def evaluate():
         params = state.ema_params if state.ema_params is not None else state.params
         with jax.set_mesh(mesh):
-            result = task.summarize(evaluator(params, state.model_state, model_def.rng_state))
-        writer.write(step, result)
-        return result
+            return task.summarize(evaluator(params, state.model_state, model_def.rng_state))
 
     result, jitted, pending = {}, None, []
     timer_step, timer = start, time.perf_counter()
@@ -173,27 +174,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
             saving = stopping or step == total_steps or step % config.checkpoint_every == 0
             evaluating = step == total_steps or (config.eval_every and step % config.eval_every == 0)
             if saving or evaluating or step % config.log_every == 0:
-                fetched = _check_finite(pending, last_saved, ckpt.directory)
-                elapsed, timer = time.perf_counter() - timer, time.perf_counter()
-                mean = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[-1]}
-                rate = (step - timer_step) * units / max(elapsed, 1e-9)
-                writer.write(step, {**{f"train/{k}": v for k, v in mean.items()},
-                                    f"train/{unit_name}_per_s": rate})
-                pending, timer_step = [], step
-            if evaluating:
-                result = evaluate(step)
-            if saving:
-                ckpt.save(step, state, train_iter.get_state(), {**meta, "step": step})
-                last_saved = step
-            if evaluating or saving:  # throughput counts training only
-                timer, timer_step = time.perf_counter(), step
+                fetched = _check_finite(pending, last_saved, ckpt.directory)  # before anything is saved
+                rate = (step - timer_step) * units / max(time.perf_counter() - timer, 1e-9)
+                record = {f"train/{k}": float(np.mean([f[k] for f in fetched])) for k in fetched[-1]}
+                record[f"train/{unit_name}_per_s"] = rate
+                if evaluating:
+                    result = evaluate()
+                    record.update(result)
+                if saving:
+                    ckpt.save(step, state, train_iter.get_state(), {**meta, "step": step})
+                    last_saved = step
+                writer.write(step, record)
+                pending, timer_step, timer = [], step, time.perf_counter()  # throughput counts training only
             writer.progress(step)
             if stopping:
                 log.warning("SIGTERM: saved step %d; re-run the same command to resume", step)
                 break
         else:
             if start >= total_steps:  # already complete: report the final evaluation again
-                result = evaluate(start)
+                result = evaluate()
     finally:
         stop.restore()
         ckpt.close()
