@@ -5,5 +5,6 @@
     models.list_models()
 """
 from jaxattn.models.registry import create_model, get_entry, list_models, register
+from jaxattn.models.generate import generate
 
 __all__ = ["create_model", "get_entry", "list_models", "register"]
