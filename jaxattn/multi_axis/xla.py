@@ -17,8 +17,6 @@ def partition_attention_xla(query, key, value, bias, *, partition, size, scale):
     """`[B, H, W, N, D]` q/k/v -> `[B, H, W, N, Dv]`; `bias` broadcastable to `[N, T, T]`."""
     split, merge = _TILINGS[partition]
     b, h, w = query.shape[:3]
-    if size == (1, 1):  # one token per tile: softmax over a single key is 1 (and the blocked path needs S > 1)
-        return value.astype(query.dtype)
 
     def tiles(x):  # [B, H, W, N, D] -> [B * tiles, T, N, D]
         t = split(x, size)
