@@ -217,6 +217,12 @@ class BiFormer(nnx.Module):
                             ("topks", topks)):
             if len(value) != stages:
                 raise ValueError(f"`{name}` needs one entry per stage (depths {list(depths)}), got {list(value)}")
+        if any(t == 0 or t < -2 for t in topks):
+            raise ValueError(f"`topks` entries must be > 0 (routing), -1 (global attention) or -2 (global attention "
+                             f"with LePE), got {list(topks)}")
+        if before_attn_dwconv not in (0, 3):
+            raise ValueError(f"`before_attn_dwconv` must be 3 or 0 (the reference pads it by 1), "
+                             f"got {before_attn_dwconv}")
         for i, qk in enumerate(qk_dims):
             if topks[i] > 0 and (qk < head_dim or qk % head_dim):
                 raise ValueError(f"stage {i}: `qk_dims[{i}]` ({qk}) must be a multiple of `head_dim` ({head_dim})")
@@ -251,13 +257,15 @@ class BiFormer(nnx.Module):
         validation.check_rank("x", x, 4, "[batch, height, width, channels]")
         validation.check_floating("x", x)
         validation.check_dim("x", x, -1, self.in_chans, "channels", "`in_chans`")
-        image_shape = tuple(x.shape)
-        for i, (down, blocks) in enumerate(zip(self.downsample_layers, self.stages)):
+        if not self.auto_pad:  # check every stage before computing anything
+            for i, topk in enumerate(self.topks):
+                size = tuple(-(-d // 2 ** (i + 2)) for d in x.shape[1:3])
+                if topk > 0 and (size[0] % self.n_win or size[1] % self.n_win):
+                    raise ValueError(f"`x` of shape {tuple(x.shape)} gives a {size[0]}x{size[1]} map in stage {i}, "
+                                     f"not a multiple of `n_win` {self.n_win}; use images a multiple of "
+                                     f"{self.n_win * 2 ** (i + 2)} px or build the model with auto_pad=True")
+        for down, blocks in zip(self.downsample_layers, self.stages):
             x = down(x)
-            if self.topks[i] > 0 and not self.auto_pad and (x.shape[1] % self.n_win or x.shape[2] % self.n_win):
-                raise ValueError(f"`x` of shape {image_shape} gives a {x.shape[1]}x{x.shape[2]} map in stage {i}, "
-                                 f"not a multiple of `n_win` {self.n_win}; use images a multiple of "
-                                 f"{self.n_win * 2 ** (i + 2)} px or build the model with auto_pad=True")
             for block in blocks:
                 x = block(x)
         return self.norm(x).mean(axis=(1, 2))

@@ -17,10 +17,16 @@ CONFIGS = {
 }
 
 
+# biformer_pico routes over 2x2 regions, so any image that is a multiple of 32 px works (32, 64, 224, ...).
+_PICO_ROUTING = dict(n_win=2, topks=(1, 2, 4, -2))
+
+
 def _build(name: str, rngs: nnx.Rngs, overrides: dict) -> BiFormer:
     depths, embed_dims = CONFIGS[name]
     kwargs = dict(depths=depths, embed_dims=embed_dims, mlp_ratios=(3, 3, 3, 3), topks=(1, 4, 16, -2),
                   head_dim=32, n_win=7, side_dwconv=5, before_attn_dwconv=3)
+    if name == "biformer_pico":
+        kwargs.update(_PICO_ROUTING)
     kwargs.update(overrides)
     if "qk_dims" not in overrides:
         kwargs["qk_dims"] = kwargs["embed_dims"]
@@ -30,8 +36,8 @@ def _build(name: str, rngs: nnx.Rngs, overrides: dict) -> BiFormer:
 @register("biformer_pico")
 def biformer_pico(*, rngs: nnx.Rngs, **overrides) -> BiFormer:
     """BiFormer-Pico (ours, not in the paper): depths 1-1-2-1, dims 32-64-96-128 (the reduced reference
-    fixture's shape). 738,568 parameters (1000 classes); for tests and small embedded training runs. Needs images
-    a multiple of 224 px (n_win 7), or `n_win=` / `auto_pad=True` for small images (e.g. 64 px with n_win 2)."""
+    fixture's widths), routing over 2x2 regions with topk 1-2-4 then global attention, so images a multiple of
+    32 px work. 738,568 parameters (1000 classes); for tests and small embedded training runs."""
     return _build("biformer_pico", rngs, overrides)
 
 
