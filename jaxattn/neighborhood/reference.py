@@ -34,7 +34,8 @@ def _tables(spatial: tuple[int, ...], spec: windows.NASpec):
 
 
 def neighborhood_reference(query, key, value, rpb, *, scale, spec: windows.NASpec):
-    """Returns `(out [B, *spatial, N, Hv] in query dtype, lse [B, *spatial, N] fp32)`."""
+    """Returns `(out [B, *spatial, N, Hv] in query dtype, lse [B, *spatial, N])`, computed in fp32 (fp64 inputs
+    stay fp64, for numerical gradient checks)."""
     b, *spatial, n_heads, h = query.shape
     spatial = tuple(spatial)
     num_kv, hv = key.shape[-2], value.shape[-1]
@@ -42,12 +43,13 @@ def neighborhood_reference(query, key, value, rpb, *, scale, spec: windows.NASpe
     n = int(np.prod(spatial))
     flat_keys, valid, rel = _tables(spatial, spec)
 
-    q = query.astype(jnp.float32).reshape(b, n, num_kv, g, h)
-    k = key.astype(jnp.float32).reshape(b, n, num_kv, h)[:, flat_keys]  # [B, n, slots, K, H]
-    v = value.astype(jnp.float32).reshape(b, n, num_kv, hv)[:, flat_keys]
+    dt = jnp.promote_types(query.dtype, jnp.float32)  # fp32, or fp64 under x64 (for numerical gradient checks)
+    q = query.astype(dt).reshape(b, n, num_kv, g, h)
+    k = key.astype(dt).reshape(b, n, num_kv, h)[:, flat_keys]  # [B, n, slots, K, H]
+    v = value.astype(dt).reshape(b, n, num_kv, hv)[:, flat_keys]
     logits = jnp.einsum("bqkgh,bqskh->bkgqs", q, k) * scale
     if rpb is not None:
-        bias = rpb.astype(jnp.float32)[(slice(None),) + tuple(rel)]  # [N, n, slots]
+        bias = rpb.astype(dt)[(slice(None),) + tuple(rel)]  # [N, n, slots]
         logits = logits + bias.reshape(num_kv, g, n, -1)
     logits = jnp.where(valid, logits, -jnp.inf)
     lse = jax.nn.logsumexp(logits, axis=-1)  # every query sees at least itself: finite
