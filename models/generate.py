@@ -31,18 +31,17 @@ def generate(model: nnx.Module, prompt, steps: int, temperature: float = 0.0, rn
     model._check_tokens(prompt, None)  # ids in range, before tracing hides them
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, prompt, int(steps), temperature, rng)
+    return _generate(graphdef, state, prompt, int(steps), jnp.float32(temperature), rng)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+@functools.partial(jax.jit, static_argnums=(0, 3))
 def _generate(graphdef, state, prompt, steps, temperature, rng):
     model = nnx.merge(graphdef, state)
     batch, length = prompt.shape
 
-    def sample(logits, key):
-        if temperature == 0.0:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+    def sample(logits, key):  # temperature is traced: greedy and sampling share one compiled program
+        drawn = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
+        return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
     keys = jax.random.split(rng, steps)
     logits, cache = model(prompt, cache=model.init_cache(batch, length + steps))
