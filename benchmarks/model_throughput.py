@@ -1,14 +1,15 @@
-"""DiNAT throughput: forward (eval) and train-step images/s, fp32.
+"""Throughput of one registered vision model: forward (eval) and train-step images/s, fp32.
 
-    python benchmarks/dinat.py                      # dinat_mini, batch 8, 224 px
-    python benchmarks/dinat.py --quick              # dinat_pico, batch 2, 64 px (smoke run)
-    python benchmarks/dinat.py --model dinat_tiny --implementation reference
+    python benchmarks/model_throughput.py                          # dinat_mini, batch 8, 224 px
+    python benchmarks/model_throughput.py --model biformer_tiny
+    python benchmarks/model_throughput.py --quick                  # the family's pico, batch 2, 64 px (smoke run)
+    python benchmarks/model_throughput.py --model dinat_tiny --implementation reference
 
 Train step = forward in training mode (stochastic depth on) + cross-entropy + backward + AdamW update, all in one
 jitted call, as a timm training step does. Times are the median of `--repeats` calls after a warm-up. The 2-core
 machine is shared, so the load average is recorded beside the numbers, and so is the process CPU time per call
 (`*_cpu_ms`, all threads): `2 * batch / cpu_seconds` bounds what two idle cores would give. Results: table and
-results/dinat.json.
+results/throughput_<model>.json.
 """
 from __future__ import annotations
 
@@ -77,22 +78,23 @@ def measure(name: str, batch: int, img_size: int, implementation: str | None, re
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="dinat_pico, batch 2, 64 px, 2 repeats")
+    parser.add_argument("--quick", action="store_true", help="the family's pico, batch 2, 64 px, 2 repeats")
     parser.add_argument("--model", default="dinat_mini")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--implementation", default=None, help="neighborhood_attention backend (default: auto)")
+    parser.add_argument("--implementation", default=None, help="the attention op's backend (default: auto)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.batch, args.img_size, args.repeats = "dinat_pico", 2, 64, 2
+        args.model = args.model.split("_")[0] + "_pico"
+        args.batch, args.img_size, args.repeats = 2, 64, 2
 
     load_before = os.getloadavg()[0]
     row = measure(args.model, args.batch, args.img_size, args.implementation, args.repeats)
     row["load_avg_1min"] = round((load_before + os.getloadavg()[0]) / 2, 1)
     print_table([row], ["model", "batch", "img_size", "implementation", "forward_img_s", "train_img_s",
                         "forward_ms", "train_ms", "forward_cpu_ms", "train_cpu_ms", "compile_fwd_s", "compile_train_s", "load_avg_1min"])
-    write_json("dinat" + ("_quick" if args.quick else ""), {"rows": [row], "args": vars(args)})
+    write_json(f"throughput_{args.model}" + ("_quick" if args.quick else ""), {"rows": [row], "args": vars(args)})
 
 
 if __name__ == "__main__":
