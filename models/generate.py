@@ -28,7 +28,7 @@ def generate(model: nnx.Module, prompt, steps: int, temperature: float = 0.0, rn
         raise ValueError(f"`temperature` must be >= 0, got {temperature}")
     if temperature > 0.0 and rng is None:
         raise ValueError("sampling with `temperature` > 0 needs `rng` (a jax.random key)")
-    model._check_tokens(prompt, None)  # ids in range, before tracing hides them
+    model.check_tokens(prompt, None)  # ids in range, before tracing hides them
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, prompt, int(steps), jnp.float32(temperature), rng)

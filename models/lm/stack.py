@@ -66,7 +66,7 @@ class CausalLM(nnx.Module):
         return DecodeCache(jnp.zeros((), jnp.int32), states, int(max_len))
 
     def __call__(self, tokens, cache: DecodeCache | None = None):
-        tokens = self._check_tokens(tokens, cache)
+        tokens = self.check_tokens(tokens, cache)
         pos = jnp.zeros((), jnp.int32) if cache is None else cache.pos
         x = self.embed(tokens) * self.embed_scale
         new_states = []
@@ -81,7 +81,8 @@ class CausalLM(nnx.Module):
         logits = jnp.where(end > cache.max_len, jnp.nan, logits)
         return logits, DecodeCache(end, tuple(new_states), cache.max_len)
 
-    def _check_tokens(self, tokens, cache):
+    def check_tokens(self, tokens, cache=None):
+        """Raises ValueError for anything but int ids `[B, T >= 1]` in range (when concrete) fitting the cache."""
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"`tokens` must have rank 2 [batch, length], got shape {tuple(tokens.shape)}")
