@@ -109,13 +109,13 @@ def imagenet_recipe(c: ml_collections.ConfigDict, *, image_size: int = 224, batc
 def digits_recipe(c: ml_collections.ConfigDict, *, model: str, image_size: int = 64,
                   **model_kwargs) -> ml_collections.ConfigDict:
     """The embedded default of the vision families: a small model on scikit-learn digits upscaled to
-    `image_size`, light crop jitter (no flips: digits are not mirror-symmetric), 12 epochs of batch 64."""
+    `image_size`, light crop jitter (no flips: digits are not mirror-symmetric), 30 epochs of batch 64."""
     c.model = model
     c.model_kwargs = ml_collections.ConfigDict({"img_size": image_size, **model_kwargs})
     c.dataset, c.train_split, c.eval_split = "digits", "train", "test"
     c.image_size = image_size
     c.input.update(crop_scale=(0.6, 1.0), crop_ratio=(0.85, 1.18), flip=False, crop_pct=1.0)
-    c.batch_size, c.num_epochs = 64, 12.0
+    c.batch_size, c.num_epochs = 64, 30.0
     c.optimizer.update(learning_rate=3e-3, warmup_steps=30)
     c.log_every, c.eval_every, c.checkpoint_every = 10, 100, 100
     return c

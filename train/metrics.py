@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import jax
 
@@ -50,7 +51,7 @@ class MetricWriter:
     def __init__(self, workdir: str, *, total_steps: int, start_step: int, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.workdir, self.total_steps = workdir, total_steps
-        self._tb = self._bar = None
+        self._tb = self._bar = self._clock = None
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -77,8 +78,13 @@ class MetricWriter:
                  if k in _SHOWN}
         if self._bar is not None:
             self._bar.set_postfix(shown, refresh=False)
-        else:
-            print(f"step {step}/{self.total_steps} " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+            return
+        now = time.monotonic()
+        if self._clock is None:
+            self._clock = (step, now)  # ETA from the rate after the first logged step (compilation excluded)
+        done, since = step - self._clock[0], now - self._clock[1]
+        eta = f" eta={(self.total_steps - step) * since / done:.0f}s" if done > 0 else ""
+        print(f"step {step}/{self.total_steps} " + " ".join(f"{k}={v}" for k, v in shown.items()) + eta, flush=True)
 
     def progress(self, step: int):
         if self._bar is not None:

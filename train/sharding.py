@@ -92,6 +92,10 @@ def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh) -> tuple:
     return tuple(spec)
 
 
+def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Mapping[str, object]) -> NamedSharding:
+    return NamedSharding(mesh, _variable_spec(variable, mesh, rules))
+
+
 def _variable_spec(variable, mesh: Mesh, rules: Mapping[str, object]) -> P:
     shape = tuple(variable.get_value().shape)
     logical = variable.get_metadata().get("out_sharding")
@@ -107,7 +111,7 @@ def _variable_spec(variable, mesh: Mesh, rules: Mapping[str, object]) -> P:
 
 def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Mapping[str, object]):
     """The (abstract) `nnx.State` with each variable's value replaced by its `NamedSharding`."""
-    return jax.tree.map(lambda v: v.replace(NamedSharding(mesh, _variable_spec(v, mesh, rules))), abstract_state,
+    return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh, rules)), abstract_state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

@@ -50,9 +50,11 @@ def build_model(config, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
     expected = "vision" if config.task == "classification" else "lm"
     if kind != expected:
         raise ValueError(f"`model` {config.model!r} is a {kind} model, but `task` is {config.task!r}")
-    if kind == "lm":
-        return create_model(config.model, rngs=rngs, **kwargs)
     return create_model(config.model, rngs=rngs, **kwargs)
+
+
+def _rngs(config) -> nnx.Rngs:
+    return nnx.Rngs(params=config.seed, dropout=config.seed + 1)
 
 
 def _split(model):
@@ -62,7 +64,7 @@ def _split(model):
 def _init_fn(config, num_outputs, tx):
     def init():
         with nnx.use_eager_sharding(False):
-            model = build_model(config, num_outputs, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+            model = build_model(config, num_outputs, _rngs(config))
         _, params, rng_state, model_state = _split(model)
         ema = params if config.optimizer.ema_decay > 0 else None
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
@@ -72,10 +74,11 @@ def _init_fn(config, num_outputs, tx):
 
 
 def _shardings(abstract, mesh, rules):
-    """Variables get their logical / FSDP sharding, everything else (counters, scalars) is replicated."""
+    """Variables (parameters, their optimizer moments, statistics) get their logical / FSDP sharding; everything
+    else (step counters, scalars) is replicated."""
     def leaf(x):
         if isinstance(x, nnx.Variable):
-            return shard_lib.state_shardings(x, mesh, rules)
+            return x.replace(shard_lib.variable_sharding(x, mesh, rules))
         return shard_lib.replicated(mesh)
     return jax.tree.map(leaf, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -92,8 +95,7 @@ def create(config, num_outputs: int, tx, mesh, rules):
     state_shardings = _shardings(abstract_state, mesh, rules)
     rng_state = jax.tree.map(_placeholder, abstract_rngs)  # values never used: every step re-seeds
     with nnx.use_eager_sharding(False):  # outside the mesh: logical names are not mesh axes
-        abstract_model = nnx.eval_shape(
-            lambda: build_model(config, num_outputs, nnx.Rngs(params=config.seed, dropout=config.seed + 1)))
+        abstract_model = nnx.eval_shape(lambda: build_model(config, num_outputs, _rngs(config)))
     abstract_model.train()
     train_graph = nnx.graphdef(abstract_model)
     abstract_model.eval()

@@ -17,7 +17,7 @@ import pytest
 
 import tiny_config
 from jaxattn.train import metrics, train
-from train_helpers import cli, run_cli
+from train_helpers import Output, cli, run_cli
 
 DELAY = 0.15  # seconds per step of the tiny model: room to signal a running process
 
@@ -57,7 +57,7 @@ def _wait_for(predicate, proc, timeout=240):
     deadline = time.time() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"process ended early:\n{proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"process ended early (exit code {proc.returncode})")
         if time.time() > deadline:
             proc.kill()
             raise AssertionError("timed out")
@@ -92,18 +92,21 @@ def test_resume_after_sigkill_and_sigterm_is_bit_identical(tfds_dir, reference, 
     ref_dir, _ = reference
     workdir = tmp_path / "interrupted"
     proc = cli(_cli_args(tfds_dir, workdir))
+    output = Output(proc)
     _wait_for(lambda: (workdir / "checkpoints" / "3").exists(), proc)
     time.sleep(random.uniform(0.0, 3 * DELAY))  # anywhere: mid-step, mid-save
     proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    output.finish()
     restart = max(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     assert restart < 12
 
     proc = cli(_cli_args(tfds_dir, workdir))
-    logged = lambda: [r["step"] for r in metrics.read_metrics(str(workdir)) if "train/loss" in r]
-    _wait_for(lambda: logged() and logged()[-1] > restart, proc)
+    output = Output(proc)
+    progressed = lambda: any(line.startswith("step ") and int(line.split()[1].split("/")[0]) > restart
+                             for line in list(output.lines))
+    _wait_for(progressed, proc)  # this run has resumed and trained past the checkpoint
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out = output.finish()
     assert proc.returncode == 0 and "SIGTERM: saved step" in out, out
     preempted = max(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     assert restart < preempted < 12
@@ -111,7 +114,7 @@ def test_resume_after_sigkill_and_sigterm_is_bit_identical(tfds_dir, reference, 
     code, out = run_cli(_cli_args(tfds_dir, workdir))
     assert code == 0, out
     _assert_identical(_params(workdir, 12), _params(ref_dir, 12))
-    steps = logged()
+    steps = [r["step"] for r in metrics.read_metrics(str(workdir)) if "train/loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 12  # no duplicated lines from the interrupted runs
 
 
@@ -162,10 +165,11 @@ def test_two_processes_match_one_process(tfds_dir, tmp_path):
     single = cli(_cli_args(tfds_dir, tmp_path / "single", *common, "--cpu_devices=2"))
     address = f"127.0.0.1:{_free_port()}"
     procs = [cli(_cli_args(tfds_dir, tmp_path / "multi", *common, f"--coordinator_address={address}",
-                           "--num_processes=2", f"--process_id={i}")) for i in range(2)]
-    for p in [single, *procs]:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out
+                           "--num_processes=2", f"--process_id={i}"), module="jaxattn.train.main") for i in range(2)]
+    outputs = [Output(p) for p in [single, *procs]]
+    for out in outputs:
+        text = out.finish(timeout=300)
+        assert out.proc.returncode == 0, text
     curve = lambda d: [r["train/loss"] for r in metrics.read_metrics(str(d)) if "train/loss" in r]
     one, two = curve(tmp_path / "single"), curve(tmp_path / "multi")
     assert len(one) == 6

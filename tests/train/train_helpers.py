@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -17,10 +18,27 @@ def cli_env(**extra) -> dict:
     return env
 
 
-def cli(args, **popen) -> subprocess.Popen:
-    """Starts `python -m train.main ARGS` from the repository root."""
-    return subprocess.Popen([sys.executable, "-m", "train.main", *args], cwd=ROOT, env=popen.pop("env", None) or cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+def cli(args, *, module: str = "train.main") -> subprocess.Popen:
+    """Starts `python -m train.main ARGS` from the repository root (stdout and stderr together)."""
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+class Output:
+    """Collects a process's output lines in the background, so a test can wait for one while it runs."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.lines = proc, []
+        self._thread = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
+        self._thread.start()
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def finish(self, timeout=120) -> str:
+        self.proc.wait(timeout=timeout)
+        self._thread.join(timeout=10)
+        return self.text()
 
 
 def run_cli(args, *, timeout=300) -> tuple[int, str]:
