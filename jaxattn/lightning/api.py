@@ -23,8 +23,28 @@ def _load_xla():
     return lightning_chunked
 
 
+def _load_pallas():
+    from jaxattn.kernels.lightning_attention.pallas import attention
+    return attention
+
+
+def _load_triton():
+    from jaxattn.kernels.lightning_attention.triton import attention
+    return attention
+
+
+def _triton_supports(query=None, value=None, **_):
+    """The Triton kernel needs jax-triton (the `gpu` extra) and keeps a `[H, <= 32]` fp32 state tile and
+    `[64, H]` operand tiles in registers: heads of <= 256 features."""
+    import importlib.util
+    return max(query.shape[-1], value.shape[-1]) <= 256 and importlib.util.find_spec("jax_triton") is not None
+
+
 dispatch.register(OP, dispatch.Backend("reference", _load_reference, platforms=(), priority=-1))
 dispatch.register(OP, dispatch.Backend("xla", _load_xla, platforms=None, priority=0))
+dispatch.register(OP, dispatch.Backend("pallas", _load_pallas, platforms=("tpu", "gpu"), priority=1))
+dispatch.register(OP, dispatch.Backend("triton", _load_triton, platforms=("gpu",), priority=2,
+                                       supports=_triton_supports))
 
 
 def lightning_attention(query, key, value, *, slopes=None, is_causal=True, block_size=64, initial_state=None,
