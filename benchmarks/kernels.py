@@ -7,8 +7,15 @@
 Compared, where the platform has them: `jax.nn.dot_product_attention` (cuDNN on GPU, its XLA path), jaxattn's
 blocked XLA path, the Pallas kernel (Mosaic on TPU, Pallas-Triton on GPU) and the Triton kernel (jax-triton, GPU).
 FLOPs count the two attention matmuls (4 B N T S H, halved when causal); the backward counts 2.5x the forward.
-Without a GPU or TPU the script says so and exits 0. Results: printed table, results/kernels.json and
-results/kernels.png (TFLOP/s against T).
+
+Lightning section (`lightning_attention`, causal with TransNormerLLM decay, same shapes; `--lightning-only` skips
+softmax attention, `--no-lightning` skips this): the chunked XLA path against the Pallas and Triton scans. Its
+cost is linear in T, so it reports time and million tokens per second (B T / time); forward + backward is
+`value_and_grad` of the output and final state.
+
+Without a GPU or TPU the script says so and exits 0. Results: printed tables, results/kernels.json (attention
+rows under "rows", lightning rows under "lightning"), results/kernels.png (TFLOP/s against T) and
+results/kernels_lightning.png (Mtok/s against T).
 """
 from __future__ import annotations
 
@@ -43,6 +50,52 @@ def _candidates(platform: str, interpret: bool) -> dict:
     return out
 
 
+def _lightning_candidates(platform: str, interpret: bool) -> dict:
+    """name -> f(q, k, v, slopes) -> (out, final_state), causal lightning attention."""
+    def ours(impl):
+        return lambda q, k, v, slopes: jaxattn.lightning_attention(q, k, v, slopes=slopes, return_state=True,
+                                                                   implementation=impl)
+
+    if interpret:
+        return {"lightning-xla": ours("xla"), "lightning-pallas(interpret)": ours("pallas")}
+    out = {"lightning-xla": ours("xla"), "lightning-pallas": ours("pallas")}
+    if platform == "gpu":
+        out["lightning-triton"] = ours("triton")
+    return out
+
+
+def _lightning_rows(args, lengths) -> list[dict]:
+    platform = jax.default_backend()
+    dtype = jnp.float32 if args.interpret else jnp.bfloat16
+    slopes = jaxattn.lightning_slopes(args.heads)
+    rows = []
+    for t in lengths:
+        keys = jax.random.split(jax.random.key(t + 1), 3)
+        q, k, v = (jax.random.normal(key, (args.batch, t, args.heads, args.head_dim), dtype) for key in keys)
+        for name, fn in _lightning_candidates(platform, args.interpret).items():
+            fwd = functools.partial(fn, slopes=slopes)
+
+            def fwd_bwd(q, k, v, fwd=fwd):
+                def loss(q, k, v):
+                    out, state = fwd(q, k, v)
+                    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(state)
+                return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+            row = {"T": t, "impl": name}
+            try:
+                fwd_s = time_fn(fwd, q, k, v, repeats=args.repeats)
+                fwd_bwd_s = time_fn(fwd_bwd, q, k, v, repeats=args.repeats)
+            except Exception as err:  # an implementation missing on this machine is a row
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            else:
+                tokens = args.batch * t
+                row.update(fwd_ms=1e3 * fwd_s, fwd_Mtok_s=tokens / fwd_s / 1e6, fwd_bwd_ms=1e3 * fwd_bwd_s,
+                           fwd_bwd_Mtok_s=tokens / fwd_bwd_s / 1e6)
+            rows.append(row)
+            print_table([row], list(row))
+    return rows
+
+
 def _flops(b, n, t, h, causal):
     return 4 * b * n * t * t * h * (0.5 if causal else 1.0)
 
@@ -67,6 +120,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--interpret", action="store_true", help="tiny CPU smoke run of the script itself")
+    parser.add_argument("--lightning-only", action="store_true", help="only the lightning-attention section")
+    parser.add_argument("--no-lightning", action="store_true", help="skip the lightning-attention section")
     args = parser.parse_args(argv)
     platform = jax.default_backend()
     if platform == "cpu" and not args.interpret:
@@ -80,7 +135,7 @@ def main(argv=None):
         lengths, modes, args.batch, args.heads, args.kv_heads, args.head_dim, args.repeats = [64], [True], 1, 2, 2, 32, 1
     dtype = jnp.float32 if args.interpret else jnp.bfloat16
     rows = []
-    for t in lengths:
+    for t in ([] if args.lightning_only else lengths):
         keys = jax.random.split(jax.random.key(t), 3)
         q = jax.random.normal(keys[0], (args.batch, t, args.heads, args.head_dim), dtype)
         k = jax.random.normal(keys[1], (args.batch, t, args.kv_heads, args.head_dim), dtype)
@@ -98,14 +153,20 @@ def main(argv=None):
                                fwd_bwd_ms=1e3 * fwd_bwd_s, fwd_bwd_TFLOPs=3.5 * flops / fwd_bwd_s / 1e12)
                 rows.append(row)
                 print_table([row], list(row))
-    print()
-    print_table(rows, ["T", "causal", "impl", "fwd_ms", "fwd_TFLOPs", "fwd_bwd_ms", "fwd_bwd_TFLOPs", "error"])
-    write_json("kernels", {"config": vars(args), "platform": platform, "rows": rows})
-    _plot(rows)
+    lightning = [] if args.no_lightning else _lightning_rows(args, lengths)
+    if rows:
+        print()
+        print_table(rows, ["T", "causal", "impl", "fwd_ms", "fwd_TFLOPs", "fwd_bwd_ms", "fwd_bwd_TFLOPs", "error"])
+        _plot(rows, ("fwd_TFLOPs", "fwd_bwd_TFLOPs"), "kernels.png")
+    if lightning:
+        print()
+        print_table(lightning, ["T", "impl", "fwd_ms", "fwd_Mtok_s", "fwd_bwd_ms", "fwd_bwd_Mtok_s", "error"])
+        _plot([dict(r, causal=True) for r in lightning], ("fwd_Mtok_s", "fwd_bwd_Mtok_s"), "kernels_lightning.png")
+    write_json("kernels", {"config": vars(args), "platform": platform, "rows": rows, "lightning": lightning})
     return 0
 
 
-def _plot(rows):
+def _plot(rows, keys, filename):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -114,7 +175,7 @@ def _plot(rows):
         print("matplotlib not installed: no plot")
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key in zip(axes, ("fwd_TFLOPs", "fwd_bwd_TFLOPs")):
+    for ax, key in zip(axes, keys):
         for impl in dict.fromkeys(r["impl"] for r in rows):
             for causal in (True, False):
                 pts = [(r["T"], r[key]) for r in rows if r["impl"] == impl and r["causal"] == causal and key in r]
@@ -125,7 +186,7 @@ def _plot(rows):
         ax.set_ylabel(key.replace("_", " "))
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = RESULTS / "kernels.png"
+    path = RESULTS / filename
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
 
