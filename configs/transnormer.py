@@ -5,10 +5,11 @@
     # the equally sized softmax-attention baseline, trained the same way:
     python -m train.main --config configs/softmax_lm.py --workdir workdirs/softmax_lm
 
-The corpus is every `*.py` file of this Python's standard library except tests, one document each, separated by a
-NUL byte (vocabulary 256); the held-out split is a fixed set of whole modules (`argparse`, `csv`, `difflib`,
-`fractions`, `heapq`, `json`, `statistics`, `textwrap`, `zipfile`), see `train/datasets/stdlib_bytes`.
-Evaluation reports `eval/bits_per_byte` over all held-out windows.
+The corpus is every `*.py` file of this Python's standard library except tests, one document each, ended by an
+end-of-document token (id 258 of the 260-token byte vocabulary: 256 bytes + pad, bos, eos, sep); the held-out split
+is a fixed set of whole modules (`argparse`, `csv`, `difflib`, `fractions`, `heapq`, `json`, `statistics`,
+`textwrap`, `zipfile`), see `train/datasets/stdlib_bytes`. Evaluation reports `eval/bits_per_byte` over every byte
+of the held-out modules (each predicted once, with up to `seq_len` bytes of context).
 """
 from __future__ import annotations
 

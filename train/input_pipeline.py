@@ -147,15 +147,17 @@ def vision_preprocess(config, *, train: bool):
 
 # ---- byte-level language modelling ----
 
-SEPARATOR = 0  # ends each document; NUL never occurs in source text
+# Token ids: bytes 0-255, then the specials of the LM family's byte vocabulary (pad 256, bos 257, eos 258, sep 259).
+BYTE_VOCAB_SIZE = 260
+EOS = 258  # ends each document
 
 
 def load_corpus(source) -> np.ndarray:
-    """All documents of a split as one uint8 array, in path order, each followed by `SEPARATOR`."""
+    """All documents of a split as one token array (uint16), in path order, each followed by `EOS`."""
     docs = sorted((source[i] for i in range(len(source))), key=lambda d: d["path"])
     parts = []
     for doc in docs:
-        parts += [np.asarray(doc["bytes"], np.uint8), np.asarray([SEPARATOR], np.uint8)]
+        parts += [np.asarray(doc["bytes"], np.uint16), np.asarray([EOS], np.uint16)]
     return np.concatenate(parts)
 
 

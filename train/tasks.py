@@ -2,8 +2,9 @@
 
 - `Classification`: images -> logits `[B, K]`. Batches `{'image': uint8 [B, H, W, C], 'label': int [B]}` (plus
   `'mask'` in evaluation). Normalisation, mixup/cutmix and label smoothing happen here, on the device.
-- `LanguageModel`: byte ids -> next-byte logits `[B, T, V]`. Batches `{'inputs': int [B, T], 'targets': int [B, T]}`
-  (plus `'mask'` `[B]` in evaluation). Reports bits per byte: the mean cross-entropy in bits.
+- `LanguageModel`: token ids -> next-token logits `[B, T, V]`. Batches `{'inputs': int [B, T], 'targets': int
+  [B, T]}` (plus `'mask'` `[B]` in evaluation). Reports bits per byte: the mean cross-entropy in bits over the
+  targets that are bytes (ids < 256; end-of-document markers are predicted in training but not counted).
 
 `eval_sums` returns sums (not means) so that batches, hosts and padded examples (mask 0) combine exactly.
 """
@@ -70,10 +71,11 @@ class LanguageModel:
         return loss, {"bits_per_byte": loss / LN2}
 
     def eval_sums(self, model, batch):
+        """Cross-entropy summed over byte targets only: end-of-document markers are not bytes."""
         logits = model(batch["inputs"]).astype(jnp.float32)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-        mask = batch["mask"].astype(jnp.float32)[:, None]
-        return {"nll": jnp.sum(nll * mask), "count": jnp.sum(jnp.broadcast_to(mask, nll.shape))}
+        mask = batch["mask"].astype(jnp.float32)[:, None] * (batch["targets"] < 256)
+        return {"nll": jnp.sum(nll * mask), "count": jnp.sum(mask)}
 
     @staticmethod
     def summarize(sums):

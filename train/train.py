@@ -80,7 +80,7 @@ def _datasets(config):
                 input_pipeline.vision_preprocess(config, train=False), input_pipeline.num_classes(config))
     windows = [input_pipeline.TokenWindows(input_pipeline.load_corpus(s), config.seq_len)
                for s in (train_src, eval_src)]
-    return windows[0], windows[1], None, None, 256
+    return windows[0], windows[1], None, None, input_pipeline.BYTE_VOCAB_SIZE
 
 
 class _Evaluator:

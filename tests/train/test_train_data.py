@@ -50,8 +50,8 @@ def test_stdlib_held_out_modules(tfds_dir):
     paths = [train[i]["path"].decode() for i in range(len(train))]
     assert "os.py" in paths and not any("/test/" in p or p.startswith("test/") for p in paths)
     corpus = input_pipeline.load_corpus(test)
-    assert corpus.dtype == np.uint8 and 200_000 < len(corpus) < 2_000_000
-    assert (corpus == input_pipeline.SEPARATOR).sum() == len(test)
+    assert 200_000 < len(corpus) < 2_000_000 and corpus.max() == input_pipeline.EOS
+    assert (corpus == input_pipeline.EOS).sum() == len(test) and corpus[-1] == input_pipeline.EOS
 
 
 def _batches(ds, n):
@@ -105,6 +105,11 @@ def test_eval_dataset_counts_every_example_once():
     capped = list(input_pipeline.eval_dataset(source, None, global_batch=4, process_index=0, process_count=1,
                                               max_examples=5))
     assert [int(m) for b in capped for m in b["mask"]] == [1] * 5 + [0] * 3
+
+
+def test_byte_vocabulary_matches_the_language_models():
+    lm = pytest.importorskip("jaxattn.models.lm")
+    assert input_pipeline.BYTE_VOCAB_SIZE == lm.BYTE_VOCAB_SIZE
 
 
 def test_token_windows_predict_each_byte_once():
