@@ -84,8 +84,8 @@ def _datasets(config):
 
 
 class _Evaluator:
-    def __init__(self, config, source, preprocess, mesh, step_fn):
-        self.config, self.mesh, self.step_fn = config, mesh, step_fn
+    def __init__(self, config, source, preprocess, mesh, step_fn, sequence_keys):
+        self.config, self.mesh, self.step_fn, self.sequence_keys = config, mesh, step_fn, sequence_keys
         self.ds = input_pipeline.eval_dataset(
             source, preprocess, global_batch=config.eval_batch_size, process_index=jax.process_index(),
             process_count=jax.process_count(), max_examples=config.eval_max_examples)
@@ -95,7 +95,7 @@ class _Evaluator:
         sums = None
         for batch in input_pipeline.to_iterator(self.ds, self.config):
             if self._shardings is None:
-                self._shardings = sharding.batch_shardings(self.mesh, batch, sequence_keys=("inputs", "targets"))
+                self._shardings = sharding.batch_shardings(self.mesh, batch, sequence_keys=self.sequence_keys)
             out = self.step_fn(params, model_state, sharding.to_global(batch, self._shardings), rng_state)
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
         return jax.device_get(sums)
@@ -105,11 +105,14 @@ def _check_finite(pending: list[tuple[int, dict]], last_saved: int | None, ckpt_
     """Fetches the losses of steps run since the last check; raises `NonFiniteLossError` on the first bad one."""
     fetched = jax.device_get([m for _, m in pending])
     for (step, _), m in zip(pending, fetched):
-        if not np.isfinite(m["loss"]):
+        # A finite loss with non-finite gradients would still poison the parameters of this step.
+        bad = next((k for k in ("loss", "grad_norm") if not np.isfinite(m[k])), None)
+        if bad is not None:
             kept = (f"the last good checkpoint (step {last_saved}) in {ckpt_dir} is kept" if last_saved is not None
                     else "no checkpoint was written")
+            what = "the loss" if bad == "loss" else f"the loss is {float(m['loss'])} but the gradient norm"
             raise NonFiniteLossError(
-                f"training stopped: the loss is {float(m['loss'])} at step {step}; {kept} and nothing after it was "
+                f"training stopped: {what} is {float(m[bad])} at step {step}; {kept} and nothing after it was "
                 f"saved. Try a lower optimizer.learning_rate, optimizer.grad_clip_norm > 0, or check the input data.")
     return fetched
 
@@ -146,7 +149,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step_fn = functools.partial(train_step, model_def=model_def, task=task, tx=tx, schedule=schedule,
                                 config=config)
     evaluator = _Evaluator(config, eval_src, eval_prep, mesh, jax.jit(
-        functools.partial(eval_step, model_def=model_def, task=task, rules=config.logical_axis_rules)))
+        functools.partial(eval_step, model_def=model_def, task=task, rules=config.logical_axis_rules)),
+        task.sequence_keys)
     writer = metrics.MetricWriter(workdir, total_steps=total_steps, start_step=start)
     stop = ckpt_lib.StopRequest()
     meta = {"config": config.to_json_best_effort(), "total_steps": total_steps}
