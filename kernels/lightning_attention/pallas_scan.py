@@ -13,7 +13,9 @@ initial state of the reverse recurrence enters at that row, undecayed). Exponent
 overflows; an exponent of a padded row only ever multiplies zeros.
 
 The state is carried in fp32 (loop carry on Triton, VMEM scratch on TPU); it is rounded to the input dtype for
-the `A S` product (tensor core / MXU speed, as the score-value product); fp32 inputs use full-precision dots.
+the `A S` product, as are the decay-weighted rows of B for the update (tensor core / MXU speed, like the rounding
+of the scores before `(.) C`; bf16 outputs stay within ~1.3x the error of the fp32-state XLA path at T = 2000).
+fp32 inputs use full-precision dots.
 """
 from __future__ import annotations
 
