@@ -234,7 +234,7 @@ def _bad_calls():
         (lambda: la(q, k, v, block_size=True), "`block_size` must be a positive int"),
         (lambda: la(q, k, v, is_causal=False, initial_state=s0), "`initial_state` needs is_causal=True"),
         (lambda: la(q, k, v, is_causal=False, return_state=True), "`return_state=True` needs is_causal=True"),
-        (lambda: la(q, k, v, implementation="pallas"), "`implementation`"),
+        (lambda: la(q, k, v, implementation="cuda"), "`implementation`"),
         (lambda: step(q[:, 0], k[:, 0], v[:, 0], s0[:, :1]), "`state` must have shape"),
         (lambda: step(q, k, v, s0), "`query` must have rank 3"),
         (lambda: jaxattn.lightning_slopes(0), "`num_heads` must be a positive int"),
