@@ -62,7 +62,7 @@ class Layout:
         axes = tuple((length, *spec.axis(a)) for a, length in enumerate(spatial)) + ((1, 1, 1, 1, False),) * (3 - nd)
         if tile is None or isinstance(tile, int):
             tile = (tile,) * nd
-        tiles = tuple(t or tiling.default_tile(*axes[a][:4], nd) for a, t in enumerate(tile)) + (1,) * (3 - nd)
+        tiles = tuple(t or tiling.default_tile(*axes[a][:4], nd, a) for a, t in enumerate(tile)) + (1,) * (3 - nd)
         plans = [tiling.axis_tiles(*axes[a], tiles[a]) for a in range(3)]
         row = b * n_heads * plans[0].groups * math.prod(p.groups * p.num_tiles for p in plans[1:])
         row *= math.prod(p.tile * p.span for p in plans)  # logits of one first-axis tile (all others included)

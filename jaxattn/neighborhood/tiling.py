@@ -15,9 +15,10 @@ import numpy as np
 
 from jaxattn.neighborhood import windows
 
-# Queries per tile along each axis, by number of real (non-unit) spatial axes: small enough that the halo
-# overhead `((tile + k - 1) / k) ** ndim` stays modest, big enough for useful matmuls. Tuned on CPU, k = 7.
-DEFAULT_TILE = {1: 32, 2: 8, 3: 2}
+# Queries per tile along each axis, by number of spatial axes: small enough that the halo overhead
+# `prod((tile + k - 1) / tile)` stays modest, big enough for useful matmuls; the last (contiguous) axis gets the
+# longest tiles. Tuned on CPU with k = 5..7 (benchmarks/neighborhood.py).
+DEFAULT_TILE = {1: (32,), 2: (4, 8), 3: (2, 2, 4)}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -49,10 +50,10 @@ class AxisTiles:
         return (self.rel[..., None] == np.arange(2 * self.kernel - 1)).astype(np.float32)
 
 
-def default_tile(length: int, kernel: int, dilation: int, stride: int, real_axes: int) -> int:
+def default_tile(length: int, kernel: int, dilation: int, stride: int, ndim: int, axis: int) -> int:
     """Tile size for one axis: the per-ndim default, a multiple of the stride, at most the group length."""
     group_len = math.ceil(length / dilation)
-    tile = DEFAULT_TILE.get(real_axes, 4)
+    tile = DEFAULT_TILE[ndim][axis]
     tile = max(stride, tile // stride * stride)
     return max(1, min(tile, group_len))
 
