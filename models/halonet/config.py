@@ -35,7 +35,8 @@ class AttnCfg:
 
     `dim_head=None` gives `make_divisible(mid_chs * qk_ratio) // num_heads` for queries/keys; values always get
     `mid_chs // num_heads` per head. `avg_down=True` (or a block size not divisible by the stride) downsamples
-    with a 2x2 average pool after full-resolution attention instead of strided queries.
+    with a 2x2 average pool after full-resolution attention instead of strided queries. `implementation` picks
+    the `jaxattn.halo_attention` backend (None: the platform's best).
     """
     block_size: int = 8
     halo_size: int = 3
@@ -45,6 +46,7 @@ class AttnCfg:
     qkv_bias: bool = False
     avg_down: bool = False
     scale_pos_embed: bool = False
+    implementation: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ from flax import nnx
 
 import jaxattn
 from jaxattn.models.halonet.config import AttnCfg, make_divisible
+from jaxattn.models.halonet.conv import Conv2d, max_pool_3x3_s2
 
 ACTIVATIONS = {"relu": jax.nn.relu, "silu": jax.nn.silu}
 BN_EPS = 1e-5  # torch BatchNorm2d default, as in timm's BatchNormAct2d
@@ -39,19 +40,12 @@ class ConvBnAct(nnx.Module):
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, *, act: str | None = "relu",
                  zero_init: bool = False, rngs: nnx.Rngs):
         pad = ((stride - 1) + (kernel_size - 1)) // 2
-        self.conv = nnx.Conv(in_chs, out_chs, (kernel_size, kernel_size), strides=stride,
-                             padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_init, rngs=rngs)
+        self.conv = Conv2d(in_chs, out_chs, kernel_size, stride, pad, kernel_init=conv_init, rngs=rngs)
         self.bn = batch_norm(out_chs, zero_init=zero_init, rngs=rngs)
         self.act_name = act
 
     def __call__(self, x):
         return activation(self.act_name)(self.bn(self.conv(x)))
-
-
-def max_pool_3x3_s2(x):
-    """torch `MaxPool2d(3, 2, 1)`: padding never wins the max."""
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                                 ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
 class Stem(nnx.Module):
@@ -94,8 +88,8 @@ class SqueezeExcite(nnx.Module):
 
     def __init__(self, chs: int, *, rngs: nnx.Rngs):
         rd = make_divisible(chs / 16, 8, round_limit=0.0)
-        self.fc1 = nnx.Conv(chs, rd, (1, 1), kernel_init=conv_init, rngs=rngs)
-        self.fc2 = nnx.Conv(rd, chs, (1, 1), kernel_init=conv_init, rngs=rngs)
+        self.fc1 = Conv2d(chs, rd, use_bias=True, kernel_init=conv_init, rngs=rngs)
+        self.fc2 = Conv2d(rd, chs, use_bias=True, kernel_init=conv_init, rngs=rngs)
 
     def __call__(self, x):
         s = jnp.mean(x, axis=(1, 2), keepdims=True)
@@ -136,14 +130,15 @@ class HaloAttention(nnx.Module):
         self.scale = self.dim_head_qk ** -0.5
         self.scale_pos_embed = cfg.scale_pos_embed
         self.block_size, self.halo_size = cfg.block_size, cfg.halo_size
+        self.implementation = cfg.implementation
         self.avg_pool = stride > 1 and (cfg.avg_down or cfg.block_size % stride != 0)
         self.query_stride = 1 if self.avg_pool else stride
         # timm's init: q/kv truncated normal with std fan_in ** -0.5, tables with std = scale.
         proj_init = nnx.initializers.truncated_normal(dim ** -0.5)
-        self.q = nnx.Conv(dim, heads * self.dim_head_qk, (1, 1), strides=self.query_stride, use_bias=cfg.qkv_bias,
-                          kernel_init=proj_init, rngs=rngs)
-        self.kv = nnx.Conv(dim, heads * (self.dim_head_qk + self.dim_head_v), (1, 1), use_bias=cfg.qkv_bias,
-                           kernel_init=proj_init, rngs=rngs)
+        self.q = Conv2d(dim, heads * self.dim_head_qk, 1, self.query_stride, use_bias=cfg.qkv_bias,
+                        kernel_init=proj_init, rngs=rngs)
+        self.kv = Conv2d(dim, heads * (self.dim_head_qk + self.dim_head_v), 1, use_bias=cfg.qkv_bias,
+                         kernel_init=proj_init, rngs=rngs)
         self.pos_embed = PosEmbedRel(cfg.block_size + 2 * cfg.halo_size, self.dim_head_qk, self.scale, rngs=rngs)
 
     def __call__(self, x):
@@ -157,7 +152,7 @@ class HaloAttention(nnx.Module):
             rel_h, rel_w = rel_h * self.scale, rel_w * self.scale
         out = jaxattn.halo_attention(q, k, v, self.block_size, self.halo_size, rel_height=rel_h.astype(q.dtype),
                                      rel_width=rel_w.astype(q.dtype), scale=self.scale,
-                                     query_stride=self.query_stride)
+                                     query_stride=self.query_stride, implementation=self.implementation)
         out = out.reshape(*out.shape[:3], self.num_heads * self.dim_head_v)
         if self.avg_pool:  # torch AvgPool2d(2, 2): floor, no padding
             out = jax.lax.reduce_window(out, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0

@@ -7,14 +7,14 @@ the classifier dropout.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.models.halonet.config import AttnCfg, BlockCfg, make_divisible
-from jaxattn.models.halonet.layers import (ConvBnAct, HaloAttention, SqueezeExcite, Stem, activation, batch_norm,
-                                           conv_init)
+from jaxattn.models.halonet.layers import ConvBnAct, HaloAttention, SqueezeExcite, Stem, activation, batch_norm
 from jaxattn.models.layers import DropPath, drop_path_rates
 
 
@@ -90,13 +90,14 @@ class HaloNet(nnx.Module):
       se_bottleneck: squeeze-excite after the 3x3 of bottleneck blocks (timm `attn_layer='se'`).
       drop_rate: dropout before the classifier; drop_path_rate: stochastic depth, linear over all blocks.
       zero_init_last: zero-init the last BN scale of every residual branch (timm's default).
+      attn_implementation: `jaxattn.halo_attention` backend for every block (overrides `AttnCfg.implementation`).
     """
 
     def __init__(self, stages: Sequence[Sequence[BlockCfg]], *, num_classes: int = 1000, img_size=256,
                  in_chans: int = 3, stem_type: str = "7x7", stem_chs: int = 64, stem_pool: bool = True,
                  act: str = "relu", num_features: int = 0, attn: AttnCfg = AttnCfg(), se_bottleneck: bool = False,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, zero_init_last: bool = True,
-                 rngs: nnx.Rngs):
+                 attn_implementation: str | None = None, rngs: nnx.Rngs):
         activation(act)  # validates the name
         self.stage_cfgs = tuple(tuple(s) for s in stages)
         if not self.stage_cfgs or any(not s for s in self.stage_cfgs):
@@ -115,7 +116,10 @@ class HaloNet(nnx.Module):
                 if cfg.type == "bottle":
                     blocks.append(BottleneckBlock(prev, cfg, se=se_bottleneck, **common))
                 else:
-                    blocks.append(SelfAttnBlock(prev, cfg, attn=cfg.attn or attn, **common))
+                    block_attn = cfg.attn or attn
+                    if attn_implementation is not None:
+                        block_attn = dataclasses.replace(block_attn, implementation=attn_implementation)
+                    blocks.append(SelfAttnBlock(prev, cfg, attn=block_attn, **common))
                 prev = cfg.out_chs
             stage_modules.append(nnx.List(blocks))
         self.stages = nnx.List(stage_modules)

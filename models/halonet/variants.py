@@ -122,12 +122,11 @@ def sehalonet33ts(*, rngs: nnx.Rngs, **overrides) -> HaloNet:
 
 @register("halonet_pico")
 def halonet_pico(*, rngs: nnx.Rngs, **overrides) -> HaloNet:
-    """A tiny all-attention HaloNet for tests and embedded training: 7x7 stem (16), widths 32-64-96-128, depths
-    [1, 1, 2, 1], 2 heads, block 4, halo 1, 64 px (sides must be multiples of 64; pass `img_size` and an
-    `attn=AttnCfg(block_size=2, ...)` for smaller images)."""
+    """A tiny all-attention HaloNet for tests and embedded training: 7x7 stem (16), one halo block per stage
+    (widths 32-64-96-128, the last three strided), 2 heads, block 4, halo 1, 64 px (sides must be multiples of 64;
+    pass `img_size` and `attn=AttnCfg(block_size=2, ...)` for smaller images)."""
     defaults = dict(
-        stages=[stage("self_attn", d, c, 1 if i == 0 else 2) for i, (d, c) in enumerate(zip((1, 1, 2, 1),
-                                                                                           (32, 64, 96, 128)))],
+        stages=[stage("self_attn", 1, c, 1 if i == 0 else 2) for i, c in enumerate((32, 64, 96, 128))],
         stem_type="7x7", stem_chs=16, stem_pool=True, act="relu",
         attn=AttnCfg(block_size=4, halo_size=1, num_heads=2), img_size=64, drop_path_rate=0.05)
     return _build(rngs, defaults, overrides)

@@ -9,6 +9,8 @@ from flax import nnx
 from jaxattn import models
 from jaxattn.models import convert
 from jaxattn.models.halonet import AttnCfg, BlockCfg, HaloNet, interleave, make_divisible, stage
+from jaxattn.models.halonet.conv import conv2d, max_pool_3x3_s2
+from jaxattn.testing import assert_matches_reference, random_inputs
 from jaxattn.testing.fixtures import load_model_fixture
 
 # The fixtures' `__config__` (timm ByobNet terms) expressed as constructor overrides of the registered models.
@@ -102,8 +104,26 @@ def test_paper_variants_within_two_percent():
 
 @pytest.fixture(scope="module")
 def pico():
-    # zero_init_last=False: with timm's zero-initialised last BN every residual branch would get zero gradients.
-    return models.create_model("halonet_pico", num_classes=7, zero_init_last=False, rngs=nnx.Rngs(0))
+    """halonet_pico with random numpy weights (eager init costs one XLA compile per parameter shape; the real
+    initialisers run in `test_from_timm_builds_and_loads_reduced_checkpoint`). BN scales are not zero (timm's
+    zero-init of the last BN would give every residual branch zero gradients)."""
+    model = nnx.eval_shape(lambda: models.create_model("halonet_pico", num_classes=7))
+    rng = np.random.default_rng(0)
+
+    def value(path, v):
+        if isinstance(v, nnx.RngKey):
+            return jax.random.key(len(path))
+        if isinstance(v, nnx.RngCount):
+            return np.zeros(v.shape, v.dtype)
+        name = str(path[-1])
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, v.shape).astype(v.dtype)
+        fan_in = int(np.prod(v.shape[:-1])) if len(v.shape) > 1 else 1
+        return (rng.standard_normal(v.shape) * (0.1 if name in ("bias", "mean") else fan_in ** -0.5)).astype(v.dtype)
+
+    state = nnx.state(model)
+    nnx.update(model, nnx.map_state(lambda path, v: v.replace(value(path, v)), state))
+    return model
 
 
 def test_pico_gradient_under_jit_and_train_eval_differ(pico):
@@ -111,27 +131,30 @@ def test_pico_gradient_under_jit_and_train_eval_differ(pico):
     labels = jnp.array([1, 5])
 
     @nnx.jit
-    def loss_and_grad(model, images, labels):
+    def step(model, images, labels):
+        # eval-mode logits (what `model.eval()` selects) from the same compiled call, before the BN update
+        eval_logits = nnx.view(model, deterministic=True, use_running_average=True)(images)
+
         def loss_fn(model):
             logits = model(images)
             return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)), logits
-        return nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        return nnx.value_and_grad(loss_fn, has_aux=True)(model), eval_logits
 
     pico.train()
-    (loss, train_logits), grads = loss_and_grad(pico, images, labels)
-    assert train_logits.shape == (2, 7) and np.isfinite(float(loss))
+    mean_before = np.asarray(pico.stages[0][0].post_attn.mean[...])
+    ((loss, train_logits), grads), eval_logits = step(pico, images, labels)
+    assert train_logits.shape == eval_logits.shape == (2, 7) and np.isfinite(float(loss))
     leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))
     assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     # every parameter gets a gradient (relative-position tables and both projections included)
     assert sum(float(jnp.abs(g).sum()) > 0 for g in leaves) == len(leaves)
-
-    pico.eval()  # running statistics, no drop path: deterministic and different from training mode
-    forward = nnx.jit(lambda model, x: model(x))
-    first, second = np.asarray(forward(pico, images)), np.asarray(forward(pico, images))
-    np.testing.assert_array_equal(first, second)
-    assert np.all(np.isfinite(first))
-    assert not np.allclose(first, np.asarray(train_logits), atol=1e-5)
-    assert pico.stages[2][1].drop_path.deterministic and pico.stages[0][0].post_attn.use_running_average
+    # training mode: batch statistics (running ones updated) and drop path; eval mode: running statistics
+    assert np.all(np.isfinite(np.asarray(eval_logits)))
+    assert not np.allclose(np.asarray(eval_logits), np.asarray(train_logits), atol=1e-5)
+    assert not np.allclose(np.asarray(pico.stages[0][0].post_attn.mean[...]), mean_before)
+    pico.eval()
+    assert pico.stages[3][0].drop_path.deterministic and pico.stages[0][0].post_attn.use_running_average
+    assert pico.head_drop.deterministic
 
 
 def test_bad_image_size_raises_clear_error(pico):
@@ -175,3 +198,31 @@ def test_config_rules_match_timm():
     with pytest.raises(ValueError, match="num_heads"):
         nnx.eval_shape(lambda: HaloNet([stage("self_attn", 1, 16, 1)], attn=AttnCfg(num_heads=3), img_size=32,
                                        stem_chs=8, rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("size,cin,kernel,stride,dtype", [
+    ((9, 7), 5, 1, 2, jnp.bfloat16),  # matmul form
+    ((9, 8), 3, 7, 2, jnp.float32),  # patches form (few input channels)
+])
+def test_conv2d_matches_lax_convolution(size, cin, kernel, stride, dtype):
+    pad = ((stride - 1) + (kernel - 1)) // 2
+    x, w = random_inputs(3, [(2, *size, cin), (kernel, kernel, cin, 4)])
+
+    def reference(x, w):
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    assert_matches_reference(lambda x, w: conv2d(x, w, stride=stride, padding=pad), reference, [x, w], dtype=dtype,
+                             names=["x", "kernel"])
+
+
+@pytest.mark.parametrize("size,dtype", [((9, 7), jnp.float32), ((1, 2), jnp.bfloat16)])
+def test_max_pool_matches_reduce_window_including_ties(size, dtype):
+    (x,) = random_inputs(4, [(2, *size, 3)])
+    x = jax.nn.relu(x).at[0, 0, 0].set(0.5).at[0, 0, -1].set(0.5)  # ReLU zeros and an exact tie
+
+    def reference(x):
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                     ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+    assert_matches_reference(max_pool_3x3_s2, reference, [x], dtype=dtype, names=["x"])
