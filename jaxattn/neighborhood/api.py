@@ -54,7 +54,8 @@ def neighborhood_attention(query, key, value, kernel_size, *, dilation=1, stride
       return_lse: also return the fp32 log-sum-exp of the scaled, biased logits over each window,
         `[B, *spatial, N]`.
       implementation: 'reference' (brute force, copies k/v once per window slot), 'xla' (query tiles against
-        their key halos; memory O(tokens * halo)), kernels where registered, or None for the best available.
+        their key halos in cache-sized chunks: memory O(tokens) plus a fixed chunk; recomputing backward),
+        kernels where registered, or None for the best available on this platform.
 
     Returns:
       `out [B, *spatial, N, Hv]` in the query dtype, or `(out, lse)`.

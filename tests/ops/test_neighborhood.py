@@ -167,6 +167,7 @@ FORWARD_CASES = [
     ((20,), 7, dict(stride=5, is_causal=True)),
     ((16,), 8, dict(dilation=2)),                                           # k * d == L
     ((11,), 9, dict(stride=9)),
+    ((130,), 7, dict(dilation=3, stride=2, heads=(2, 1))),                  # several tiles per group, GQA
     ((27,), 9, dict(dilation=3, rpb=True)),                                 # k * d == L
     ((6, 9), (2, 9), dict(dilation=(3, 1), stride=(2, 7))),
     ((6, 7), 3, dict(is_causal=(True, False), stride=(1, 2))),
