@@ -7,6 +7,7 @@ feature set it handles. Loaders are called lazily so kernel modules (and jax-tri
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Callable
 
 import jax
@@ -22,6 +23,11 @@ class Backend:
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
+
+
+def module_available(name: str) -> bool:
+    """Whether an optional dependency (e.g. jax-triton from the `gpu` extra) can be imported; one place to patch in tests."""
+    return importlib.util.find_spec(name) is not None
 
 
 def register(op: str, backend: Backend) -> None:

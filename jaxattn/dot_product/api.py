@@ -38,8 +38,7 @@ def _flash_supports(mask=None, **_):
 
 def _triton_supports(mask=None, query=None, **_):
     """The Triton kernel needs jax-triton (the `gpu` extra) and keeps a head of <= 256 features in registers."""
-    import importlib.util
-    return mask is None and query.shape[-1] <= 256 and importlib.util.find_spec("jax_triton") is not None
+    return mask is None and query.shape[-1] <= 256 and dispatch.module_available("jax_triton")
 
 
 dispatch.register(OP, dispatch.Backend("reference", _load_reference, platforms=(), priority=-1))

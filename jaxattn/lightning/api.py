@@ -36,8 +36,7 @@ def _load_triton():
 def _triton_supports(query=None, value=None, **_):
     """The Triton kernel needs jax-triton (the `gpu` extra) and keeps a `[H, <= 32]` fp32 state tile and
     `[64, H]` operand tiles in registers: heads of <= 256 features."""
-    import importlib.util
-    return max(query.shape[-1], value.shape[-1]) <= 256 and importlib.util.find_spec("jax_triton") is not None
+    return max(query.shape[-1], value.shape[-1]) <= 256 and dispatch.module_available("jax_triton")
 
 
 dispatch.register(OP, dispatch.Backend("reference", _load_reference, platforms=(), priority=-1))

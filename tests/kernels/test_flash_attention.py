@@ -212,12 +212,10 @@ def test_dispatch_picks_kernels_per_platform(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert dispatch.resolve(op, None, **args) is pallas.attention
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(dispatch, "module_available", lambda name: name == "jax_triton")
     assert dispatch.resolve(op, None, **args) is flash_triton.attention
     assert dispatch.resolve(op, None, **{**args, "mask": jnp.ones((8, 8), bool)}).__name__ == "attention_blocked"
-    import importlib.util
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jax_triton"
-                        else real_find_spec(name, *a))
+    monkeypatch.setattr(dispatch, "module_available", lambda name: False)
     assert dispatch.resolve(op, None, **args) is pallas.attention  # no jax-triton: Pallas-Triton
 
 

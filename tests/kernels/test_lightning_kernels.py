@@ -207,9 +207,12 @@ def test_dispatch_picks_kernels_per_platform(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert dispatch.resolve(op, None, **args) is pallas.attention
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(dispatch, "module_available", lambda name: name == "jax_triton")
     assert dispatch.resolve(op, None, **args) is lightning_triton.attention
     wide = jnp.zeros((1, 8, 2, 512))
     assert dispatch.resolve(op, None, **{**args, "value": wide}) is pallas.attention  # too wide for registers
+    monkeypatch.setattr(dispatch, "module_available", lambda name: False)
+    assert dispatch.resolve(op, None, **args) is pallas.attention  # no jax-triton: Pallas on GPU
 
 
 def test_bad_kernel_arguments_raise():
