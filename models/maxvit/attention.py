@@ -16,6 +16,7 @@ from flax import nnx
 
 import jaxattn
 from jaxattn.models.layers import DropPath
+from jaxattn.models.layers.dense import Dense
 
 LN_EPS = 1e-5
 RESIZE_METHODS = ("bilinear", "bicubic")
@@ -93,8 +94,8 @@ def layer_norm(dim: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs)
 
 
 def _dense(din, dout, rngs, dtype, param_dtype, use_bias=True):
-    return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=nnx.initializers.xavier_uniform(),
-                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return Dense(din, dout, use_bias=use_bias, kernel_init=nnx.initializers.xavier_uniform(), dtype=dtype,
+                 param_dtype=param_dtype, rngs=rngs)
 
 
 class Mlp(nnx.Module):

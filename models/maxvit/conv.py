@@ -1,8 +1,9 @@
 """MaxViT's convolutional half: the stem and the pre-norm MBConv block with squeeze-excite (timm `_tf_cfg`).
 
-All tensors are NHWC. 1x1 convolutions are `nnx.Linear` over the channel axis (same maths, a plain matmul on
-every backend); PyTorch `[out, in, 1, 1]` weights load after a reshape. Padding is TensorFlow "SAME" (stride-2
-3x3 convs pad one pixel at the bottom/right only). The depthwise conv is `DepthwiseConv2d` (fast per platform).
+All tensors are NHWC. 1x1 convolutions are `Dense` (an `nnx.Linear` with a CPU-friendly backward) over the channel
+axis; PyTorch `[out, in, 1, 1]` weights load after a reshape. Padding is TensorFlow "SAME" (stride-2 3x3 convs pad
+one pixel at the bottom/right only). The depthwise conv is `DepthwiseConv2dVJP` (`DepthwiseConv2d`, fast per
+platform, with a hand-written CPU backward).
 """
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxattn.models.layers import DepthwiseConv2d, DropPath
+from jaxattn.models.layers import DropPath
+from jaxattn.models.layers.dense import Dense
+from jaxattn.models.layers.depthwise_vjp import DepthwiseConv2dVJP
 
 BN_EPS = 1e-3
 # Efficientnet-style init of conv weights: normal with std sqrt(2 / fan_out) (as timm's `_init_conv`).
@@ -40,8 +43,8 @@ def batch_norm(channels, *, momentum, dtype, param_dtype, rngs):
 
 
 def pointwise(din, dout, *, use_bias, dtype, param_dtype, rngs):
-    return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=CONV_INIT, dtype=dtype, param_dtype=param_dtype,
-                      rngs=rngs)
+    return Dense(din, dout, use_bias=use_bias, kernel_init=CONV_INIT, dtype=dtype, param_dtype=param_dtype,
+                 rngs=rngs)
 
 
 class Stem(nnx.Module):
@@ -95,7 +98,7 @@ class MBConv(nnx.Module):
         self.pre_norm = batch_norm(in_chs, **bn)
         self.conv1_1x1 = pointwise(in_chs, mid, use_bias=False, **kw)
         self.norm1 = batch_norm(mid, **bn)
-        self.conv2_kxk = DepthwiseConv2d(mid, 3, stride=stride, padding="SAME", use_bias=False,
+        self.conv2_kxk = DepthwiseConv2dVJP(mid, 3, stride=stride, padding="SAME", use_bias=False,
                                          implementation=dw_implementation, rngs=rngs)
         self.norm2 = batch_norm(mid, **bn)
         self.se = SqueezeExcite(mid, int(se_ratio * out_chs), **kw)

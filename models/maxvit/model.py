@@ -14,6 +14,7 @@ from flax import nnx
 
 from jaxattn.core import validation
 from jaxattn.models.layers import drop_path_rates
+from jaxattn.models.layers.dense import Dense
 from jaxattn.models.maxvit.attention import PartitionAttention, _pair, layer_norm
 from jaxattn.models.maxvit.conv import MBConv, Stem
 
@@ -56,9 +57,9 @@ class NormMlpHead(nnx.Module):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = layer_norm(dim, **kw)
-        self.pre_logits = nnx.Linear(dim, hidden, **kw)
+        self.pre_logits = Dense(dim, hidden, **kw)
         self.drop = nnx.Dropout(drop_rate, rngs=rngs)
-        self.fc = nnx.Linear(hidden, num_classes, **kw)
+        self.fc = Dense(hidden, num_classes, **kw)
 
     def __call__(self, x, *, pre_logits: bool = False):
         x = jnp.tanh(self.pre_logits(self.norm(jnp.mean(x, axis=(1, 2)))))

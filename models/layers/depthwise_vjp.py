@@ -1,0 +1,111 @@
+"""Shifted multiply-add depthwise convolution with a hand-written VJP (for XLA:CPU), and a layer using it.
+
+Under autodiff, `depthwise_conv2d(implementation="shifted")` keeps its `kh*kw` shifted input copies as residuals
+and builds the input gradient from `kh*kw` pads of the cotangent summed in one large fused loop. Here the input
+gradient is itself a shifted depthwise conv (of the stride-dilated cotangent, kernel flipped) and the kernel
+gradient one multiply-reduce per tap. Measured on a MaxViT MBConv train step (batch 8, 256 mid channels):
+-18% at stride 2 (112 px), -10% at stride 1 (56 px).
+
+`shifted_depthwise_conv2d(x, kernel, stride, padding, dilation)`: NHWC `x`, `kernel [kh, kw, 1, C]`, integer
+pairs, `padding = ((top, bottom), (left, right))` already resolved (`resolve_padding`); the same values as
+`depthwise_conv2d(..., implementation="shifted")`. `DepthwiseConv2dVJP`: `DepthwiseConv2d` (same parameters,
+same loaders) whose shifted path uses it.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.models.layers.depthwise import DepthwiseConv2d, _pairs, resolve_padding
+
+
+def _taps_sum(xp, kernel, stride, dilation, out_hw):
+    """`sum_{i,j} xp[:, i*dh + s*y, j*dw + s*x] * kernel[i, j]` over the `(ho, wo)` output grid."""
+    kh, kw = kernel.shape[:2]
+    (sh, sw), (dh, dw), (ho, wo) = stride, dilation, out_hw
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = jax.lax.slice(xp, (0, i * dh, j * dw, 0),
+                                (xp.shape[0], i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, xp.shape[3]),
+                                (1, sh, sw, 1))
+            term = tap * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+def _pad(x, pads, interior=(0, 0)):
+    """`lax.pad` of H and W by `(lo, hi)` pairs (negative crops), with `interior` zeros between rows/columns."""
+    zero = jnp.zeros((), x.dtype)
+    return jax.lax.pad(x, zero, ((0, 0, 0), (*pads[0], interior[0]), (*pads[1], interior[1]), (0, 0, 0)))
+
+
+def _out_hw(x_hw, kernel_hw, stride, padding, dilation):
+    return tuple((size + lo + hi - (k - 1) * d - 1) // s + 1
+                 for size, k, s, (lo, hi), d in zip(x_hw, kernel_hw, stride, padding, dilation))
+
+
+def _forward(x, kernel, stride, padding, dilation):
+    kernel = kernel.astype(x.dtype)
+    out_hw = _out_hw(x.shape[1:3], kernel.shape[:2], stride, padding, dilation)
+    return _taps_sum(_pad(x, padding), kernel, stride, dilation, out_hw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def shifted_depthwise_conv2d(x, kernel, stride, padding, dilation):
+    return _forward(x, kernel, stride, padding, dilation)
+
+
+def _fwd(x, kernel, stride, padding, dilation):
+    return _forward(x, kernel, stride, padding, dilation), (x, kernel)
+
+
+def _bwd(stride, padding, dilation, residuals, g):
+    x, kernel = residuals
+    kh, kw = kernel.shape[:2]
+    ho, wo = g.shape[1:3]
+    k = kernel.astype(g.dtype)
+    # dx[a] = sum_i g_dilated[a + lo - i*d] k[i]: a stride-1 conv of the stride-dilated cotangent, kernel flipped,
+    # padded so that exactly H x W outputs come out (negative pads crop).
+    dilated = ((ho - 1) * stride[0] + 1, (wo - 1) * stride[1] + 1)
+    pads = []
+    for size, kdim, d, (lo, _), dil_size in zip(x.shape[1:3], (kh, kw), dilation, padding, dilated):
+        left = (kdim - 1) * d - lo
+        pads.append((left, size + (kdim - 1) * d - dil_size - left))
+    g_padded = _pad(g, pads, interior=(stride[0] - 1, stride[1] - 1))
+    dx = _taps_sum(g_padded, k[::-1, ::-1], (1, 1), dilation, x.shape[1:3])
+    # dk[i, j] = sum_{b, y, x} xp[b, i*dh + s*y, j*dw + s*x] * g[b, y, x]
+    xp = _pad(x, padding)
+    dk = []
+    for i in range(kh):
+        for j in range(kw):
+            tap = jax.lax.slice(xp, (0, i * dilation[0], j * dilation[1], 0),
+                                (xp.shape[0], i * dilation[0] + (ho - 1) * stride[0] + 1,
+                                 j * dilation[1] + (wo - 1) * stride[1] + 1, xp.shape[3]), (1, stride[0], stride[1], 1))
+            dk.append(jnp.sum((tap * g).astype(jnp.float32), axis=(0, 1, 2)))
+    dk = jnp.stack(dk).reshape(kh, kw, 1, -1).astype(kernel.dtype)
+    return dx.astype(x.dtype), dk
+
+
+shifted_depthwise_conv2d.defvjp(_fwd, _bwd)
+
+
+class DepthwiseConv2dVJP(DepthwiseConv2d):
+    """`DepthwiseConv2d` whose shifted (CPU) path differentiates with `shifted_depthwise_conv2d`'s VJP."""
+
+    def __call__(self, x):
+        impl = self.implementation or ("shifted" if jax.default_backend() == "cpu" else "lax")
+        if impl != "shifted":
+            return super().__call__(x)
+        kh, kw = self.kernel.shape[:2]
+        stride, dilation = _pairs("stride", self.stride), _pairs("dilation", self.dilation)
+        if isinstance(self.padding, (str, int)):
+            padding = (self.padding, self.padding)
+        else:
+            padding = tuple(self.padding)
+        pads = tuple(resolve_padding(p, size, k, s, d) for p, size, k, s, d in
+                     zip(padding, x.shape[1:3], (kh, kw), stride, dilation))
+        y = shifted_depthwise_conv2d(x, self.kernel[...], stride, pads, dilation)
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
