@@ -8,6 +8,7 @@ the classifier dropout.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -149,7 +150,7 @@ class HaloNet(nnx.Module):
     def check_image_size(self, size, *, name: str = "images") -> None:
         """`ValueError` naming the first halo attention layer whose input map is not a multiple of its block."""
         layers = self.attention_layers(size)
-        need = max((stride * block for _, _, stride, block in layers), default=1)
+        need = math.lcm(*(stride * block for _, _, stride, block in layers)) if layers else 1
         for layer, (h, w), stride, block in layers:
             if h % block or w % block:
                 raise ValueError(
