@@ -22,6 +22,7 @@ Every field, its meaning and its default (override any from the command line, `-
     logical_axis_rules  logical parameter / activation axis name -> mesh axis (or None)
     seed                initialisation, data order, augmentation and dropout all derive from it
     log_every, eval_every (0 = only at the end), checkpoint_every, keep_checkpoints, async_checkpointing
+    compile_fast        compile the steps with XLA's backend optimisations off (faster compiles, slower steps)
     data_threads, data_workers (grain worker processes; 0 = threads only), prefetch_batches
 """
 from __future__ import annotations
@@ -76,6 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpointing = True
 
+    c.compile_fast = False
     c.data_threads = 2
     c.data_workers = 0
     c.prefetch_batches = 2

@@ -65,6 +65,15 @@ def eval_step(params, model_state, batch, rng_state, *, model_def, task, rules):
         return task.eval_sums(model, batch)
 
 
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # a third to a half of the compile time, slower code
+
+
+def compile_step(jitted, args, *, fast: bool = False):
+    """Compiles `jitted` for `args` (with XLA's backend optimisations off if `fast`: for smoke tests)."""
+    lowered = jitted.lower(*args)
+    return lowered.compile(compiler_options=FAST_COMPILE) if fast else lowered.compile()
+
+
 def _total_steps(config, num_train_examples: int) -> int:
     if config.num_train_steps > 0:
         return int(config.num_train_steps)
@@ -89,14 +98,17 @@ class _Evaluator:
         self.ds = input_pipeline.eval_dataset(
             source, preprocess, global_batch=config.eval_batch_size, process_index=jax.process_index(),
             process_count=jax.process_count(), max_examples=config.eval_max_examples)
-        self._shardings = None
+        self._shardings = self._compiled = None
 
     def __call__(self, params, model_state, rng_state) -> dict:
         sums = None
         for batch in input_pipeline.to_iterator(self.ds, self.config):
             if self._shardings is None:
                 self._shardings = sharding.batch_shardings(self.mesh, batch, sequence_keys=self.sequence_keys)
-            out = self.step_fn(params, model_state, sharding.to_global(batch, self._shardings), rng_state)
+            args = (params, model_state, sharding.to_global(batch, self._shardings), rng_state)
+            if self._compiled is None:
+                self._compiled = compile_step(self.step_fn, args, fast=self.config.compile_fast)
+            out = self._compiled(*args)
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
         return jax.device_get(sums)
 
@@ -170,8 +182,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
             with jax.set_mesh(mesh):
                 if jitted is None:
                     batch_shardings = sharding.batch_shardings(mesh, batch, sequence_keys=task.sequence_keys)
-                    jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, rng_sharding),
-                                     out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+                    jitted = compile_step(
+                        jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, rng_sharding),
+                                out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0),
+                        (state, sharding.to_global(batch, batch_shardings), model_def.rng_state),
+                        fast=config.compile_fast)
                 state, step_metrics = jitted(state, sharding.to_global(batch, batch_shardings), model_def.rng_state)
             pending.append((step, step_metrics))
             stopping = stop.requested(step)

@@ -22,6 +22,7 @@ def get_config(arg=None):
     c.eval_every = 6
     c.checkpoint_every = 3
     c.data_threads = 1
+    c.compile_fast = True
     if arg == "lm":
         c.task = "lm"
         c.model = "tiny_train_models:language_model"
