@@ -1,0 +1,231 @@
+"""Ring attention: each device keeps its queries while K/V shards travel round the ring (`lax.ppermute`).
+
+Step `s` of `n`: device `r` attends to the K/V shard of device `(r - s) mod n` with the dot-product op (so the
+platform's kernel runs), the partial results merge exactly through their log-sum-exp, and the next shard is
+already on its way (the `ppermute` is issued before the compute so XLA can overlap them).
+
+Causal masks from global chunk positions, per step:
+- contiguous shards: step 0 is the causal diagonal; later steps are either fully visible (source before this
+  device) or fully masked, and then skipped (`lax.cond`): device `r` computes `r + 1` of `n` blocks.
+- zigzag shards (`load_balance=True`, device `r` holds chunks `r` and `2n-1-r`): step 0 is the local causal mask
+  (exact, the two chunks are in increasing order); every later step is half a block, either all queries against
+  the source's early chunk or this device's late chunk against the whole source shard. Every device does the
+  same work.
+
+Backward (`custom_vjp`): the same ring again; each step recomputes its block from the saved output and lse
+(through the op's own VJP, chained through the lse merge) and the dK/dV accumulators travel round the ring with
+their K/V, arriving home after `n` hops. Memory stays O(local shard).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.context_parallel import common, zigzag
+from jaxattn.core import softmax
+from jaxattn.dot_product.api import dot_product_attention
+
+# ----------------------------------------------------------------------------------------------------------
+# One block: the op on a query chunk and a key chunk, forward partials and lse-based gradients.
+
+
+def block_partial(q, k, v, causal, scale, implementation):
+    """fp32 `(out [B, T, N, Hv], lse [B, T, N])` of attention of `q` to `k`/`v` (causal aligned top-left)."""
+    out, lse = dot_product_attention(q, k, v, scale=scale, is_causal=causal, return_lse=True,
+                                     implementation=implementation)
+    return out.astype(jnp.float32), jnp.swapaxes(lse, 1, 2)
+
+
+def block_grads(q, k, v, out, lse, d_out, causal, scale, implementation):
+    """This block's share of `(dq, dk, dv)` (fp32) given the final merged fp32 `out` and `lse` [B, T, N].
+
+    The final output is `sum_b exp(lse_b - lse) out_b`, so the block's partial gets the cotangents
+    `w d_out` and `w <d_out, out_b - out>` with `w = exp(lse_b - lse)`, fed to the op's own VJP.
+    """
+    (out_b, lse_b), vjp = jax.vjp(lambda q_, k_, v_: block_partial(q_, k_, v_, causal, scale, implementation),
+                                  q, k, v)
+    w = jnp.exp(lse_b - softmax.finite_or_zero(lse))
+    d_out = d_out.astype(jnp.float32)
+    d_lse_b = w * jnp.sum(d_out * (out_b - out), axis=-1)
+    dq, dk, dv = vjp((w[..., None] * d_out, d_lse_b))
+    return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)
+
+
+def merge(acc, part):
+    return softmax.merge_partials(acc[0], acc[1], part[0], part[1])
+
+
+def empty_partial(q, v):
+    b, t, n, _ = q.shape
+    return jnp.zeros((b, t, n, v.shape[-1]), jnp.float32), jnp.full((b, t, n), softmax.NEG_INF, jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which part of a block a step computes. `fn(q_side, kv_side, causal)` returns arrays indexed by query rows
+# (`q_outs` of them: out/lse or dq) followed by arrays indexed by key rows (dk, dv); `fills` pad skipped rows.
+
+def _pad(x, before, after, axis, fill):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (before, after)
+    return jnp.pad(x, widths, constant_values=fill)
+
+
+def _half_block(fn, q_side, kv_side, fills, q_outs, late_queries):
+    """Zigzag step after the first: all queries vs the early key chunk, or the late query chunk vs all keys."""
+    if late_queries:
+        c = q_side[0].shape[1] // 2
+        res = fn(tuple(x[:, c:] for x in q_side), kv_side, False)
+        return tuple(_pad(x, c, 0, 1, f) if i < q_outs else x for i, (x, f) in enumerate(zip(res, fills)))
+    c = kv_side[0].shape[1] // 2
+    res = fn(q_side, tuple(x[:, :c] for x in kv_side), False)
+    return tuple(x if i < q_outs else _pad(x, 0, c, 1, f) for i, (x, f) in enumerate(zip(res, fills)))
+
+
+def _skipped(fn, q_side, kv_side, fills):
+    shapes = jax.eval_shape(lambda a, b: fn(a, b, False), q_side, kv_side)
+    return tuple(jnp.full(s.shape, f, s.dtype) for s, f in zip(shapes, fills))
+
+
+def ring_step(fn, q_side, kv_side, fills, q_outs, *, step, axis_name, is_causal, zigzag_layout):
+    """Runs `fn` on the part of the (query shard, shard from `step` hops back) block the causal mask leaves.
+
+    `step` is a Python int for step 0 (the diagonal) and may be traced afterwards.
+    """
+    if not is_causal:
+        return fn(q_side, kv_side, False)
+    if isinstance(step, int) and step == 0:
+        return fn(q_side, kv_side, True)
+    earlier = step <= jax.lax.axis_index(axis_name)  # the source device precedes this one
+    if zigzag_layout:
+        return jax.lax.cond(earlier, lambda: _half_block(fn, q_side, kv_side, fills, q_outs, False),
+                            lambda: _half_block(fn, q_side, kv_side, fills, q_outs, True))
+    return jax.lax.cond(earlier, lambda: fn(q_side, kv_side, False), lambda: _skipped(fn, q_side, kv_side, fills))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The ring, per device.
+
+def _rotate(xs, axis_name):
+    n = jax.lax.axis_size(axis_name)
+    return jax.lax.ppermute(xs, axis_name, [(j, (j + 1) % n) for j in range(n)])
+
+
+def _forward(q, k, v, cfg):
+    axis_name, is_causal, zigzag_layout, scale, implementation = cfg
+    n = jax.lax.axis_size(axis_name)
+
+    def fn(q_side, kv_side, causal):
+        return block_partial(q_side[0], *kv_side, causal, scale, implementation)
+
+    def step(s, k_cur, v_cur, acc):
+        part = ring_step(fn, (q,), (k_cur, v_cur), (0.0, softmax.NEG_INF), 2, step=s, axis_name=axis_name,
+                         is_causal=is_causal, zigzag_layout=zigzag_layout)
+        return merge(acc, part)
+
+    def body(s, carry):
+        k_cur, v_cur, acc = carry
+        k_next, v_next = _rotate((k_cur, v_cur), axis_name)  # in flight during this step's compute
+        return k_next, v_next, step(s, k_cur, v_cur, acc)
+
+    carry = (k, v, empty_partial(q, v))
+    if n > 1:
+        carry = body(0, carry)
+        carry = jax.lax.fori_loop(1, n - 1, body, carry)
+    k_last, v_last, acc = carry
+    return step(n - 1, k_last, v_last, acc)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ring(q, k, v, cfg):
+    out, _ = _forward(q, k, v, cfg)
+    return out.astype(q.dtype)
+
+
+def _ring_fwd(q, k, v, cfg):
+    out, lse = _forward(q, k, v, cfg)
+    return out.astype(q.dtype), (q, k, v, out, lse)
+
+
+def _ring_bwd(cfg, residuals, d_out):
+    axis_name, is_causal, zigzag_layout, scale, implementation = cfg
+    q, k, v, out, lse = residuals
+    n = jax.lax.axis_size(axis_name)
+
+    def fn(q_side, kv_side, causal):
+        return block_grads(q_side[0], *kv_side, *q_side[1:], causal, scale, implementation)
+
+    def body(s, carry, last=False):
+        k_cur, v_cur, dq, dk, dv = carry
+        k_next, v_next = (k_cur, v_cur) if last else _rotate((k_cur, v_cur), axis_name)
+        dq_b, dk_b, dv_b = ring_step(fn, (q, out, lse, d_out), (k_cur, v_cur), (0.0, 0.0, 0.0), 1, step=s,
+                                     axis_name=axis_name, is_causal=is_causal, zigzag_layout=zigzag_layout)
+        # dK/dV travel with their K/V: after n hops they are back on the device that owns them.
+        dk, dv = _rotate((dk + dk_b, dv + dv_b), axis_name)
+        return k_next, v_next, dq + dq_b, dk, dv
+
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+    carry = (k, v, zeros(q), zeros(k), zeros(v))
+    if n > 1:
+        carry = body(0, carry)
+        carry = jax.lax.fori_loop(1, n - 1, body, carry)
+    _, _, dq, dk, dv = body(n - 1, carry, last=True)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def ring_attention_local(query, key, value, *, axis_name: str = "context", is_causal: bool = False,
+                         zigzag_layout: bool = False, scale: float | None = None, implementation=None):
+    """Per-device body (call inside `shard_map`): local `[B, T/n, N, H]` queries, `[B, T/n, K, H]` keys/values.
+
+    zigzag_layout: the shards are in zigzag order (`zigzag.to_zigzag_local`); only matters when causal.
+    """
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    cfg = (axis_name, bool(is_causal), bool(zigzag_layout), float(scale), implementation)
+    return _ring(query, key, value, cfg)
+
+
+def ring_attention(query, key, value, *, axis_name: str = "context", mesh=None, batch_axes=None,
+                   is_causal: bool = False, load_balance: bool = True, zigzag_order: bool = False,
+                   scale: float | None = None, implementation=None):
+    """Softmax attention with the sequence sharded over mesh axis `axis_name`; equals `dot_product_attention`.
+
+    Args:
+      query: global `[B, T, N, H]`; key, value: global `[B, T, K, H]`, `[B, T, K, Hv]` (`N % K == 0`, GQA);
+        self-attention over one sharded sequence, so keys have the queries' length.
+      axis_name, mesh, batch_axes: the mesh axis that splits the sequence; `mesh=None` uses the current mesh;
+        `batch_axes=None` splits the batch over every other mesh axis.
+      is_causal: query `i` sees keys `j <= i` (global positions).
+      load_balance: with `is_causal`, use the zigzag layout so every device does the same work (needs
+        `T % (2 * axis size) == 0`). Without it the last device does `n` blocks and the first one.
+      zigzag_order: the caller's arrays are already in zigzag order (`zigzag_permute`, e.g. tokens and positions
+        permuted once in the data pipeline) and the output stays in that order. When False (default) and
+        load-balanced, the shards are moved into zigzag order and back here (one exchange of q, k, v and out).
+      scale: logit scale, default `H ** -0.5`.
+      implementation: forwarded to `dot_product_attention` for every block.
+
+    Returns:
+      `[B, T, N, Hv]` in the query dtype, sharded like `query`.
+
+    Lengths not divisible by the axis size (twice it when zig-zagging) raise `ValueError`; pad first.
+    """
+    mesh = common.resolve_mesh(mesh)
+    common.check_qkv(query, key, value)
+    if zigzag_order and not load_balance:
+        raise ValueError("`zigzag_order=True` describes a load-balanced layout; it needs `load_balance=True`")
+    zig = bool(is_causal and load_balance)
+    common.check_sequence_inputs(mesh, axis_name, batch_axes, 2 if (zig or zigzag_order) else 1,
+                                 query=query, key=key, value=value)
+
+    def body(q, k, v):
+        if zig and not zigzag_order:
+            q, k, v = (zigzag.to_zigzag_local(x, axis_name) for x in (q, k, v))
+        out = ring_attention_local(q, k, v, axis_name=axis_name, is_causal=is_causal, zigzag_layout=zig,
+                                   scale=scale, implementation=implementation)
+        return zigzag.from_zigzag_local(out, axis_name) if zig and not zigzag_order else out
+
+    return common.shard_sequence(body, mesh, axis_name, batch_axes, 3, 1)(query, key, value)
