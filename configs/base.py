@@ -19,6 +19,11 @@ Every field, its meaning and its default (override any from the command line, `-
     optimizer.*         AdamW: learning_rate, min_learning_rate, warmup_steps, schedule ('cosine' | 'constant'),
                         weight_decay, b1, b2, eps, grad_clip_norm (0 = off), ema_decay (0 = no EMA)
     mesh                device mesh axes -> sizes (-1 = the remaining devices); data, fsdp and context required
+    context_parallel    attention strategy over the `context` mesh axis ('' = none: GSPMD shards the sequence
+                        or image rows and gathers them for each attention layer); per family: softmax_lm 'ring' |
+                        'allgather' | 'ulysses', transnormer 'lasp2', dinat / halonet 'halo'. With mesh.context 1
+                        the single-device ops run, so the same config is the reference. Example:
+                        `--config.mesh.context=4 --config.context_parallel=ring`
     logical_axis_rules  logical parameter / activation axis name -> mesh axis (or None)
     seed                initialisation, data order, augmentation and dropout all derive from it
     log_every, eval_every (0 = only at the end), checkpoint_every, keep_checkpoints, async_checkpointing
@@ -65,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     ))
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "context": 1})
+    c.context_parallel = ""
     c.logical_axis_rules = (
         ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vocab", None), ("mlp", None), ("heads", None),
         ("kv", None), ("length", "context"), ("conv_in", None), ("conv_out", "fsdp"),

@@ -5,7 +5,8 @@ axis types, so GSPMD propagates shardings through models written with logical an
 `PartitionSpec` from NNX logical annotations (`nnx.with_partitioning(init, ('embed', 'mlp'))`) mapped through the
 config's logical axis rules; a parameter without annotations is sharded FSDP-style along its largest dimension that
 the `fsdp` axis divides (replicated if none does, or if it is small). Batches are split along the batch dimension
-over every data-parallel axis (`data`, `fsdp`) and, for sequences, along the length over `context`.
+over every data-parallel axis (`data`, `fsdp`) and, for sequences, along the length over `context` (for images,
+along their rows: context parallelism over image rows).
 """
 from __future__ import annotations
 
@@ -120,7 +121,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh, ndim: int, *, sequence: bool = False) -> NamedSharding:
-    """Batch dimension over the data-parallel axes; dimension 1 over `context` for sequences."""
+    """Batch dimension over the data-parallel axes; dimension 1 (a sequence's length, an NHWC image's rows) over
+    `context` when `sequence` is set and the mesh has `context > 1`."""
     spec = [BATCH_AXES] + [None] * (ndim - 1)
     if sequence and ndim > 1 and mesh.shape.get(CONTEXT_AXIS, 1) > 1:
         spec[1] = CONTEXT_AXIS

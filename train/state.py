@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from . import sharding as shard_lib
+from .validate import ConfigError
 
 
 @flax.struct.dataclass
@@ -39,18 +40,38 @@ class ModelDef:
 def build_model(config, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
     """`config.model` is a registry name (`jaxattn.models.create_model`) or `'package.module:builder'`, a callable
     `builder(*, rngs, num_classes | vocab_size, **config.model_kwargs)`. Vision models get `num_classes`, language
-    models `vocab_size`."""
+    models `vocab_size`. A non-empty `config.context_parallel` is passed as the builder's `context_parallel=`."""
     kwargs = dict(config.model_kwargs)
     kwargs["num_classes" if config.task == "classification" else "vocab_size"] = num_outputs
+    strategy = config.get("context_parallel", "") or None
+    if strategy is not None:
+        if kwargs.get("context_parallel") not in (None, "", strategy):
+            raise ConfigError(f"config.context_parallel = {strategy!r} contradicts config.model_kwargs."
+                              f"context_parallel = {kwargs['context_parallel']!r}; set only one")
+        kwargs["context_parallel"] = strategy
     if ":" in config.model:
         module, _, attr = config.model.partition(":")
         return getattr(importlib.import_module(module), attr)(rngs=rngs, **kwargs)
-    from jaxattn.models import create_model, get_entry
-    kind = get_entry(config.model).kind
+    from jaxattn.models import context_parallel, create_model, get_entry
+    entry = get_entry(config.model)
     expected = "vision" if config.task == "classification" else "lm"
-    if kind != expected:
-        raise ValueError(f"`model` {config.model!r} is a {kind} model, but `task` is {config.task!r}")
+    if entry.kind != expected:
+        raise ValueError(f"`model` {config.model!r} is a {entry.kind} model, but `task` is {config.task!r}")
+    if strategy is not None and strategy not in context_parallel.supported(entry.family):
+        options = context_parallel.supported(entry.family)
+        raise ConfigError(f"config.context_parallel = {strategy!r}: the {entry.family} family (model "
+                          f"{config.model!r}) supports " + (f"{', '.join(map(repr, options))} or ''" if options
+                                                            else "no context-parallel strategy (leave it '')"))
     return create_model(config.model, rngs=rngs, **kwargs)
+
+
+def check_context_parallel(config, mesh) -> None:
+    """`ConfigError` when the mesh's `context` axis cannot split the inputs: image rows (vision) are sharded over
+    it as sequences are (`Classification.sequence_keys`), so `image_size` must divide by it."""
+    n = mesh.shape.get(shard_lib.CONTEXT_AXIS, 1)
+    if n > 1 and config.task == "classification" and config.image_size % n:
+        raise ConfigError(f"config.image_size = {config.image_size}: image rows are sharded over the context mesh "
+                          f"axis, so they must be divisible by its size {n}")
 
 
 def _rngs(config) -> nnx.Rngs:
@@ -89,6 +110,7 @@ def create(config, num_outputs: int, tx, mesh, rules):
     `init()` builds the initial `TrainState` on the mesh, already sharded; `abstract_state` carries the shardings
     (for restoring checkpoints into place).
     """
+    check_context_parallel(config, mesh)
     init = _init_fn(config, num_outputs, tx)
     with jax.set_mesh(mesh):
         abstract_state, abstract_rngs = jax.eval_shape(init)

@@ -21,7 +21,8 @@ LN2 = math.log(2.0)
 
 
 class Classification:
-    sequence_keys = ()
+    # Batch keys whose dim 1 is sharded over the `context` mesh axis: image rows (context parallelism).
+    sequence_keys = ("image",)
 
     def __init__(self, config, num_classes: int):
         self.num_classes = num_classes
@@ -58,7 +59,7 @@ class Classification:
 
 
 class LanguageModel:
-    sequence_keys = ("inputs", "targets")
+    sequence_keys = ("inputs", "targets")  # their length is sharded over the `context` mesh axis
 
     def __init__(self, config, vocab_size: int):
         del config

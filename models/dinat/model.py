@@ -22,6 +22,7 @@ from flax import nnx
 
 import jaxattn
 from jaxattn.core import validation
+from jaxattn.models import context_parallel as cp
 from jaxattn.models.layers import DropPath, drop_path_rates
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm default; flax's default is 1e-6
@@ -97,11 +98,16 @@ class NeighborhoodAttention2D(nnx.Module):
 
     `rpb [heads, 2k-1, 2k-1]`. The reference scales q by `head_dim ** -0.5` before the QK product and adds rpb to
     the scaled logits; the op is called with the pre-scaled q and `scale=1.0` to reproduce exactly that.
+
+    `context_parallel='halo'`: under a mesh whose `'context'` axis is > 1, a map whose rows divide by the context
+    size runs `jaxattn.context_parallel.halo_neighborhood_attention` over image rows (neighbours exchange the
+    border rows the window needs); any other map (a deep stage with fewer rows than devices) runs the
+    single-device op, which GSPMD gathers for. Same result either way.
     """
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int, dilation: int = 1, *, qkv_bias: bool = True,
                  qk_scale: float | None = None, proj_drop: float = 0.0, implementation: str | None = None,
-                 dtype=None, rngs: nnx.Rngs):
+                 context_parallel: str | None = None, dtype=None, rngs: nnx.Rngs):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.kernel_size = kernel_size
@@ -109,6 +115,7 @@ class NeighborhoodAttention2D(nnx.Module):
         self.window_size = kernel_size * dilation
         self.scale = qk_scale or self.head_dim ** -0.5
         self.implementation = implementation
+        self.context_parallel = cp.check_strategy(context_parallel, "dinat")
         self.qkv = _linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.rpb = nnx.Param(_trunc02(rngs.params(), (num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1)))
         self.proj = _linear(dim, dim, dtype=dtype, rngs=rngs)
@@ -124,8 +131,14 @@ class NeighborhoodAttention2D(nnx.Module):
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         q = q * jnp.asarray(self.scale, q.dtype)
         rpb = self.rpb[...].astype(q.dtype)
-        out = jaxattn.neighborhood_attention(q, k, v, self.kernel_size, dilation=self.dilation, rpb=rpb,
-                                             scale=1.0, implementation=self.implementation)
+        n = cp.active(self.context_parallel)
+        if n and hp % n == 0:
+            from jaxattn.context_parallel import halo_neighborhood_attention
+            out = halo_neighborhood_attention(q, k, v, self.kernel_size, dilation=self.dilation, rpb=rpb,
+                                              scale=1.0, axis=1)
+        else:
+            out = jaxattn.neighborhood_attention(q, k, v, self.kernel_size, dilation=self.dilation, rpb=rpb,
+                                                 scale=1.0, implementation=self.implementation)
         out = out[:, :h, :w].reshape(b, h, w, c)
         return self.proj_drop(self.proj(out))
 
@@ -135,11 +148,12 @@ class NATLayer(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int, dilation: int, *, mlp_ratio: float,
                  qkv_bias: bool = True, qk_scale: float | None = None, drop: float = 0.0, drop_path: float = 0.0,
-                 layer_scale: float | None = None, implementation: str | None = None, dtype=None, rngs: nnx.Rngs):
+                 layer_scale: float | None = None, implementation: str | None = None,
+                 context_parallel: str | None = None, dtype=None, rngs: nnx.Rngs):
         self.norm1 = _norm(dim, dtype=dtype, rngs=rngs)
         self.attn = NeighborhoodAttention2D(dim, num_heads, kernel_size, dilation, qkv_bias=qkv_bias,
                                             qk_scale=qk_scale, proj_drop=drop, implementation=implementation,
-                                            dtype=dtype, rngs=rngs)
+                                            context_parallel=context_parallel, dtype=dtype, rngs=rngs)
         self.drop_path = DropPath(drop_path, rngs=rngs)
         self.norm2 = _norm(dim, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, dtype=dtype, rngs=rngs)
@@ -190,6 +204,8 @@ class DiNAT(nnx.Module):
       drop_rate: dropout after the stem, on the attention projection and in the MLP; drop_path_rate: stochastic
         depth, linear in block index from 0. Both only in training mode (`model.train()`, the default).
       implementation: passed to `jaxattn.neighborhood_attention` (None picks per platform).
+      context_parallel: 'halo' or None: context parallelism over image rows in training under a mesh with
+        `'context'` > 1 (see `NeighborhoodAttention2D`; `jaxattn.models.context_parallel`).
       dtype: computation dtype of the layers (parameters stay float32).
     """
 
@@ -198,9 +214,11 @@ class DiNAT(nnx.Module):
                  dilations: Sequence[Sequence[int]] | None = None, img_size: int = 224, in_chans: int = 3,
                  num_classes: int = 1000, qkv_bias: bool = True, qk_scale: float | None = None,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.2, layer_scale: float | None = None,
-                 implementation: str | None = None, dtype=None, rngs: nnx.Rngs):
+                 implementation: str | None = None, context_parallel: str | None = None, dtype=None,
+                 rngs: nnx.Rngs):
         depths, num_heads = tuple(int(d) for d in depths), tuple(int(n) for n in num_heads)
         _check_config(embed_dim, depths, num_heads, kernel_size, img_size, in_chans, num_classes)
+        context_parallel = cp.check_strategy(context_parallel, "dinat")
         if dilations is None:
             dilations = default_dilations(img_size, depths, kernel_size)
         dilations = [list(map(int, d)) for d in dilations]
@@ -219,8 +237,8 @@ class DiNAT(nnx.Module):
         self.levels = nnx.List([
             NATLevel(embed_dim * 2 ** i, num_heads[i], kernel_size, dilations[i], rates[i],
                      downsample=i < len(depths) - 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                     drop=drop_rate, layer_scale=layer_scale, implementation=implementation, dtype=dtype,
-                     rngs=rngs)
+                     drop=drop_rate, layer_scale=layer_scale, implementation=implementation,
+                     context_parallel=context_parallel, dtype=dtype, rngs=rngs)
             for i in range(len(depths))])
         self.norm = _norm(self.num_features, dtype=dtype, rngs=rngs)
         self.head = (_linear(self.num_features, num_classes, dtype=dtype, rngs=rngs) if num_classes > 0

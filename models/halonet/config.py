@@ -36,7 +36,9 @@ class AttnCfg:
     `dim_head=None` gives `make_divisible(mid_chs * qk_ratio) // num_heads` for queries/keys; values always get
     `mid_chs // num_heads` per head. `avg_down=True` (or a block size not divisible by the stride) downsamples
     with a 2x2 average pool after full-resolution attention instead of strided queries. `implementation` picks
-    the `jaxattn.halo_attention` backend (None: the platform's best).
+    the `jaxattn.halo_attention` backend (None: the platform's best). `context_parallel='halo'` shards image rows
+    over the mesh's `'context'` axis in training (see `layers.HaloAttention`); set it on every block with
+    `with_context_parallel`.
     """
     block_size: int = 8
     halo_size: int = 3
@@ -47,6 +49,7 @@ class AttnCfg:
     avg_down: bool = False
     scale_pos_embed: bool = False
     implementation: str | None = None
+    context_parallel: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,3 +103,12 @@ def interleave(types: Sequence[str], depth: int, out_chs: int, stride: int = 2, 
         positions = list(every)
     return tuple(BlockCfg(types[1] if i in positions else types[0], out_chs, stride if i == 0 else 1,
                           bottle_ratio, attn) for i in range(depth))
+
+
+def with_context_parallel(kwargs: dict, strategy: str | None) -> dict:
+    """HaloNet constructor `kwargs` with `AttnCfg.context_parallel = strategy` model-wide and on every block that
+    overrides `attn` (the model-level setting would not reach those)."""
+    attn = dataclasses.replace(kwargs.get("attn", AttnCfg()), context_parallel=strategy)
+    stages = [tuple(b if b.attn is None else dataclasses.replace(b, attn=dataclasses.replace(
+        b.attn, context_parallel=strategy)) for b in s) for s in kwargs["stages"]]
+    return {**kwargs, "attn": attn, "stages": stages}

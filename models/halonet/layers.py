@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxattn
+from jaxattn.models import context_parallel as cp
 from jaxattn.models.halonet.config import AttnCfg, make_divisible
 from jaxattn.models.halonet.conv import Conv2d, max_pool_3x3_s2
 
@@ -114,6 +115,11 @@ class HaloAttention(nnx.Module):
     Stride 2: queries come from a stride-2 1x1 conv (every other pixel) and each `b x b` key block holds
     `b/2 x b/2` queries; with `avg_down` or a block size not divisible by the stride, attention runs at full
     resolution and a 2x2 average pool follows (timm's fallback).
+
+    `cfg.context_parallel='halo'`: under a mesh whose `'context'` axis is > 1, a map whose rows split into whole
+    blocks per device (`H % (context * block_size) == 0`) runs
+    `jaxattn.context_parallel.halo_exchange_halo_attention` over image rows (neighbours exchange the `halo_size`
+    border rows); other maps run the single-device op, which GSPMD gathers for. Same result either way.
     """
 
     def __init__(self, dim: int, dim_out: int | None = None, *, stride: int = 1, cfg: AttnCfg = AttnCfg(),
@@ -131,6 +137,7 @@ class HaloAttention(nnx.Module):
         self.scale_pos_embed = cfg.scale_pos_embed
         self.block_size, self.halo_size = cfg.block_size, cfg.halo_size
         self.implementation = cfg.implementation
+        self.context_parallel = cp.check_strategy(cfg.context_parallel, "halonet")
         self.avg_pool = stride > 1 and (cfg.avg_down or cfg.block_size % stride != 0)
         self.query_stride = 1 if self.avg_pool else stride
         # timm's init: q/kv truncated normal with std fan_in ** -0.5, tables with std = scale.
@@ -150,9 +157,15 @@ class HaloAttention(nnx.Module):
         rel_h, rel_w = self.pos_embed.height_rel[...], self.pos_embed.width_rel[...]
         if self.scale_pos_embed:  # (q.k + rel) * scale == scale * q.k + q.(scale * rel)
             rel_h, rel_w = rel_h * self.scale, rel_w * self.scale
-        out = jaxattn.halo_attention(q, k, v, self.block_size, self.halo_size, rel_height=rel_h.astype(q.dtype),
-                                     rel_width=rel_w.astype(q.dtype), scale=self.scale,
-                                     query_stride=self.query_stride, implementation=self.implementation)
+        n = cp.active(self.context_parallel)
+        rel = dict(rel_height=rel_h.astype(q.dtype), rel_width=rel_w.astype(q.dtype), scale=self.scale,
+                   query_stride=self.query_stride)
+        if n and h % (n * self.block_size) == 0:
+            from jaxattn.context_parallel import halo_exchange_halo_attention
+            out = halo_exchange_halo_attention(q, k, v, self.block_size, self.halo_size, **rel)
+        else:
+            out = jaxattn.halo_attention(q, k, v, self.block_size, self.halo_size, implementation=self.implementation,
+                                         **rel)
         out = out.reshape(*out.shape[:3], self.num_heads * self.dim_head_v)
         if self.avg_pool:  # torch AvgPool2d(2, 2): floor, no padding
             out = jax.lax.reduce_window(out, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from jaxattn.models.halonet.config import AttnCfg, interleave, stage
+from jaxattn.models.halonet.config import AttnCfg, interleave, stage, with_context_parallel
 from jaxattn.models.halonet.model import HaloNet
 from jaxattn.models.registry import register
 
@@ -48,7 +48,11 @@ PAPER = {  # name: (block, halo, rv, rb, l3, df, img_size)
 
 
 def _build(rngs: nnx.Rngs, defaults: dict, overrides: dict) -> HaloNet:
-    return HaloNet(**{**defaults, **overrides}, rngs=rngs)
+    """`overrides` may hold `context_parallel` ('halo' or None): it is set on every halo attention layer."""
+    overrides = dict(overrides)
+    strategy = overrides.pop("context_parallel", None)
+    kwargs = {**defaults, **overrides}
+    return HaloNet(**(with_context_parallel(kwargs, strategy) if strategy else kwargs), rngs=rngs)
 
 
 def paper_config(block: int, halo: int, rv: float, rb: float, l3: int, df: int, img_size: int,

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxattn
+from jaxattn.models import context_parallel as cp
 from jaxattn.models.lm import CausalLM, apply_rotary, dense
 
 
@@ -14,10 +15,16 @@ class SoftmaxAttention(nnx.Module):
 
     Decoding state: `(keys, values)`, each `[B, max_len, K, H]`; new tokens are written at `pos` and queries see
     cached keys up to their own position.
+
+    `context_parallel` ('ring', 'allgather', 'ulysses' or None): the full-sequence forward under a mesh whose
+    `'context'` axis is > 1 runs that `jaxattn.context_parallel` strategy over the sequence (sharded along T);
+    prefill and decoding keep the single-device op. Ring runs with `load_balance=True`: the ring function permutes
+    to the zigzag order and back itself, so tokens, rotary positions and outputs stay in natural order here.
     """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, *, rngs: nnx.Rngs,
-                 rope_base: float = 10000.0, implementation=None, dtype=None):
+                 rope_base: float = 10000.0, implementation=None, context_parallel: str | None = None,
+                 dtype=None):
         if d_model % num_heads or num_heads % num_kv_heads:
             raise ValueError(f"`d_model` ({d_model}) must be divisible by `num_heads` ({num_heads}), and that by "
                              f"`num_kv_heads` ({num_kv_heads})")
@@ -25,6 +32,7 @@ class SoftmaxAttention(nnx.Module):
         if self.head_dim % 2:
             raise ValueError(f"rotary needs an even head dim, got d_model // num_heads = {self.head_dim}")
         self.rope_base, self.implementation = rope_base, implementation
+        self.context_parallel = cp.check_strategy(context_parallel, "softmax_lm")
         self.q_proj = dense(d_model, d_model, rngs=rngs, dtype=dtype)
         self.k_proj = dense(d_model, num_kv_heads * self.head_dim, rngs=rngs, dtype=dtype)
         self.v_proj = dense(d_model, num_kv_heads * self.head_dim, rngs=rngs, dtype=dtype)
@@ -40,7 +48,7 @@ class SoftmaxAttention(nnx.Module):
         k = apply_rotary(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), pos, self.rope_base)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         if state is None:
-            o = jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+            o = self._full_sequence(q, k, v)
         else:
             keys, values = state
             start = (0, pos, 0, 0)
@@ -53,15 +61,26 @@ class SoftmaxAttention(nnx.Module):
             state = (keys, values)
         return self.o_proj(o.reshape(b, t, -1)), state
 
+    def _full_sequence(self, q, k, v):
+        if not cp.active(self.context_parallel):
+            return jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+        from jaxattn import context_parallel as strategies
+        if self.context_parallel == "ring":
+            return strategies.ring_attention(q, k, v, is_causal=True, load_balance=True)
+        fn = {"allgather": strategies.allgather_attention, "ulysses": strategies.ulysses_attention}
+        return fn[self.context_parallel](q, k, v, is_causal=True)
+
 
 def softmax_lm(*, vocab_size: int, d_model: int, num_layers: int, num_heads: int, glu_dim: int, rngs: nnx.Rngs,
                num_kv_heads: int | None = None, rope_base: float = 10000.0, implementation=None,
-               dtype=None) -> CausalLM:
-    """Softmax baseline: `CausalLM` with `SoftmaxAttention` (MHA unless `num_kv_heads` is given)."""
+               context_parallel: str | None = None, dtype=None) -> CausalLM:
+    """Softmax baseline: `CausalLM` with `SoftmaxAttention` (MHA unless `num_kv_heads` is given).
+    `context_parallel`: 'ring' | 'allgather' | 'ulysses' | None, see `SoftmaxAttention`."""
+    cp.check_strategy(context_parallel, "softmax_lm")
     kv = num_heads if num_kv_heads is None else num_kv_heads
 
     def mixer(i, r):
         return SoftmaxAttention(d_model, num_heads, kv, rngs=r, rope_base=rope_base,
-                                implementation=implementation, dtype=dtype)
+                                implementation=implementation, context_parallel=context_parallel, dtype=dtype)
     return CausalLM(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers, glu_dim=glu_dim,
                     mixer_factory=mixer, rngs=rngs, dtype=dtype)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxattn
+from jaxattn.models import context_parallel as cp
 from jaxattn.models.lm import CausalLM, dense, lrpe, srms_norm
 
 
@@ -15,15 +16,21 @@ class GLA(nnx.Module):
     [N, H]`, initialised `10000 ** (-2 i / d_model)` as in OpenNLPLab's code), which doubles their head dim.
     Decay slopes are `lightning_slopes(N, layer_idx, num_layers)` (fixed, not parameters).
     Decoding state: `[B, N, H or 2H, H]` fp32, independent of the sequence length.
+
+    `context_parallel` ('lasp2' or None): the full-sequence forward under a mesh whose `'context'` axis is > 1
+    runs `jaxattn.context_parallel.lasp2_lightning_attention` over the sequence (sharded along T; LRPE uses the
+    tokens' absolute positions, which sharding leaves unchanged); prefill and decoding keep the single-device op.
     """
 
     def __init__(self, d_model: int, num_heads: int, layer_idx: int, num_layers: int, *, use_lrpe: bool,
-                 rngs: nnx.Rngs, block_size: int = 64, implementation=None, dtype=None):
+                 rngs: nnx.Rngs, block_size: int = 64, implementation=None, context_parallel: str | None = None,
+                 dtype=None):
         if d_model % num_heads:
             raise ValueError(f"`d_model` ({d_model}) must be divisible by `num_heads` ({num_heads})")
         self.num_heads, self.head_dim = num_heads, d_model // num_heads
         self.layer_idx, self.num_layers = layer_idx, num_layers
         self.block_size, self.implementation = block_size, implementation
+        self.context_parallel = cp.check_strategy(context_parallel, "transnormer")
         self.qkvu = dense(d_model, 4 * d_model, rngs=rngs, dtype=dtype)
         self.out_proj = dense(d_model, d_model, rngs=rngs, dtype=dtype)
         theta = 10000.0 ** (-2.0 / d_model * jnp.arange(d_model, dtype=jnp.float32))
@@ -41,7 +48,10 @@ class GLA(nnx.Module):
         if self.theta is not None:
             q, k = lrpe(q, self.theta[...], pos), lrpe(k, self.theta[...], pos)
         slopes = jaxattn.lightning_slopes(self.num_heads, self.layer_idx, self.num_layers)
-        if state is None:
+        if state is None and cp.active(self.context_parallel):
+            from jaxattn.context_parallel import lasp2_lightning_attention
+            o = lasp2_lightning_attention(q, k, v, slopes=slopes)
+        elif state is None:
             o = jaxattn.lightning_attention(q, k, v, slopes=slopes, block_size=self.block_size,
                                             implementation=self.implementation)
         elif t == 1:
@@ -57,10 +67,13 @@ class GLA(nnx.Module):
 
 def transnormer(*, vocab_size: int, d_model: int, num_layers: int, num_heads: int, glu_dim: int,
                 rngs: nnx.Rngs, lrpe_layers: tuple[int, ...] = (0,), block_size: int = 64,
-                implementation=None, dtype=None) -> CausalLM:
-    """TransNormerLLM: `CausalLM` with a GLA mixer per layer (LRPE on `lrpe_layers`, default layer 0 only)."""
+                implementation=None, context_parallel: str | None = None, dtype=None) -> CausalLM:
+    """TransNormerLLM: `CausalLM` with a GLA mixer per layer (LRPE on `lrpe_layers`, default layer 0 only).
+    `context_parallel`: 'lasp2' or None, see `GLA`."""
+    cp.check_strategy(context_parallel, "transnormer")
+
     def mixer(i, r):
         return GLA(d_model, num_heads, i, num_layers, use_lrpe=i in lrpe_layers, rngs=r, block_size=block_size,
-                   implementation=implementation, dtype=dtype)
+                   implementation=implementation, context_parallel=context_parallel, dtype=dtype)
     return CausalLM(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers, glu_dim=glu_dim,
                     mixer_factory=mixer, rngs=rngs, dtype=dtype)
