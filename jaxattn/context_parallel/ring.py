@@ -213,6 +213,15 @@ def ring_attention(query, key, value, *, axis_name: str = "context", mesh=None, 
 
     Lengths not divisible by the axis size (twice it when zig-zagging) raise `ValueError`; pad first.
     """
+    local = functools.partial(ring_attention_local, scale=scale, implementation=implementation)
+    return run_sharded(local, query, key, value, axis_name=axis_name, mesh=mesh, batch_axes=batch_axes,
+                       is_causal=is_causal, load_balance=load_balance, zigzag_order=zigzag_order)
+
+
+def run_sharded(local_fn, query, key, value, *, axis_name, mesh, batch_axes, is_causal, load_balance,
+                zigzag_order):
+    """Validates, then runs `local_fn(q, k, v, axis_name=, is_causal=, zigzag_layout=)` under `shard_map`,
+    moving natural-order shards into zigzag order and back when load-balancing a causal mask."""
     mesh = common.resolve_mesh(mesh)
     common.check_qkv(query, key, value)
     if zigzag_order and not load_balance:
@@ -220,12 +229,12 @@ def ring_attention(query, key, value, *, axis_name: str = "context", mesh=None, 
     zig = bool(is_causal and load_balance)
     common.check_sequence_inputs(mesh, axis_name, batch_axes, 2 if (zig or zigzag_order) else 1,
                                  query=query, key=key, value=value)
+    move = zig and not zigzag_order
 
     def body(q, k, v):
-        if zig and not zigzag_order:
+        if move:
             q, k, v = (zigzag.to_zigzag_local(x, axis_name) for x in (q, k, v))
-        out = ring_attention_local(q, k, v, axis_name=axis_name, is_causal=is_causal, zigzag_layout=zig,
-                                   scale=scale, implementation=implementation)
-        return zigzag.from_zigzag_local(out, axis_name) if zig and not zigzag_order else out
+        out = local_fn(q, k, v, axis_name=axis_name, is_causal=is_causal, zigzag_layout=zig)
+        return zigzag.from_zigzag_local(out, axis_name) if move else out
 
     return common.shard_sequence(body, mesh, axis_name, batch_axes, 3, 1)(query, key, value)
