@@ -1,0 +1,130 @@
+"""Fused neighborhood attention as Pallas kernels for TPU (Mosaic) and GPU (Pallas-Triton), forward and backward.
+
+`neighborhood_attention` moves the op's heads-last arrays into the kernels' layout (`geometry.py`: dilation groups
+into the batch, the group grid cut into boxes and flattened box-major, features padded for Triton; plain XLA that
+differentiates itself) and runs the kernels through a custom VJP:
+
+- forward (`pallas_fwd`): one query box per program against the key boxes of its halo; out + fp32 lse;
+- backward (`pallas_bwd`): dq (+ d rpb partials) per query box, dk/dv per key box over the query boxes that see
+  it (GQA heads accumulated in place), both recomputing probabilities from the lse.
+
+Supported: 1-D, 2-D and 3-D, any kernel size (odd or even), dilation, stride (GNA), causal per axis, relative
+position bias, GQA, any head dims. The bias is expanded in the kernel with one compare/select per table entry,
+so bias tables of more than `MAX_RPB_ENTRIES` entries (e.g. 3-D k = 7) are left to the XLA path (`supports`).
+Mosaic GPU is not targeted (the body uses `jnp.dot` on register values, as the flash-attention kernels do).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.core import blocking
+from jaxattn.kernels.common import blocks as common_blocks
+from jaxattn.kernels.common import platform
+from jaxattn.kernels.neighborhood_attention import blocks, pallas_bwd, pallas_fwd
+from jaxattn.kernels.neighborhood_attention.geometry import Geometry
+
+MAX_RPB_ENTRIES = 256  # 2-D k <= 7 (169), 1-D any realistic k, 3-D k <= 5 (125)
+TPU_LANES = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    geo: Geometry
+    scale: float
+    target: str
+    mode: str
+
+
+def supports(rpb=None, spec=None, **_) -> bool:
+    """The dispatch predicate: everything except bias tables too large to expand in the kernel."""
+    if rpb is None or spec is None:
+        return True
+    size = 1
+    for k in spec.kernel_size:
+        size *= 2 * k - 1
+    return size <= MAX_RPB_ENTRIES
+
+
+def neighborhood_attention(query, key, value, rpb=None, *, spec, scale=None, target=None, tiles=None,
+                           reduction=None):
+    """Neighborhood attention with the Pallas kernels. Returns `(out [B, *spatial, N, Hv], lse [B, *spatial, N])`.
+
+    Semantics and argument checks are those of `jaxattn.neighborhood_attention` (call it with
+    `implementation='pallas'` for validated arguments); `spec` is its `windows.NASpec`.
+      query `[B, *spatial, N, H]`, key `[B, *spatial, K, H]`, value `[B, *spatial, K, Hv]` (N % K == 0);
+      rpb: `[N, 2k1-1, ...]` or None; scale: default `H ** -0.5`.
+      target: 'tpu', 'triton', 'interpret' or 'tpu_interpret' (default from `jax.default_backend()`).
+      tiles: box extents per axis in dilation-group indices (default per target, `blocks.py`).
+      reduction: 'grid' or 'fori' (default 'grid' on TPU, 'fori' elsewhere; Triton needs 'fori').
+    """
+    target = platform.resolve_target(target)
+    mode = reduction or ("grid" if platform.tpu_like(target) else "fori")
+    if mode not in ("grid", "fori"):
+        raise ValueError(f"`reduction` must be 'grid' or 'fori', got {reduction!r}")
+    if target == "tpu" and mode != "grid":
+        raise ValueError("target='tpu' walks key boxes on the grid (reduction='grid')")
+    b, *spatial, n, h = query.shape
+    nd = len(spatial)
+    group_len = tuple(-(-length // d) for length, d in zip(spatial, spec.dilation))
+    if tiles is not None and isinstance(tiles, int):
+        tiles = (tiles,) * nd
+    geo = Geometry(b, tuple(spatial), n, key.shape[-2], spec.kernel_size, spec.dilation, spec.stride,
+                   spec.is_causal, blocks.fit(target, group_len, tiles))
+    scale = float(h ** -0.5 if scale is None else scale)
+    return _neighborhood(query, key, value, rpb, _Static(geo, scale, target, mode))
+
+
+def attention(query, key, value, rpb, *, scale, spec):
+    """The `neighborhood_attention` backend signature."""
+    return neighborhood_attention(query, key, value, rpb, spec=spec, scale=scale)
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _neighborhood(query, key, value, rpb, static: _Static):
+    geo = static.geo
+    h, hv = query.shape[-1], value.shape[-1]
+    hp, hvp = (common_blocks.feature_dim(x, static.target) for x in (h, hv))
+    q, k, v = geo.to_kernel(query, hp), geo.to_kernel(key, hp), geo.to_kernel(value, hvp)
+    rows = None
+    if rpb is not None:
+        width = max(TPU_LANES, common_blocks.next_power_of_2(geo.rpb_size))
+        rows = blocking.pad_axis(rpb.astype(jnp.float32).reshape(geo.heads, 1, geo.rpb_size), 2, width)
+    out, lse = _attend(q, k, v, rows, static)
+    out = geo.from_kernel(out, hv)
+    lse = geo.from_kernel(lse, 1)[..., 0]
+    return out, lse
+
+
+def _forward(q, k, v, rows, static: _Static):
+    return pallas_fwd.forward(q, k, v, rows, geo=static.geo, scale=static.scale, target=static.target,
+                              mode=static.mode)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q, k, v, rows, static):
+    return _forward(q, k, v, rows, static)
+
+
+def _attend_fwd(q, k, v, rows, static):
+    out, lse = _forward(q, k, v, rows, static)
+    return (out, lse), (q, k, v, rows, out, lse)
+
+
+def _attend_bwd(static: _Static, residuals, cotangents):
+    q, k, v, rows, out, lse = residuals
+    d_out, d_lse = cotangents
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True) - d_lse
+    common = dict(geo=static.geo, scale=static.scale, target=static.target, mode=static.mode)
+    d_out = d_out.astype(q.dtype)
+    dq, drows = pallas_bwd.dq(q, k, v, rows, d_out, lse, delta, **common)
+    dk, dv = pallas_bwd.dkv(q, k, v, rows, d_out, lse, delta, **common)
+    if drows is not None:
+        drows = jnp.sum(drows, axis=(0, 2)).astype(rows.dtype)  # [N, 1, Pp]
+    return dq, dk, dv, drows
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
