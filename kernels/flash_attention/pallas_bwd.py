@@ -19,11 +19,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxattn.kernels.common import bands, platform
+from jaxattn.kernels.common import bands
 from jaxattn.kernels.common.loops import Reduction
 from jaxattn.kernels.flash_attention import tile
-from jaxattn.kernels.flash_attention.blocks import TRITON_LAUNCH
-from jaxattn.kernels.flash_attention.pallas_fwd import QuerySpecs, key_slice, split_refs
+from jaxattn.kernels.flash_attention.pallas_fwd import (QuerySpecs, inputs, key_block_logits, key_slice, launch,
+                                                        split_refs)
 
 
 def _grads(s, lse, do, v, delta):
@@ -42,14 +42,7 @@ def dq(q, k, v, bias, q_seg, k_seg, do, lse, delta, *, want_dbias: bool, problem
     red = Reduction(mode, problem.max_kv_blocks(block_q, block_k, nk), axis=3)
     specs = QuerySpecs(red, problem, batch=b, heads=n, kv_heads=kv_heads, block_q=block_q, block_k=block_k,
                        q_len_p=tp, kv_len_p=sp, bias_shape=None if bias is None else bias.shape)
-    names, operands = ["q", "k", "v"], [q, k, v]
-    in_specs = [specs.rows(h), specs.kv(h), specs.kv(hv)]
-    if bias is not None:
-        names.append("bias"), operands.append(bias), in_specs.append(specs.bias())
-    if q_seg is not None:
-        names += ["q_seg", "k_seg"]
-        operands += [q_seg, k_seg]
-        in_specs += [specs.q_segments(), specs.k_segments()]
+    names, operands, in_specs = inputs(specs, specs.kv, q, k, v, bias, q_seg, k_seg)
     names += ["do", "lse", "delta"]
     operands += [do, lse, delta]
     in_specs += [specs.rows(hv), specs.rows(1), specs.rows(1)]
@@ -67,20 +60,15 @@ def dq(q, k, v, bias, q_seg, k_seg, do, lse, delta, *, want_dbias: bool, problem
     names += ["dq"] + (["ds"] if want_dbias else [])
     kernel = functools.partial(_dq_kernel, names=tuple(names), problem=problem, block_q=block_q,
                                block_k=block_k, num_k=nk, red=red, mask_kv_tail=sp > problem.kv_len)
-    warps, stages = TRITON_LAUNCH["bwd"]
-    outs = pl.pallas_call(
-        kernel,
+    outs = launch(
+        kernel, operands, red=red, phase="bwd", target=target, name="flash_attention_dq",
         grid=red.grid((b, n, nq)),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
         scratch_shapes=red.scratch_shapes([jax.ShapeDtypeStruct((block_q, h), jnp.float32)]),
         input_output_aliases=aliases,
-        compiler_params=platform.compiler_params(target, dimension_semantics=red.semantics(("parallel",) * 3),
-                                                 num_warps=warps, num_stages=stages),
-        interpret=platform.interpret(target),
-        name="flash_attention_dq",
-    )(*operands)
+    )
     return outs[0], (outs[1] if want_dbias else None)
 
 
@@ -92,13 +80,8 @@ def _dq_kernel(*refs, names, problem, block_q, block_k, num_k, red, mask_kv_tail
     q_seg = ref["q_seg"][...] if "q_seg" in ref else None
 
     def step(r, carry):
-        keys = key_slice(r, block_k)
-        cols = (slice(None), keys)
-        k = red.tile(ref["k"], (keys, slice(None)))
-        v = red.tile(ref["v"], (keys, slice(None)))
-        bias = red.tile(ref["bias"], cols) if "bias" in ref else None
-        k_seg = red.tile(ref["k_seg"], cols) if "k_seg" in ref else None
-        s = tile.logits(q, k, bias, q_seg, k_seg, i * block_q, r * block_k, problem, mask_kv_tail=mask_kv_tail)
+        s, k, v, cols = key_block_logits(ref, red, r, q, q_seg, i * block_q, block_k=block_k, problem=problem,
+                                         mask_kv_tail=mask_kv_tail)
         _, ds = _grads(s, lse, do, v, delta)
         if "ds" in ref:
             red.store(ref["ds"], cols, ds)
@@ -182,14 +165,7 @@ def dkv(q, k, v, bias, q_seg, k_seg, do, lse, delta, *, problem: tile.Problem, b
     red = Reduction(mode, groups * span, axis=3)
     specs = KeySpecs(red, problem, batch=b, heads=n, kv_heads=kv_heads, block_q=block_q, block_k=block_k,
                      q_len_p=tp, span=span, bias_shape=None if bias is None else bias.shape)
-    names, operands = ["q", "k", "v"], [q, k, v]
-    in_specs = [specs.rows(h), specs.keys(h), specs.keys(hv)]
-    if bias is not None:
-        names.append("bias"), operands.append(bias), in_specs.append(specs.bias())
-    if q_seg is not None:
-        names += ["q_seg", "k_seg"]
-        operands += [q_seg, k_seg]
-        in_specs += [specs.q_segments(), specs.k_segments()]
+    names, operands, in_specs = inputs(specs, specs.keys, q, k, v, bias, q_seg, k_seg)
     names += ["do", "lse", "delta", "dk", "dv"]
     operands += [do, lse, delta]
     in_specs += [specs.rows(hv), specs.rows(1), specs.rows(1)]
@@ -197,19 +173,14 @@ def dkv(q, k, v, bias, q_seg, k_seg, do, lse, delta, *, problem: tile.Problem, b
     kernel = functools.partial(_dkv_kernel, names=tuple(names), problem=problem, block_q=block_q,
                                block_k=block_k, num_q=nq, groups=groups, span=span, red=red,
                                mask_kv_tail=sp > problem.kv_len)
-    warps, stages = TRITON_LAUNCH["bwd"]
-    return pl.pallas_call(
-        kernel,
+    return launch(
+        kernel, operands, red=red, phase="bwd", target=target, name="flash_attention_dkv",
         grid=red.grid((b, kv_heads, nk)),
         in_specs=in_specs,
         out_specs=[specs.keys(h), specs.keys(hv)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         scratch_shapes=red.scratch_shapes(carry),
-        compiler_params=platform.compiler_params(target, dimension_semantics=red.semantics(("parallel",) * 3),
-                                                 num_warps=warps, num_stages=stages),
-        interpret=platform.interpret(target),
-        name="flash_attention_dkv",
-    )(*operands)
+    )
 
 
 def _dkv_kernel(*refs, names, problem, block_q, block_k, num_q, groups, span, red, mask_kv_tail):

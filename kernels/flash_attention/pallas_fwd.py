@@ -85,6 +85,45 @@ def split_refs(refs, names):
     return named, list(it)
 
 
+def inputs(specs, kv_spec, q, k, v, bias, q_seg, k_seg):
+    """`(names, operands, in_specs)` of what every kernel reads: q, k, v, then the bias and segment ids if given."""
+    names, operands = ["q", "k", "v"], [q, k, v]
+    in_specs = [specs.rows(q.shape[-1]), kv_spec(k.shape[-1]), kv_spec(v.shape[-1])]
+    if bias is not None:
+        names.append("bias"), operands.append(bias), in_specs.append(specs.bias())
+    if q_seg is not None:
+        names += ["q_seg", "k_seg"]
+        operands += [q_seg, k_seg]
+        in_specs += [specs.q_segments(), specs.k_segments()]
+    return names, operands, in_specs
+
+
+def launch(kernel, operands, *, red, phase, target, name, **call_kwargs):
+    """`pallas_call` over `red`'s grid with this platform's compiler parameters (all grid axes parallel)."""
+    warps, stages = TRITON_LAUNCH[phase]
+    return pl.pallas_call(
+        kernel,
+        compiler_params=platform.compiler_params(target, dimension_semantics=red.semantics(("parallel",) * 3),
+                                                 num_warps=warps, num_stages=stages),
+        interpret=platform.interpret(target),
+        name=name,
+        **call_kwargs,
+    )(*operands)
+
+
+def key_block_logits(ref, red, r, q, q_seg, q_start, *, block_k, problem, mask_kv_tail):
+    """Loads key block `r` (k, v and, if present, bias and key segment tiles) for a query tile; returns
+    `(logits, k, v, cols)`, `cols` the index of the tile's columns in `[bq, Sp]`-shaped refs."""
+    keys = key_slice(r, block_k)
+    cols = (slice(None), keys)
+    k = red.tile(ref["k"], (keys, slice(None)))
+    v = red.tile(ref["v"], (keys, slice(None)))
+    bias = red.tile(ref["bias"], cols) if "bias" in ref else None
+    k_seg = red.tile(ref["k_seg"], cols) if "k_seg" in ref else None
+    s = tile.logits(q, k, bias, q_seg, k_seg, q_start, r * block_k, problem, mask_kv_tail=mask_kv_tail)
+    return s, k, v, cols
+
+
 def forward(q, k, v, bias, q_seg, k_seg, *, problem: tile.Problem, block_q: int, block_k: int, target: str,
             mode: str):
     """Returns `(out [B, N, Tp, Hv] in q.dtype, lse [B, N, Tp, 1] fp32)`; rows that see no key: 0 and -inf."""
@@ -94,32 +133,19 @@ def forward(q, k, v, bias, q_seg, k_seg, *, problem: tile.Problem, block_q: int,
     red = Reduction(mode, problem.max_kv_blocks(block_q, block_k, nk), axis=3)
     specs = QuerySpecs(red, problem, batch=b, heads=n, kv_heads=kv_heads, block_q=block_q, block_k=block_k,
                        q_len_p=tp, kv_len_p=sp, bias_shape=None if bias is None else bias.shape)
-    names = ["q", "k", "v"]
-    operands = [q, k, v]
-    in_specs = [specs.rows(h), specs.kv(h), specs.kv(hv)]
-    if bias is not None:
-        names.append("bias"), operands.append(bias), in_specs.append(specs.bias())
-    if q_seg is not None:
-        names += ["q_seg", "k_seg"]
-        operands += [q_seg, k_seg]
-        in_specs += [specs.q_segments(), specs.k_segments()]
+    names, operands, in_specs = inputs(specs, specs.kv, q, k, v, bias, q_seg, k_seg)
     names += ["out", "lse"]
     carry = [jax.ShapeDtypeStruct((block_q,), jnp.float32)] * 2 + [jax.ShapeDtypeStruct((block_q, hv), jnp.float32)]
     kernel = functools.partial(_forward_kernel, names=tuple(names), problem=problem, block_q=block_q,
                                block_k=block_k, num_k=nk, red=red, mask_kv_tail=sp > problem.kv_len)
-    warps, stages = TRITON_LAUNCH["fwd"]
-    return pl.pallas_call(
-        kernel,
+    return launch(
+        kernel, operands, red=red, phase="fwd", target=target, name="flash_attention_fwd",
         grid=red.grid((b, n, nq)),
         in_specs=in_specs,
         out_specs=[specs.rows(hv), specs.rows(1)],
         out_shape=[jax.ShapeDtypeStruct((b, n, tp, hv), q.dtype), jax.ShapeDtypeStruct((b, n, tp, 1), jnp.float32)],
         scratch_shapes=red.scratch_shapes(carry),
-        compiler_params=platform.compiler_params(target, dimension_semantics=red.semantics(("parallel",) * 3),
-                                                 num_warps=warps, num_stages=stages),
-        interpret=platform.interpret(target),
-        name="flash_attention_fwd",
-    )(*operands)
+    )
 
 
 def _forward_kernel(*refs, names, problem, block_q, block_k, num_k, red, mask_kv_tail):
@@ -130,13 +156,8 @@ def _forward_kernel(*refs, names, problem, block_q, block_k, num_k, red, mask_kv
     q_seg = ref["q_seg"][...] if "q_seg" in ref else None
 
     def step(r, carry):
-        keys = key_slice(r, block_k)
-        cols = (slice(None), keys)
-        k = red.tile(ref["k"], (keys, slice(None)))
-        v = red.tile(ref["v"], (keys, slice(None)))
-        bias = red.tile(ref["bias"], cols) if "bias" in ref else None
-        k_seg = red.tile(ref["k_seg"], cols) if "k_seg" in ref else None
-        s = tile.logits(q, k, bias, q_seg, k_seg, i * block_q, r * block_k, problem, mask_kv_tail=mask_kv_tail)
+        s, _, v, _ = key_block_logits(ref, red, r, q, q_seg, i * block_q, block_k=block_k, problem=problem,
+                                      mask_kv_tail=mask_kv_tail)
         return list(softmax.online_softmax_update(
             tuple(carry), s, v, lambda p, vv: tile.matmul(p.astype(vv.dtype), vv)))
 
