@@ -21,8 +21,21 @@ def _load_xla():
     return neighborhood_blocked
 
 
+def _load_pallas():
+    from jaxattn.kernels.neighborhood_attention.pallas import attention
+    return attention
+
+
+def _pallas_supports(**op_args):
+    """Everything but bias tables too large to expand in the kernel (those go to xla under None)."""
+    from jaxattn.kernels.neighborhood_attention.pallas import supports
+    return supports(**op_args)
+
+
 dispatch.register(OP, dispatch.Backend("reference", _load_reference, platforms=(), priority=-1))
 dispatch.register(OP, dispatch.Backend("xla", _load_xla, platforms=None, priority=0))
+dispatch.register(OP, dispatch.Backend("pallas", _load_pallas, platforms=("tpu", "gpu"), priority=1,
+                                       supports=_pallas_supports))
 
 
 def neighborhood_attention(query, key, value, kernel_size, *, dilation=1, stride=1, is_causal=False, rpb=None,
