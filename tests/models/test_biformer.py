@@ -12,6 +12,7 @@ from jaxattn.models import convert
 from jaxattn.models.biformer import BiFormer
 from jaxattn.models.biformer.model import BiLevelRoutingAttention
 from jaxattn.models.convert import StateDictError
+from jaxattn.testing import model_checks
 from jaxattn.testing.fixtures import load_model_fixture
 from jaxattn.testing.model_init import abstract_model
 
@@ -132,27 +133,10 @@ def test_pico_train_step_batch_norm_and_train_eval(pico):
     bn = pico.downsample_layers[0].bn1
     old_mean = np.asarray(bn.mean[...])
     batch_mean = np.asarray(pico.downsample_layers[0].conv1(x).mean(axis=(0, 1, 2)))
-
-    @nnx.jit
-    def loss_and_grads(model, x):
-        def loss_fn(model):
-            logits = model(x)
-            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)), logits
-        return nnx.value_and_grad(loss_fn, has_aux=True)(model)
-
-    pico.train()
-    (loss, train_logits), grads = loss_and_grads(pico, x)
-    assert np.isfinite(float(loss))
-    leaves = jax.tree.leaves(grads)
-    assert len(leaves) == len(jax.tree.leaves(nnx.state(pico, nnx.Param)))
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    _, train_logits, _ = model_checks.train_step_gradients(pico, x, labels)
     # torch BatchNorm momentum 0.1: running = 0.9 * running + 0.1 * batch
     np.testing.assert_allclose(np.asarray(bn.mean[...]), 0.9 * old_mean + 0.1 * batch_mean, atol=1e-5, rtol=1e-5)
-
-    pico.eval()
-    a, b = _jit_forward(pico, x), _jit_forward(pico, x)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert not np.allclose(np.asarray(a), np.asarray(train_logits))  # batch statistics in training only
+    model_checks.assert_eval_differs_from_train(pico, x, train_logits, _jit_forward)  # batch statistics
 
 
 def test_sizes_off_the_region_grid(pico):

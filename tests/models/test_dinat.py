@@ -11,6 +11,7 @@ from jaxattn.models import convert
 from jaxattn.models.convert import StateDictError
 from jaxattn.models.dinat import DiNAT, default_dilations
 from jaxattn.models.dinat.model import NATLayer, NeighborhoodAttention2D
+from jaxattn.testing import model_checks
 from jaxattn.testing.fixtures import load_model_fixture
 from jaxattn.testing.model_init import abstract_model
 
@@ -139,26 +140,9 @@ def test_layer_scale_zero_makes_a_block_the_identity():
 def test_pico_train_step_finite_and_train_eval_differ(pico):
     x = _images(0, 2, PICO_SIZE, PICO_SIZE)
     labels = jnp.array([1, 3])
-
-    @nnx.jit
-    def loss_and_grads(model, x):
-        def loss_fn(model):
-            logits = model(x)
-            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)), logits
-        return nnx.value_and_grad(loss_fn, has_aux=True)(model)
-
-    pico.train()
-    (loss, train_logits), grads = loss_and_grads(pico, x)
-    assert np.isfinite(float(loss))
-    leaves = jax.tree.leaves(grads)
-    assert len(leaves) == len(jax.tree.leaves(nnx.state(pico, nnx.Param)))
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    _, train_logits, grads = model_checks.train_step_gradients(pico, x, labels)
     assert float(jnp.abs(grads["levels"][0]["blocks"][0]["attn"]["rpb"][...]).sum()) > 0
-
-    pico.eval()
-    a, b = _jit_forward(pico, x), _jit_forward(pico, x)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert not np.allclose(np.asarray(a), np.asarray(train_logits))  # stochastic depth acts in training only
+    model_checks.assert_eval_differs_from_train(pico, x, train_logits, _jit_forward)  # stochastic depth
 
 
 def test_small_odd_input_runs_through_the_padding_path(pico):

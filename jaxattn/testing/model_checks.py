@@ -1,0 +1,37 @@
+"""Checks every vision model's tests make: a finite training gradient, and train/eval modes that differ."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@nnx.jit
+def _loss_and_grads(model, images, labels):
+    def loss_fn(model):
+        logits = model(images)
+        log_probs = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1)), logits
+    return nnx.value_and_grad(loss_fn, has_aux=True)(model)
+
+
+def train_step_gradients(model, images, labels):
+    """Cross-entropy loss, logits and gradients of `model` in train mode (one jitted call); asserts the loss is
+    finite and every parameter gets a finite gradient. Returns `(loss, logits, grads)`."""
+    model.train()
+    (loss, logits), grads = _loss_and_grads(model, images, jnp.asarray(labels))
+    assert np.isfinite(float(loss)), f"non-finite training loss {float(loss)}"
+    leaves = jax.tree.leaves(grads)
+    assert len(leaves) == len(jax.tree.leaves(nnx.state(model, nnx.Param))), "a parameter got no gradient"
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves), "non-finite gradient"
+    return loss, logits, grads
+
+
+def assert_eval_differs_from_train(model, images, train_logits, forward):
+    """In eval mode `forward(model, images)` is deterministic and differs from the train-mode logits (dropout,
+    stochastic depth or batch statistics act in training only)."""
+    model.eval()
+    a, b = forward(model, images), forward(model, images)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.allclose(np.asarray(a), np.asarray(train_logits)), "train and eval modes give the same logits"
