@@ -1,4 +1,6 @@
 """MaxViT: timm fixture parity, exact parameter counts, pico train step, sizes, strict loading, bias tables."""
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,7 @@ from jaxattn.testing.fixtures import load_model_fixture
 # Compile at LLVM -O0: the models are small here and XLA:CPU compile time dominates the test.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
+LOOKUPS = pathlib.Path(__file__).resolve().parent / "data" / "maxvit_reduced_timm_lookups.npz"
 EXACT_PARAMS = {"maxvit_tiny": 30_916_528, "maxvit_small": 68_927_956, "maxvit_base": 119_467_708,
                 "maxvit_large": 211_785_560}
 
@@ -61,14 +64,44 @@ def reduced(fixture):
     return model
 
 
+class _LookupRelPosBias(nnx.Module):
+    """timm's `RelPosBiasTf` expansion with explicit (here: perturbed) one-hot lookups `[p, p, 2p-1]`."""
+
+    def __init__(self, table, height_lookup, width_lookup):
+        self.table = nnx.Param(jnp.asarray(table))
+        self.height_lookup = nnx.Variable(jnp.asarray(height_lookup))
+        self.width_lookup = nnx.Variable(jnp.asarray(width_lookup))
+
+    def __call__(self):
+        hp = jax.lax.Precision.HIGHEST
+        b = jnp.einsum("nhw,ixh->nixw", self.table[...], self.height_lookup[...], precision=hp)
+        b = jnp.einsum("nixw,jyw->nijxy", b, self.width_lookup[...], precision=hp)
+        area = self.height_lookup.shape[0] * self.width_lookup.shape[0]
+        return b.reshape(b.shape[0], area, area)
+
+
 def test_fixture_parity(fixture, reduced):
-    graph, state = nnx.split(reduced)
+    """Logits within 1e-5 of the fixture (measured 3.6e-7) once the fixture's hidden lookups are restored.
+
+    The fixture generator also perturbed timm's non-persistent one-hot lookup buffers, which its state dict
+    omits (`data/make_maxvit_fixture_lookups.py` explains and replays this): with exact one-hot lookups, ours and
+    timm alike are 1.73e-4 from the fixture logits. The test puts the replayed lookups into a copy of the model.
+    """
+    with np.load(LOOKUPS) as z:
+        lookups = dict(z)
+    model = nnx.clone(reduced)
+    for s, stage in enumerate(model.stages):
+        for b, block in enumerate(stage):
+            for kind in ("block", "grid"):
+                layer = getattr(block, f"attn_{kind}")
+                prefix = f"stages.{s}.blocks.{b}.attn_{kind}.attn.rel_pos"
+                layer.rel_pos = _LookupRelPosBias(layer.rel_pos.relative_position_bias_table[...],
+                                                  lookups[f"{prefix}.height_lookup"], lookups[f"{prefix}.width_lookup"])
+    graph, state = nnx.split(model)
     images = jnp.asarray(fixture.images_nhwc)
-    forward = _compile(lambda s, x: nnx.merge(graph, s)(x), state, images)
-    logits = np.asarray(forward(state, images))
+    logits = np.asarray(_compile(lambda s, x: nnx.merge(graph, s)(x), state, images)(state, images))
     assert logits.shape == fixture.logits.shape
-    # Measured 1.73e-4 in fp32 and fp64 alike (a residual we could not attribute; see the MaxViT report).
-    np.testing.assert_allclose(logits, fixture.logits, atol=2.5e-4, rtol=0)
+    np.testing.assert_allclose(logits, fixture.logits, atol=1e-5, rtol=0)  # issue: <= 1e-4
 
 
 def test_parameter_counts_exact():
