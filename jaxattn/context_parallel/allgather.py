@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from jaxattn.context_parallel import ring
 from jaxattn.core import softmax
