@@ -99,9 +99,9 @@ class NeighborhoodAttention2D(nnx.Module):
     `rpb [heads, 2k-1, 2k-1]`. The reference scales q by `head_dim ** -0.5` before the QK product and adds rpb to
     the scaled logits; the op is called with the pre-scaled q and `scale=1.0` to reproduce exactly that.
 
-    `context_parallel='halo'`: under a mesh whose `'context'` axis is > 1, a map whose rows divide by the context
-    size runs `jaxattn.context_parallel.halo_neighborhood_attention` over image rows (neighbours exchange the
-    border rows the window needs); any other map (a deep stage with fewer rows than devices) runs the
+    `context_parallel='halo'`: under a mesh whose `'context'` axis is > 1, a map whose rows split into shards that
+    hold the border rows a window needs (`shards_rows`) runs `jaxattn.context_parallel.halo_neighborhood_attention`
+    over image rows (neighbours exchange those rows); any other map (a deep stage with few rows) runs the
     single-device op, which GSPMD gathers for. Same result either way.
     """
 
@@ -131,8 +131,7 @@ class NeighborhoodAttention2D(nnx.Module):
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         q = q * jnp.asarray(self.scale, q.dtype)
         rpb = self.rpb[...].astype(q.dtype)
-        n = cp.active(self.context_parallel)
-        if n and hp % n == 0:
+        if self.shards_rows(hp):
             from jaxattn.context_parallel import halo_neighborhood_attention
             out = halo_neighborhood_attention(q, k, v, self.kernel_size, dilation=self.dilation, rpb=rpb,
                                               scale=1.0, axis=1)
@@ -141,6 +140,17 @@ class NeighborhoodAttention2D(nnx.Module):
                                                  scale=1.0, implementation=self.implementation)
         out = out[:, :h, :w].reshape(b, h, w, c)
         return self.proj_drop(self.proj(out))
+
+    def shards_rows(self, rows: int) -> bool:
+        """Whether a map of `rows` (after padding) runs the halo strategy now: context parallelism is on and the
+        mesh's context size `n` divides the rows into shards that hold the border rows a window needs from each
+        neighbour (`halo_exchange.neighborhood_halo`: `(k // 2) * dilation`, more next to the image border)."""
+        n = cp.active(self.context_parallel)
+        if not n or rows % n:
+            return False
+        from jaxattn.context_parallel.halo_exchange import neighborhood_halo
+        local, (left, right) = rows // n, neighborhood_halo(rows, n, self.kernel_size, self.dilation)
+        return max(left, right) <= local and self.window_size <= local + left + right <= rows
 
 
 class NATLayer(nnx.Module):

@@ -157,10 +157,9 @@ class HaloAttention(nnx.Module):
         rel_h, rel_w = self.pos_embed.height_rel[...], self.pos_embed.width_rel[...]
         if self.scale_pos_embed:  # (q.k + rel) * scale == scale * q.k + q.(scale * rel)
             rel_h, rel_w = rel_h * self.scale, rel_w * self.scale
-        n = cp.active(self.context_parallel)
         rel = dict(rel_height=rel_h.astype(q.dtype), rel_width=rel_w.astype(q.dtype), scale=self.scale,
                    query_stride=self.query_stride)
-        if n and h % (n * self.block_size) == 0:
+        if self.shards_rows(h):
             from jaxattn.context_parallel import halo_exchange_halo_attention
             out = halo_exchange_halo_attention(q, k, v, self.block_size, self.halo_size, **rel)
         else:
@@ -170,3 +169,9 @@ class HaloAttention(nnx.Module):
         if self.avg_pool:  # torch AvgPool2d(2, 2): floor, no padding
             out = jax.lax.reduce_window(out, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0
         return out
+
+    def shards_rows(self, rows: int) -> bool:
+        """Whether an input map of `rows` runs the halo strategy now: context parallelism is on and each of the
+        mesh's `n` context shards holds whole blocks and at least the `halo_size` rows its neighbours need."""
+        n = cp.active(self.context_parallel)
+        return bool(n) and rows % (n * self.block_size) == 0 and self.halo_size <= rows // n

@@ -18,8 +18,9 @@ class SoftmaxAttention(nnx.Module):
 
     `context_parallel` ('ring', 'allgather', 'ulysses' or None): the full-sequence forward under a mesh whose
     `'context'` axis is > 1 runs that `jaxattn.context_parallel` strategy over the sequence (sharded along T);
-    prefill and decoding keep the single-device op. Ring runs with `load_balance=True`: the ring function permutes
-    to the zigzag order and back itself, so tokens, rotary positions and outputs stay in natural order here.
+    prefill and decoding keep the single-device op. Ring and all-gather run load-balanced (zigzag) with the
+    strategy moving each layer's q/k/v shards into zigzag order and the output back (`zigzag_order=False`), so
+    tokens, rotary positions and outputs stay in natural order in the model.
     """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, *, rngs: nnx.Rngs,
@@ -65,10 +66,11 @@ class SoftmaxAttention(nnx.Module):
         if not cp.active(self.context_parallel):
             return jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
         from jaxattn import context_parallel as strategies
-        if self.context_parallel == "ring":
-            return strategies.ring_attention(q, k, v, is_causal=True, load_balance=True)
-        fn = {"allgather": strategies.allgather_attention, "ulysses": strategies.ulysses_attention}
-        return fn[self.context_parallel](q, k, v, is_causal=True)
+        kwargs = dict(is_causal=True, implementation=self.implementation)
+        if self.context_parallel == "ulysses":
+            return strategies.ulysses_attention(q, k, v, **kwargs)
+        fn = strategies.ring_attention if self.context_parallel == "ring" else strategies.allgather_attention
+        return fn(q, k, v, load_balance=True, **kwargs)
 
 
 def softmax_lm(*, vocab_size: int, d_model: int, num_layers: int, num_heads: int, glu_dim: int, rngs: nnx.Rngs,

@@ -50,7 +50,8 @@ class GLA(nnx.Module):
         slopes = jaxattn.lightning_slopes(self.num_heads, self.layer_idx, self.num_layers)
         if state is None and cp.active(self.context_parallel):
             from jaxattn.context_parallel import lasp2_lightning_attention
-            o = lasp2_lightning_attention(q, k, v, slopes=slopes)
+            o = lasp2_lightning_attention(q, k, v, slopes=slopes, block_size=self.block_size,
+                                          implementation=self.implementation)
         elif state is None:
             o = jaxattn.lightning_attention(q, k, v, slopes=slopes, block_size=self.block_size,
                                             implementation=self.implementation)
