@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxattn.core import blocking, softmax
 from jaxattn.kernels.common import blocks as common_blocks
 from jaxattn.kernels.common import platform
-from jaxattn.kernels.flash_attention import blocks, pallas_bwd, pallas_fwd
+from jaxattn.kernels.flash_attention import blocks, pallas_bwd, pallas_fwd, vjp
 from jaxattn.kernels.flash_attention.blocks import BlockSizes
 from jaxattn.kernels.flash_attention.tile import Problem
 from jaxattn.kernels.flash_attention.vjp import flash_vjp
@@ -69,19 +69,11 @@ def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segme
     problem = Problem.of(t, s, query.shape[3], scale=scale, is_causal=is_causal, window=window,
                          causal_offset=causal_offset)
     static = _Static(problem, blocks.fit(target, t, s, block_sizes), target, mode)
-    if (q_segment_ids is None) != (k_segment_ids is None):
-        raise ValueError("give both `q_segment_ids` and `k_segment_ids`, or neither")
+    vjp.check_segment_ids(q_segment_ids, k_segment_ids)
     return _flash_attention(query, key, value, bias, q_segment_ids, k_segment_ids, static)
 
 
-def attention(query, key, value, bias, mask, q_segment_ids, k_segment_ids, *, scale, spec):
-    """The `dot_product_attention` backend signature (`spec`: is_causal, window, causal_offset)."""
-    if mask is not None:
-        raise ValueError("the Pallas flash-attention kernel does not take a boolean `mask`; use `bias` or "
-                         "implementation='xla'")
-    return flash_attention(query, key, value, bias, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
-                           scale=scale, is_causal=spec.is_causal, window=spec.window,
-                           causal_offset=spec.causal_offset)
+attention = vjp.dot_product_backend(flash_attention, "Pallas")
 
 
 @functools.partial(jax.jit, static_argnums=(6,))

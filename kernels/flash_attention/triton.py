@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.core import softmax
-from jaxattn.kernels.flash_attention import triton_launch
+from jaxattn.kernels.flash_attention import triton_launch, vjp
 from jaxattn.kernels.flash_attention.tile import Problem
 from jaxattn.kernels.flash_attention.vjp import flash_vjp
 
@@ -29,8 +29,7 @@ def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segme
                     is_causal=False, window=None, causal_offset=None, blocks: dict | None = None):
     """Same arguments and results as `pallas.flash_attention` (without target/block_sizes/reduction);
     `blocks` optionally overrides `triton_launch.BLOCKS` per kernel name. Returns `(out, lse)`."""
-    if (q_segment_ids is None) != (k_segment_ids is None):
-        raise ValueError("give both `q_segment_ids` and `k_segment_ids`, or neither")
+    vjp.check_segment_ids(q_segment_ids, k_segment_ids)
     problem = Problem.of(query.shape[1], key.shape[1], query.shape[3], scale=scale, is_causal=is_causal,
                          window=window, causal_offset=causal_offset)
     static = _Static(problem, None if blocks is None else tuple(sorted(blocks.items())))
@@ -41,14 +40,7 @@ def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segme
     return _attention(query, key, value, bias, q_seg, k_seg, static)
 
 
-def attention(query, key, value, bias, mask, q_segment_ids, k_segment_ids, *, scale, spec):
-    """The `dot_product_attention` backend signature (`spec`: is_causal, window, causal_offset)."""
-    if mask is not None:
-        raise ValueError("the Triton flash-attention kernel does not take a boolean `mask`; use `bias` or "
-                         "implementation='xla'")
-    return flash_attention(query, key, value, bias, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
-                           scale=scale, is_causal=spec.is_causal, window=spec.window,
-                           causal_offset=spec.causal_offset)
+attention = vjp.dot_product_backend(flash_attention, "Triton")
 
 
 def _triton_call():

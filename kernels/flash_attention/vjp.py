@@ -51,3 +51,24 @@ def flash_vjp(forward: Callable, backward: Callable) -> Callable:
 
     attention.defvjp(attention_fwd, attention_bwd, symbolic_zeros=True)
     return attention
+
+
+def dot_product_backend(flash_attention: Callable, kernel_name: str) -> Callable:
+    """Adapts a kernel's `flash_attention(q, k, v, bias, *, q_segment_ids, k_segment_ids, scale, is_causal, window,
+    causal_offset)` to the `dot_product_attention` backend signature (`spec`: is_causal, window, causal_offset)."""
+
+    def attention(query, key, value, bias, mask, q_segment_ids, k_segment_ids, *, scale, spec):
+        if mask is not None:
+            raise ValueError(f"the {kernel_name} flash-attention kernel does not take a boolean `mask`; use `bias` "
+                             "or implementation='xla'")
+        return flash_attention(query, key, value, bias, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
+                               scale=scale, is_causal=spec.is_causal, window=spec.window,
+                               causal_offset=spec.causal_offset)
+
+    attention.__doc__ = f"The `dot_product_attention` backend of the {kernel_name} flash-attention kernel."
+    return attention
+
+
+def check_segment_ids(q_segment_ids, k_segment_ids):
+    if (q_segment_ids is None) != (k_segment_ids is None):
+        raise ValueError("give both `q_segment_ids` and `k_segment_ids`, or neither")
