@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 from tensorflow_datasets.core import registered
+
+from jaxattn.train.datasets.embedded import EmbeddedBuilder
 
 NUM_TRAIN = 1437
 SPLIT_SEED = 0
 
 with registered.skip_registration():  # read back by path, never by global name lookup
 
-    class Builder(tfds.core.GeneratorBasedBuilder):
+    class Builder(EmbeddedBuilder):
         """scikit-learn digits, fixed 1,437 / 360 train/test split."""
 
         name = "digits"
-        VERSION = tfds.core.Version("1.0.0")
-        RELEASE_NOTES = {"1.0.0": "Initial release."}
-        # This file's own folder: TFDS would derive it from the import name, which the repository's package
-        # layout (train/ installed as jaxattn.train) breaks.
-        pkg_dir_path = epath.Path(__file__).parent
-        code_path = tfds.core.utils.classproperty(classmethod(lambda cls: epath.Path(__file__)))
 
         def _info(self):
             return self.dataset_info_from_configs(

@@ -14,8 +14,9 @@ import sysconfig
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 from tensorflow_datasets.core import registered
+
+from jaxattn.train.datasets.embedded import EmbeddedBuilder
 
 HELD_OUT_MODULES = ("argparse", "csv", "difflib", "fractions", "heapq", "json", "statistics", "textwrap", "zipfile")
 _SKIP_PARTS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -41,16 +42,10 @@ def source_files(root: pathlib.Path | None = None) -> dict[str, list[pathlib.Pat
 
 with registered.skip_registration():  # read back by path, never by global name lookup
 
-    class Builder(tfds.core.GeneratorBasedBuilder):
+    class Builder(EmbeddedBuilder):
         """Python standard library sources as bytes; `test` = the held-out modules."""
 
         name = "stdlib_bytes"
-        VERSION = tfds.core.Version("1.0.0")
-        RELEASE_NOTES = {"1.0.0": "Initial release."}
-        # This file's own folder: TFDS would derive it from the import name, which the repository's package
-        # layout (train/ installed as jaxattn.train) breaks.
-        pkg_dir_path = epath.Path(__file__).parent
-        code_path = tfds.core.utils.classproperty(classmethod(lambda cls: epath.Path(__file__)))
         BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=PYTHON_CONFIG,
                                                    description=f"Python {sys.version.split()[0]} standard library")]
 
