@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from jaxattn.context_parallel import common
+from jaxattn.context_parallel.shard_call import shard_call
 from jaxattn.core import validation
 from jaxattn.lightning import lightning_attention
 from jaxattn.lightning.reference import decay_weights
@@ -62,10 +64,10 @@ def lasp2_lightning_attention(query, key, value, *, slopes=None, is_causal=True,
     if not is_causal and (initial_state is not None or return_state):
         raise ValueError("`initial_state` / `return_state` need is_causal=True: a bidirectional output has no "
                          "prefix state")
-    plan = _plan(mesh, axis_name, batch_axes, batch=query.shape[0], length=query.shape[1],
-                          length_name="query length (axis 1)")
-    seq = plan.spec(4, 1)
-    state_spec = PartitionSpec(plan.batch_spec)
+    mesh = common.resolve_mesh(mesh)
+    common.check_sequence_inputs(mesh, axis_name, batch_axes, query=query, key=key, value=value)
+    seq = common.sequence_spec(mesh, axis_name, batch_axes, 4)
+    state_spec = PartitionSpec(seq[0])
     slopes = None if slopes is None else jax.lax.stop_gradient(jnp.asarray(slopes))
     if initial_state is not None:
         initial_state = jnp.asarray(initial_state)
@@ -78,7 +80,7 @@ def lasp2_lightning_attention(query, key, value, *, slopes=None, is_causal=True,
     in_specs = (seq, seq, seq, None if slopes is None else PartitionSpec(),
                 None if initial_state is None else state_spec)
     out_specs = (seq, state_spec) if return_state else seq
-    return plan.run(body, in_specs, out_specs, query, key, value, slopes, initial_state)
+    return shard_call(body, mesh, in_specs, out_specs, query, key, value, slopes, initial_state)
 
 
 def lasp2_local(query, key, value, *, slopes=None, is_causal=True, initial_state=None, return_state=False,
@@ -150,58 +152,3 @@ def _combine(gathered, slopes, steps, length):
     weights = _decay(slopes, jnp.maximum(steps, 0) * length) * (steps >= 0)[:, None]  # [P, N or 1]
     return jnp.einsum("pn,pbnhe->bnhe", jnp.broadcast_to(weights, (steps.shape[0], gathered.shape[2])), gathered)
 
-
-# --- shard_map plumbing (private until the shared `common.py` of this package lands) ---------------------------
-
-
-class _Plan:
-    def __init__(self, mesh, axis_name, batch_axes):
-        self.mesh, self.axis_name, self.batch_axes = mesh, axis_name, batch_axes
-        self.size = int(dict(mesh.shape)[axis_name])
-        self.batch_spec = batch_axes if batch_axes else None
-
-    def spec(self, ndim, seq_axis):
-        """PartitionSpec of a global array: batch over `batch_axes`, `seq_axis` over `axis_name`."""
-        parts = [None] * ndim
-        parts[0], parts[seq_axis] = self.batch_spec, self.axis_name
-        return PartitionSpec(*parts)
-
-    def run(self, body, in_specs, out_specs, *args):
-        """`shard_map(body)(*args)`. On a mesh with Explicit axes the arguments are first resharded to their
-        specs (shard_map does not reshard them there), under the mesh so that this also works inside `jit`."""
-        mesh = self.mesh
-        abstract = mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh
-        fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-        if jax.sharding.AxisType.Explicit not in tuple(abstract.axis_types):
-            return fn(*args)
-        with jax.sharding.use_abstract_mesh(abstract):
-            args = [x if x is None or spec is None else jax.reshard(x, spec) for x, spec in zip(args, in_specs)]
-            return fn(*args)
-
-
-def _plan(mesh, axis_name, batch_axes, *, batch, length, length_name):
-    """Resolves the mesh and checks that `batch` and `length` divide over their axes (`ValueError` otherwise)."""
-    if mesh is None:
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty:
-            raise ValueError("no mesh: pass `mesh=` or call under `jax.set_mesh(mesh)`")
-    names = tuple(mesh.axis_names)
-    if axis_name not in names:
-        raise ValueError(f"`axis_name` {axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
-    batch_axes = tuple(a for a in names if a != axis_name) if batch_axes is None else tuple(
-        (batch_axes,) if isinstance(batch_axes, str) else batch_axes)
-    for a in batch_axes:
-        if a not in names or a == axis_name:
-            raise ValueError(f"`batch_axes` {batch_axes} must name mesh axes other than {axis_name!r}; "
-                             f"mesh {dict(mesh.shape)}")
-    plan = _Plan(mesh, axis_name, batch_axes)
-    batch_devices = 1
-    for a in batch_axes:
-        batch_devices *= int(dict(mesh.shape)[a])
-    if batch % batch_devices:
-        raise ValueError(f"batch size {batch} must be a multiple of the devices along `batch_axes` {batch_axes} "
-                         f"({batch_devices}); mesh {dict(mesh.shape)}")
-    if length % plan.size:
-        raise ValueError(f"{length_name} {length} must be a multiple of the size of mesh axis {axis_name!r} "
-                         f"({plan.size}); pad it yourself if the padding is harmless for your model")
-    return plan

@@ -1,0 +1,246 @@
+"""Halo exchange: neighborhood attention and HaloNet halo attention with one spatial axis sharded over a mesh axis.
+
+A device needs only the few border tokens of its two neighbours that its queries' windows reach, so one
+`ppermute` each way (of `left` and `right` tokens, fixed by the window, not by the sequence length) replaces the
+all-to-all traffic of dense context parallelism. Gradients are autodiff: the transpose of a `ppermute` is the
+reverse `ppermute`, again border-sized.
+
+Neighborhood attention (exactness). Let device `p` of `P` hold positions `[s, s + L)` of a global axis of length
+`T = P * L`. Each device runs the single-device op on a contiguous *block* `[o, o + E)` of the global axis,
+`E = L + left + right`, and keeps the outputs of its own queries. Claim: for a query whose global window lies
+inside the block, the op run on the block alone (its own length, its own borders) picks the same keys.
+  The block's positions `≡ g (mod d)` are a run `c, c+1, ..., c+Lb-1` of group `g`'s indices (group index
+  `ii` -> block index `ii - c`); the op's rules (`windows.py`) read only group indices, so in block coordinates
+  the window start is `clamp(x - c, 0, Lb - k)` against the global `clamp(x, 0, Lg - k)`, `x = ii - k // 2`.
+  If the global start `w` is unclamped (`w = x`), the window inside the block gives `0 <= x - c <= Lb - k`: same.
+  If `w = 0 > x`, member 0 is in the block, so `c = 0` and both clamp to 0. If `w = Lg - k < x`, the group's
+  last member is in the block, so `Lb = Lg - c`, and the block clamps to `Lg - k - c`: the same keys. Causal
+  windows `max(ii - k + 1, 0) .. ii` and the rpb index `m - ii + k - 1` are translation-invariant the same way.
+  Dilation groups need no care (the argument holds per group); the inward shift at the global borders is
+  reproduced because the block then *ends (starts) at the global border*, with no fake tokens. Stride (GNA)
+  is not translation-invariant (its runs start at multiples of `s`), so it is rejected on the sharded axis.
+`left`/`right` are the exact worst case over all queries (`neighborhood_halo`: `(k//2)*d` inside, more near the
+borders where windows shift inward; `right = 0` when causal). Interior devices use the block
+`[s - left, s + L + right)`. Device 0 uses `[0, E)` and device `P-1` uses `[T - E, T)`: the same exchanged
+arrays rolled by `-left` / `+right`, so the tokens with no sender sit where no kept window reads them. Queries of
+the halo positions are zeros and their outputs are dropped (the price: `(left + right) / L` extra query rows).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from jaxattn.context_parallel import common
+from jaxattn.context_parallel.shard_call import shard_call
+from jaxattn.core import image_tiles
+from jaxattn.dot_product import dot_product_attention
+from jaxattn.halo import halo_attention
+from jaxattn.halo.xla import _rel_bias, halo_windows
+from jaxattn.neighborhood import neighborhood_attention, windows
+
+
+def neighborhood_halo(length: int, devices: int, kernel: int, dilation: int = 1, causal: bool = False):
+    """Border tokens `(left, right)` that the queries of `length / devices`-long shards of one axis need from the
+    previous / next shard (the maximum over all shards). Static numpy."""
+    local = length // devices
+    nq = -(-length // dilation)
+    lo, hi = windows.group_windows(length, kernel, dilation, 1, causal, nq)
+    pos = np.arange(length)
+    g, ii = pos % dilation, pos // dilation
+    first = g + lo[g, ii] * dilation
+    last = g + (hi[g, ii] - 1) * dilation
+    start = (pos // local) * local
+    return int(max(np.max(start - first), 0)), int(max(np.max(last - (start + local - 1)), 0))
+
+
+def halo_neighborhood_attention(query, key, value, kernel_size, *, dilation=1, stride=1, is_causal=False, rpb=None,
+                                scale=None, return_lse=False, axis=1, mesh=None, axis_name="context",
+                                batch_axes=None, implementation=None):
+    """`jaxattn.neighborhood_attention` with spatial axis `axis` sharded over the mesh axis `axis_name`.
+
+    Same arguments and results as the op (any of its 1-3 spatial axes may be the sharded one, GQA and `rpb`
+    included); per device, one `ppermute` each way of the `(left, right)` border tokens of keys and values
+    (`neighborhood_halo`; `(k//2)*d` away from the borders, none to the right when causal on that axis).
+
+    Args (besides the op's):
+      axis: the sharded array axis, `1 .. num_spatial` (1: the sequence of `[B, L, N, H]`, or image rows of
+        `[B, H, W, N, C]`). Its length must be a multiple of the axis size `P` (no padding: padding would move
+        the global border the windows shift against), every shard at least as long as the halo it sends, and
+        `stride` 1 on it.
+      mesh, axis_name, batch_axes: as every context-parallel strategy (`jaxattn.context_parallel`).
+    """
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    rpb = None if rpb is None else jnp.asarray(rpb)
+    # Full validation with the global shapes (errors name the real arguments); traces nothing heavy.
+    jax.eval_shape(lambda q, k, v, r: neighborhood_attention(q, k, v, kernel_size, dilation=dilation, stride=stride,
+                                                             is_causal=is_causal, rpb=r, scale=scale),
+                   query, key, value, rpb)
+    nd = query.ndim - 3
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or not 1 <= axis <= nd:
+        raise ValueError(f"`axis` must be a spatial axis in 1..{nd} of query {tuple(query.shape)}, got {axis!r}")
+    a = axis - 1
+    kernel, dil, strd = (_per_axis(v, nd)[a] for v in (kernel_size, dilation, stride))
+    causal = bool(_per_axis(is_causal, nd)[a])
+    if strd != 1:
+        raise ValueError(f"`stride` must be 1 on the sharded axis {axis} (its query runs are not translation "
+                         f"invariant), got stride {stride!r}")
+    mesh = common.resolve_mesh(mesh)
+    devices = common.axis_size(mesh, axis_name)
+    spec = _check_sharding(mesh, axis_name, batch_axes, axis, query=query, key=key, value=value)
+    length = query.shape[axis]
+    halo = neighborhood_halo(length, devices, kernel, dil, causal)
+    local = length // devices
+    if max(halo) > local or local + sum(halo) > length or local + sum(halo) < kernel * dil:
+        raise ValueError(f"query axis {axis} of length {length} (shape {tuple(query.shape)}) over {devices} devices "
+                         f"gives shards of {local}; kernel {kernel} with dilation {dil} needs {halo[0]} tokens "
+                         f"from the previous shard and {halo[1]} from the next, so every shard must hold at least "
+                         f"max({halo[0]}, {halo[1]}), the block {local} + {sum(halo)} must fit in {length} and "
+                         f"hold kernel * dilation ({kernel * dil}) tokens: use fewer devices or longer inputs")
+
+    def body(q, k, v, r):
+        return halo_neighborhood_local(q, k, v, kernel_size, halo=halo, dilation=dilation, stride=stride,
+                                       is_causal=is_causal, rpb=r, scale=scale, return_lse=return_lse, axis=axis,
+                                       axis_name=axis_name, implementation=implementation)
+
+    lse_spec = PartitionSpec(*spec[:-1])
+    out_specs = (spec, lse_spec) if return_lse else spec
+    rpb_spec = None if rpb is None else PartitionSpec()
+    return shard_call(body, mesh, (spec, spec, spec, rpb_spec), out_specs, query, key, value, rpb)
+
+
+def halo_neighborhood_local(query, key, value, kernel_size, *, halo, axis=1, axis_name="context",
+                            implementation=None, **op_kwargs):
+    """The per-device body of `halo_neighborhood_attention` (inside a `shard_map` over `axis_name`).
+
+    Local shards `[b, ..., L, ..., N, H]` of equal length along `axis`, in order along `axis_name`;
+    `halo = (left, right)` from `neighborhood_halo` for the global length; `op_kwargs` go to the op.
+    """
+    left, right = halo
+    n, idx = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+    key, value = _exchange([key, value], axis, left, right, axis_name)
+    pad = [(0, 0)] * query.ndim
+    pad[axis] = (left, right)
+    # Border devices see the global border instead of missing neighbours (module docstring).
+    shift = jnp.where(idx == 0, -left, jnp.where(idx == n - 1, right, 0))
+    q_block, k_block, v_block = (jnp.roll(x, shift, axis) for x in (jnp.pad(query, pad), key, value))
+    res = neighborhood_attention(q_block, k_block, v_block, kernel_size, implementation=implementation,
+                                 **op_kwargs)
+    length = query.shape[axis]
+    crop = lambda x: jax.lax.dynamic_slice_in_dim(x, left + shift, length, axis)
+    return tuple(map(crop, res)) if isinstance(res, tuple) else crop(res)
+
+
+def halo_exchange_halo_attention(query, key, value, block_size, halo_size, *, rel_height=None, rel_width=None,
+                                 scale=None, query_stride=1, mask_padding=False, axis=1, mesh=None,
+                                 axis_name="context", batch_axes=None):
+    """`jaxattn.halo_attention` (HaloNet) with image rows (`axis=1`) or columns (`axis=2`) sharded over `axis_name`.
+
+    Same arguments and results as the op. Shards hold whole query blocks: the sharded side of the key map must be
+    a multiple of `P * block_size`, and `halo_size <= ` a shard. Each device receives `halo_size` rows (columns)
+    of keys and values from each neighbour; at the image border the missing neighbour's rows are the op's own
+    zero padding (masked with `mask_padding`, timm's plain zeros otherwise).
+    """
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    tables = [None if t is None else jnp.asarray(t) for t in (rel_height, rel_width)]
+    op = dict(scale=scale, query_stride=query_stride, mask_padding=mask_padding)
+    jax.eval_shape(lambda q, k, v, rh, rw: halo_attention(q, k, v, block_size, halo_size, rel_height=rh,
+                                                          rel_width=rw, **op), query, key, value, *tables)
+    if axis not in (1, 2) or isinstance(axis, bool):
+        raise ValueError(f"`axis` must be 1 (image rows) or 2 (columns), got {axis!r}")
+    mesh = common.resolve_mesh(mesh)
+    devices = common.axis_size(mesh, axis_name)
+    spec = _check_sharding(mesh, axis_name, batch_axes, axis, query=query)
+    _check_sharding(mesh, axis_name, batch_axes, axis, key=key, value=value)
+    local = key.shape[axis] // devices
+    if local % block_size or halo_size > local:
+        raise ValueError(f"`key` axis {axis} ({key.shape[axis]}, shape {tuple(key.shape)}) over {devices} devices "
+                         f"gives shards of {local}, which must be a multiple of `block_size` ({block_size}) and at "
+                         f"least `halo_size` ({halo_size})")
+    if axis == 2:  # the op is symmetric under a transpose that swaps the relative tables
+        tables = tables[::-1]
+
+    def body(q, k, v, rh, rw):
+        if axis == 2:
+            q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+        out = halo_attention_local(q, k, v, block_size, halo_size, rel_height=rh, rel_width=rw,
+                                   axis_name=axis_name, **op)
+        return jnp.swapaxes(out, 1, 2) if axis == 2 else out
+
+    table_specs = [None if t is None else PartitionSpec() for t in tables]
+    return shard_call(body, mesh, (spec, spec, spec, *table_specs), spec, query, key, value, *tables)
+
+
+def halo_attention_local(query, key, value, block_size, halo_size, *, rel_height=None, rel_width=None, scale=None,
+                         query_stride=1, mask_padding=False, axis_name="context"):
+    """The per-device body of `halo_exchange_halo_attention`: local rows `[b, Hl/s, W/s, N, D]` (queries) and
+    `[b, Hl, W, N, D]` (keys, values), `Hl` a multiple of `block_size`, shards in row order along `axis_name`."""
+    b, hq, wq, n, d = query.shape
+    bs, h = block_size, halo_size
+    bq, win = bs // query_stride, bs + 2 * h
+    n_idx, idx = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+    # Rows [start - h, end + h) of the zero-padded map; zeros arrive where there is no neighbour. `halo_windows`
+    # pads by h again, so put (c*bs - h) more rows on each side: the windows of its block rows c .. c + n - 1
+    # then start at our row 0, i.e. the global row start - h (c = ceil(h / bs) keeps the height a multiple of bs).
+    c = -(-h // bs)
+    extra = [(0, 0)] * key.ndim
+    extra[1] = (c * bs - h,) * 2
+    rows = key.shape[1] // bs
+
+    def windows_of(ext):
+        wins = halo_windows(ext, bs, h)  # [b, (rows + 2c) * nw, win*win, ...]
+        wins = wins.reshape(b, rows + 2 * c, -1, *wins.shape[2:])[:, c:c + rows]
+        return wins.reshape(-1, win * win, *wins.shape[4:])
+
+    q = image_tiles.to_windows(query, (bq, bq)).reshape(-1, bq, bq, n, d)
+    k, v = (windows_of(jnp.pad(x, extra)) for x in _exchange([key, value], 1, h, h, axis_name))
+    bias = None
+    if rel_height is not None or rel_width is not None:
+        bias = _rel_bias(q, rel_height, rel_width, win).astype(query.dtype)
+    mask = None
+    if mask_padding:  # rows from a missing neighbour are the image's zero padding
+        inside = jnp.ones((1, key.shape[1] + 2 * h, key.shape[2], 1), jnp.float32)
+        row = jnp.arange(key.shape[1] + 2 * h)[None, :, None, None]
+        inside = inside * ((row >= h) | (idx > 0)) * ((row < key.shape[1] + h) | (idx < n_idx - 1))
+        wins = halo_windows(jnp.pad(inside, extra[:4]), bs, h).reshape(1, rows + 2 * c, -1, win * win)[:, c:c + rows]
+        mask = jnp.tile(wins.reshape(-1, win * win) > 0.5, (b, 1))[:, None, None, :]
+    out = dot_product_attention(q.reshape(-1, bq * bq, n, d), k, v, bias, mask, scale=scale)
+    return image_tiles.from_windows(out.reshape(b, -1, *out.shape[1:]), (bq, bq), (hq, wq))
+
+
+def _exchange(arrays, axis, left, right, axis_name):
+    """Each `x` of `arrays` as `[previous shard's last `left` | x | next shard's first `right`]` along `axis`,
+    zeros where there is no neighbour. The borders of all arrays travel together: one `ppermute` each way."""
+    n = jax.lax.axis_size(axis_name)
+    sizes = np.cumsum([x.shape[-1] for x in arrays])[:-1]
+
+    def send(start, size, perm):
+        border = jnp.concatenate([jax.lax.slice_in_dim(x, start, start + size, axis=axis) for x in arrays], -1)
+        return jnp.split(jax.lax.ppermute(border, axis_name, perm), sizes, axis=-1)
+
+    length = arrays[0].shape[axis]
+    before = send(length - left, left, [(j, j + 1) for j in range(n - 1)]) if left else [None] * len(arrays)
+    after = send(0, right, [(j + 1, j) for j in range(n - 1)]) if right else [None] * len(arrays)
+    return [jnp.concatenate([y for y in (b, x, a) if y is not None], axis) for b, x, a in zip(before, arrays, after)]
+
+
+def _per_axis(value, nd):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * nd
+
+
+def _check_sharding(mesh, axis_name, batch_axes, axis, **arrays):
+    """`ValueError` unless every array's `axis` divides over `axis_name` and its batch over the batch axes; returns
+    the `PartitionSpec` (batch over `batch_axes`, `axis` over `axis_name`)."""
+    devices = common.axis_size(mesh, axis_name)
+    axes = common.batch_axes_of(mesh, axis_name, batch_axes)
+    batch_devices = int(np.prod([mesh.shape[x] for x in axes])) if axes else 1
+    rank = 0
+    for name, x in arrays.items():
+        common.check_divisible(name, x, axis, devices, f"the size of mesh axis {axis_name!r}")
+        common.check_divisible(name, x, 0, batch_devices, "the product of the batch mesh axes")
+        rank = x.ndim
+    parts = [None] * rank
+    parts[0] = None if not axes else (axes[0] if len(axes) == 1 else axes)
+    parts[axis] = axis_name
+    return PartitionSpec(*parts)
