@@ -13,6 +13,10 @@ softmax attention, `--no-lightning` skips this): the chunked XLA path against th
 cost is linear in T, so it reports time and million tokens per second (B T / time); forward + backward is
 `value_and_grad` of the output and final state.
 
+Neighborhood section (`benchmarks/kernels_neighborhood.py`; `--neighborhood-only` runs only it, `--no-neighborhood`
+skips it): the blocked XLA path against the fused Pallas kernel, 2-D NAT/DiNAT shapes and 1-D T = 8192, rows under
+"neighborhood".
+
 Without a GPU or TPU the script says so and exits 0. Results: printed tables, results/kernels.json (attention
 rows under "rows", lightning rows under "lightning"), results/kernels.png (TFLOP/s against T) and
 results/kernels_lightning.png (Mtok/s against T).
@@ -31,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxattn
+from benchmarks import kernels_neighborhood
 from benchmarks.common import RESULTS, print_table, time_fn, write_json
 
 
@@ -122,6 +127,8 @@ def main(argv=None):
     parser.add_argument("--interpret", action="store_true", help="tiny CPU smoke run of the script itself")
     parser.add_argument("--lightning-only", action="store_true", help="only the lightning-attention section")
     parser.add_argument("--no-lightning", action="store_true", help="skip the lightning-attention section")
+    parser.add_argument("--neighborhood-only", action="store_true", help="only the neighborhood-attention section")
+    parser.add_argument("--no-neighborhood", action="store_true", help="skip the neighborhood-attention section")
     args = parser.parse_args(argv)
     platform = jax.default_backend()
     if platform == "cpu" and not args.interpret:
@@ -135,7 +142,8 @@ def main(argv=None):
         lengths, modes, args.batch, args.heads, args.kv_heads, args.head_dim, args.repeats = [64], [True], 1, 2, 2, 32, 1
     dtype = jnp.float32 if args.interpret else jnp.bfloat16
     rows = []
-    for t in ([] if args.lightning_only else lengths):
+    only_na = args.neighborhood_only
+    for t in ([] if args.lightning_only or only_na else lengths):
         keys = jax.random.split(jax.random.key(t), 3)
         q = jax.random.normal(keys[0], (args.batch, t, args.heads, args.head_dim), dtype)
         k = jax.random.normal(keys[1], (args.batch, t, args.kv_heads, args.head_dim), dtype)
@@ -153,7 +161,9 @@ def main(argv=None):
                                fwd_bwd_ms=1e3 * fwd_bwd_s, fwd_bwd_TFLOPs=3.5 * flops / fwd_bwd_s / 1e12)
                 rows.append(row)
                 print_table([row], list(row))
-    lightning = [] if args.no_lightning else _lightning_rows(args, lengths)
+    lightning = [] if args.no_lightning or only_na else _lightning_rows(args, lengths)
+    neighborhood = [] if args.no_neighborhood or args.lightning_only else kernels_neighborhood.rows(
+        quick=args.quick, interpret=args.interpret, repeats=args.repeats)
     if rows:
         print()
         print_table(rows, ["T", "causal", "impl", "fwd_ms", "fwd_TFLOPs", "fwd_bwd_ms", "fwd_bwd_TFLOPs", "error"])
@@ -162,7 +172,11 @@ def main(argv=None):
         print()
         print_table(lightning, ["T", "impl", "fwd_ms", "fwd_Mtok_s", "fwd_bwd_ms", "fwd_bwd_Mtok_s", "error"])
         _plot([dict(r, causal=True) for r in lightning], ("fwd_Mtok_s", "fwd_bwd_Mtok_s"), "kernels_lightning.png")
-    write_json("kernels", {"config": vars(args), "platform": platform, "rows": rows, "lightning": lightning})
+    if neighborhood:
+        print()
+        print_table(neighborhood, kernels_neighborhood.COLUMNS)
+    write_json("kernels", {"config": vars(args), "platform": platform, "rows": rows, "lightning": lightning,
+                           "neighborhood": neighborhood})
     return 0
 
 
