@@ -111,8 +111,8 @@ def test_layout_round_trip_and_tables():
 
 
 @pytest.mark.parametrize("target,group_len,want", [
-    ("tpu", (8192,), (256,)), ("tpu", (56, 56), (8, 16)), ("tpu", (5, 7), (5, 7)),
-    ("triton", (56, 56), (8, 8)), ("triton", (3,), (16,)), ("triton", (2, 3), (2, 8)), ("interpret", (3,), (4,)),
+    ("tpu", (8192,), (128,)), ("tpu", (56, 56), (8, 16)), ("tpu", (5, 7), (5, 7)),
+    ("triton", (56, 56), (4, 8)), ("triton", (3,), (16,)), ("triton", (2, 3), (2, 8)), ("interpret", (3,), (4,)),
 ])
 def test_block_fitting(target, group_len, want):
     assert blocks.fit(target, group_len) == want
