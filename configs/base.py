@@ -10,6 +10,8 @@ Every field, its meaning and its default (override any from the command line, `-
     train_split, eval_split
     image_size          square input side for vision models
     seq_len             tokens (bytes) per training window for language models
+    text_key            the language-model dataset's document feature: a uint8 tensor ('bytes', the embedded
+                        stdlib corpus) or a text feature ('text' of `lm1b`), read as UTF-8 bytes
     input.*             preprocessing and augmentation (see `train/augment.py`)
     batch_size          global batch size (all processes together)
     eval_batch_size     global evaluation batch size
@@ -49,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_split = "test"
     c.image_size = 64
     c.seq_len = 256
+    c.text_key = "bytes"
 
     c.input = ml_collections.ConfigDict(dict(
         channels=3, image_key="image", label_key="label",

@@ -2,6 +2,8 @@
 `configs/transnormer.py`, with standard causal softmax attention.
 
     python -m train.main --config configs/softmax_lm.py --workdir workdirs/softmax_lm
+    # the published sizes' baselines, byte-level on TFDS lm1b prepared in DATA_DIR (see configs/transnormer.py):
+    python -m train.main --config configs/softmax_lm.py:385m_lm1b --config.data_dir=DATA_DIR --workdir workdirs/sm385m
 """
 from __future__ import annotations
 
@@ -10,10 +12,10 @@ import ml_collections
 from jaxattn.configs import base, transnormer
 
 
-NAMED = ()  # the `:arg` variants
+NAMED = transnormer.NAMED  # the `:arg` variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg:
-        raise ValueError(f"unknown softmax_lm config {arg!r}; only the default (stdlib bytes) exists so far")
+        return transnormer.published_recipe(base.get_config(), arg, family="softmax_lm")
     return transnormer.lm_recipe(base.get_config(), model="softmax_lm_tiny")

@@ -152,13 +152,51 @@ BYTE_VOCAB_SIZE = 260
 EOS = 258  # ends each document
 
 
-def load_corpus(source) -> np.ndarray:
-    """All documents of a split as one token array (uint16), in path order, each followed by `EOS`."""
-    docs = sorted((source[i] for i in range(len(source))), key=lambda d: d["path"])
+def document_tokens(doc, text_key: str = "bytes") -> np.ndarray:
+    """One document's bytes as uint16 tokens, from a uint8 tensor feature or a (UTF-8) text feature."""
+    value = doc[text_key]
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    if isinstance(value, bytes):
+        value = np.frombuffer(value, np.uint8)
+    return np.asarray(value, np.uint16)
+
+
+def load_corpus(source, text_key: str = "bytes") -> np.ndarray:
+    """All documents of a split as one token array (uint16), each followed by `EOS`: in path order where the
+    dataset has a `path` feature (the embedded stdlib corpus), else in the split's order. For held-out splits and
+    small corpora; large training splits go through `PackedDocuments`."""
+    docs = [source[i] for i in range(len(source))]
+    if docs and "path" in docs[0]:
+        docs.sort(key=lambda d: d["path"])
     parts = []
     for doc in docs:
-        parts += [np.asarray(doc["bytes"], np.uint16), np.asarray([EOS], np.uint16)]
-    return np.concatenate(parts)
+        parts += [document_tokens(doc, text_key), np.asarray([EOS], np.uint16)]
+    return np.concatenate(parts) if parts else np.zeros((0,), np.uint16)
+
+
+class PackedDocuments:
+    """Training windows over a corpus too large to hold in memory (a published TFDS text dataset): item `i` packs
+    documents `i, i+1, ...` (each followed by `EOS`, wrapping round the split) until `seq_len + 1` tokens, read by
+    random access. One window per document, so an epoch starts a window at every document once."""
+
+    def __init__(self, source, seq_len: int, text_key: str):
+        if len(source) == 0:
+            raise ValueError("the training split has no documents")
+        self.source, self.seq_len, self.text_key = source, seq_len, text_key
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        need, parts, j = self.seq_len + 1, [], int(i)
+        while need > 0:
+            doc = np.append(document_tokens(self.source[j % len(self.source)], self.text_key), EOS)[:need]
+            parts.append(doc)
+            need -= len(doc)
+            j += 1
+        window = np.concatenate(parts).astype(np.int32)
+        return {"inputs": window[:-1], "targets": window[1:]}
 
 
 class TokenWindows:

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from . import checkpoint as ckpt_lib
-from . import input_pipeline, metrics, optimizer, sharding, tasks, validate
+from . import datasets, input_pipeline, metrics, optimizer, sharding, tasks, validate
 from . import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,14 @@ def _datasets(config):
     if config.task == "classification":
         return (train_src, eval_src, input_pipeline.vision_preprocess(config, train=True),
                 input_pipeline.vision_preprocess(config, train=False), input_pipeline.num_classes(config))
-    windows = [input_pipeline.TokenWindows(input_pipeline.load_corpus(s), config.seq_len)
-               for s in (train_src, eval_src)]
-    return windows[0], windows[1], None, None, input_pipeline.BYTE_VOCAB_SIZE
+    # The embedded corpus fits in memory (every byte once per epoch); a published one is packed on the fly.
+    if config.dataset in datasets.EMBEDDED:
+        train_windows = input_pipeline.TokenWindows(input_pipeline.load_corpus(train_src, config.text_key),
+                                                    config.seq_len)
+    else:
+        train_windows = input_pipeline.PackedDocuments(train_src, config.seq_len, config.text_key)
+    eval_windows = input_pipeline.TokenWindows(input_pipeline.load_corpus(eval_src, config.text_key), config.seq_len)
+    return train_windows, eval_windows, None, None, input_pipeline.BYTE_VOCAB_SIZE
 
 
 class _Evaluator:
