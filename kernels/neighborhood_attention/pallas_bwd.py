@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 from jaxattn.kernels.common.loops import Reduction
 from jaxattn.kernels.flash_attention.pallas_fwd import key_slice, split_refs
@@ -25,7 +26,6 @@ from jaxattn.kernels.neighborhood_attention import tile
 from jaxattn.kernels.neighborhood_attention.geometry import Geometry, Walk
 from jaxattn.kernels.neighborhood_attention.pallas_fwd import (QuerySpecs, TileReader, launch, query_inputs,
                                                                table_operands, walk_bounds)
-from jax.experimental import pallas as pl
 
 
 def _grads(s, lse, do, v, delta):
