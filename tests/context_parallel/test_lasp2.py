@@ -6,22 +6,19 @@ checks run in the parent (an `AbstractMesh` is enough to validate).
 from __future__ import annotations
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jaxattn import lightning_attention
 from jaxattn.context_parallel import lasp2_lightning_attention
-from jaxattn.context_parallel.lasp2 import lasp2_local
-from jaxattn.testing import assert_allclose, assert_matches_reference, random_inputs
+from jaxattn.testing import assert_allclose, random_inputs
+
+from linear_halo_helpers import assert_values_and_grads_match, collective_bytes
 
 B, T, N, H, HV = 2, 64, 3, 8, 4
 SLOPES = jnp.asarray([0.05, 0.2, 0.7], jnp.float32)  # 0.7 * 8 tokens per chunk: decays across chunks matter
-COLLECTIVE = re.compile(r"=\s*(\w+)\[([\d,]*)\][^=]*?\s(all-gather|reduce-scatter|all-reduce|collective-permute|"
-                        r"all-to-all)(?:-start)?\(")
 
 
 def _mesh(data, context):
@@ -54,18 +51,8 @@ def _check_cases(mesh, length, cases=CASES):
 
     lasp2 = lambda q, k, v, s0, **kw: lasp2_lightning_attention(q, k, v, initial_state=s0, mesh=mesh, **kw)
     reference = lambda q, k, v, s0, block_size=None, **kw: _reference(q, k, v, s0, **kw)
-    assert_matches_reference(run(lasp2), run(reference), inputs,
-                             names=["query", "key", "value", "initial_state"])
-
-
-def collective_bytes(fn, *args) -> dict[str, int]:
-    """Bytes of each kind of collective in the compiled HLO of `fn(*args)` (result shapes, summed)."""
-    totals: dict[str, int] = {}
-    for dtype, dims, op in COLLECTIVE.findall(jax.jit(fn).lower(*args).compile().as_text()):
-        bits = 8 if dtype == "pred" else int(re.sub(r"\D", "", dtype))
-        size = int(np.prod([int(d) for d in dims.split(",") if d])) * bits // 8
-        totals[op] = totals.get(op, 0) + size
-    return totals
+    assert_values_and_grads_match(run(lasp2), run(reference), inputs,
+                                  names=["query", "key", "value", "initial_state"])
 
 
 @pytest.mark.devices(8)
@@ -96,16 +83,6 @@ def test_lasp2_matches_single_device():
     assert traffic(T, True) == traffic(4 * T, True) == {"all-gather": 8 * state_bytes, "reduce-scatter": state_bytes}
     # Bidirectional with decay: forward and reverse states travel together.
     assert traffic(T, False) == {"all-gather": 16 * state_bytes, "reduce-scatter": 2 * state_bytes}
-
-
-def test_lasp2_local_is_the_op_on_one_device():
-    q, k, v = random_inputs(2, [(1, 12, 2, 4)] * 3)
-    slopes = SLOPES[:2]
-    mesh = jax.make_mesh((1,), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
-    spec = jax.sharding.PartitionSpec(None, "context")
-    body = functools.partial(lasp2_local, slopes=slopes, block_size=5, axis_name="context")
-    out = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))(q, k, v)
-    assert_allclose(out, _reference(q, k, v, slopes=slopes, is_causal=True))
 
 
 def test_lasp2_rejects_bad_inputs():

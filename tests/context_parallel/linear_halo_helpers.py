@@ -1,0 +1,44 @@
+"""Helpers shared by the LASP-2 and halo-exchange tests (importable: pytest puts this folder on `sys.path`)."""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxattn.testing import assert_allclose, random_inputs
+
+COLLECTIVE = re.compile(r"=\s*(\w+)\[([\d,]*)\][^=]*?\s(all-gather|reduce-scatter|all-reduce|collective-permute|"
+                        r"all-to-all)(?:-start)?\(")
+
+
+def assert_values_and_grads_match(impl: Callable, reference: Callable, inputs: Sequence, *, names: Sequence[str],
+                                  seed: int = 0) -> None:
+    """fp32 outputs and input gradients (VJP of one random cotangent) of `impl` against `reference`, with the
+    harness's tolerances. Each side is ONE compiled function (forward and VJP together): half the compiles of
+    `assert_matches_reference`, which is what these multi-device tests spend their time on."""
+    def with_vjp(fn):
+        def run(xs, cts):
+            out, vjp = jax.vjp(fn, *xs)
+            return out, vjp(cts)
+        return jax.jit(run)
+
+    leaves, tree = jax.tree.flatten(jax.eval_shape(reference, *inputs))
+    cts = tree.unflatten(list(random_inputs(seed + 1, [x.shape for x in leaves])))
+    out_impl, grads_impl = with_vjp(impl)(tuple(inputs), cts)
+    out_ref, grads_ref = with_vjp(reference)(tuple(inputs), cts)
+    for i, (a, r) in enumerate(zip(jax.tree.leaves(out_impl), jax.tree.leaves(out_ref), strict=True)):
+        assert_allclose(a, r, name=f"output {i}")
+    for name, a, r in zip(names, grads_impl, grads_ref, strict=True):
+        assert_allclose(a, r, kind="grad", name=f"d/d{name}")
+
+
+def collective_bytes(fn: Callable, *args) -> dict[str, int]:
+    """Bytes of each kind of collective in the compiled HLO of `fn(*args)` (result shapes, summed)."""
+    totals: dict[str, int] = {}
+    for dtype, dims, op in COLLECTIVE.findall(jax.jit(fn).lower(*args).compile().as_text()):
+        bits = 8 if dtype == "pred" else int(re.sub(r"\D", "", dtype))
+        size = int(np.prod([int(d) for d in dims.split(",") if d])) * bits // 8
+        totals[op] = totals.get(op, 0) + size
+    return totals
