@@ -6,6 +6,9 @@
     # RandAugment(2, 9), mixup 0.8 / cutmix 1.0, label smoothing 0.1, clip 5.0 (random erasing is not implemented)
     python -m train.main --config configs/dinat.py:mini_imagenet --config.data_dir=/data/tfds --workdir w/dm
     # sizes: mini, tiny, small, base, large (drop path 0.2, 0.2, 0.3, 0.5, 0.35)
+    # context parallelism: image rows sharded over 2 devices, halo exchange of border rows in every attention
+    # layer whose map splits into shards that hold the window's halo (the others run the single-device op)
+    python -m train.main --config configs/dinat.py --config.mesh.context=2 --config.context_parallel=halo
 """
 from __future__ import annotations
 

@@ -5,6 +5,9 @@
     # ImageNet-1k at the paper's resolution of each model (H0-H2 256 px, ... H7 600 px; timm hybrids 256 px)
     python -m train.main --config configs/halonet.py:h1_imagenet --config.data_dir=/data/tfds --workdir w/h1
     # variants: h0 ... h7, 26t, 50ts, se33ts (timm hybrids), each with _imagenet
+    # context parallelism: image rows sharded over 2 devices, halo exchange in every halo attention layer whose
+    # rows split into whole blocks per device (the others run the single-device op)
+    python -m train.main --config configs/halonet.py --config.mesh.context=2 --config.context_parallel=halo
 
 The paper's exact optimiser settings are not public in our references; the ImageNet variants use the AdamW recipe
 shared by the other families here (300 epochs, batch 1024, lr 1e-3, warmup 20 epochs, cosine, RandAugment(2, 9),

@@ -4,6 +4,9 @@
     python -m train.main --config configs/transnormer.py --workdir workdirs/transnormer
     # the equally sized softmax-attention baseline, trained the same way:
     python -m train.main --config configs/softmax_lm.py --workdir workdirs/softmax_lm
+    # context parallelism: the sequence sharded over 4 devices (LASP-2: one all-gather of lightning states per
+    # layer); the loss curve is that of --config.mesh.context=1 on the same data
+    python -m train.main --config configs/transnormer.py --config.mesh.context=4 --config.context_parallel=lasp2
     # the published sizes (385M, 1B, 7B), byte-level on TFDS lm1b prepared in DATA_DIR:
     python -m train.main --config configs/transnormer.py:385m_lm1b --config.data_dir=DATA_DIR --workdir workdirs/tn385m
 
