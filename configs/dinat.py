@@ -7,8 +7,10 @@
     python -m train.main --config configs/dinat.py:mini_imagenet --config.data_dir=/data/tfds --workdir w/dm
     # sizes: mini, tiny, small, base, large (drop path 0.2, 0.2, 0.3, 0.5, 0.35)
     # context parallelism: image rows sharded over 2 devices, halo exchange of border rows in every attention
-    # layer whose map splits into shards that hold the window's halo (the others run the single-device op)
-    python -m train.main --config configs/dinat.py --config.mesh.context=2 --config.context_parallel=halo
+    # layer whose map splits into shards that hold the window's halo, others run the single-device op (at 224 px
+    # the undilated layers of stages 1-3 shard; dilated windows span nearly the whole map, and so does kernel 7
+    # on the 64 px default's small maps)
+    python -m train.main --config configs/dinat.py:mini_imagenet --config.mesh.context=2 --config.context_parallel=halo
 """
 from __future__ import annotations
 
