@@ -92,12 +92,15 @@ def halo_neighborhood_attention(query, key, value, kernel_size, *, dilation=1, s
     length = query.shape[axis]
     halo = neighborhood_halo(length, devices, kernel, dil, causal)
     local = length // devices
-    if max(halo) > local or local + sum(halo) > length or local + sum(halo) < kernel * dil:
-        raise ValueError(f"query axis {axis} of length {length} (shape {tuple(query.shape)}) over {devices} devices "
-                         f"gives shards of {local}; kernel {kernel} with dilation {dil} needs {halo[0]} tokens "
-                         f"from the previous shard and {halo[1]} from the next, so every shard must hold at least "
-                         f"max({halo[0]}, {halo[1]}), the block {local} + {sum(halo)} must fit in {length} and "
-                         f"hold kernel * dilation ({kernel * dil}) tokens: use fewer devices or longer inputs")
+    where = (f"query axis {axis} of length {length} (shape {tuple(query.shape)}) over {devices} devices: shards of "
+             f"{local}")
+    if max(halo) > local:
+        raise ValueError(f"{where}, but kernel {kernel} with dilation {dil} reaches {halo[0]} tokens into the "
+                         f"previous shard and {halo[1]} into the next (neighbours only exchange their own tokens): "
+                         f"use fewer devices or a longer axis")
+    if not kernel * dil <= local + sum(halo) <= length:
+        raise ValueError(f"{where}; each device's block of {local} + {sum(halo)} halo tokens must fit in the axis "
+                         f"and hold kernel * dilation = {kernel * dil} tokens: use fewer devices or a longer axis")
 
     def body(q, k, v, r):
         return halo_neighborhood_local(q, k, v, kernel_size, halo=halo, dilation=dilation, stride=stride,

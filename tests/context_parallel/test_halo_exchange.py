@@ -169,8 +169,11 @@ def test_halo_exchange_rejects_bad_inputs():
 
     with pytest.raises(ValueError, match=r"`query` dimension 1 \(62"):
         na(jax.ShapeDtypeStruct((2, 62, 2, 8), jnp.float32))
-    with pytest.raises(ValueError, match="must hold at least"):  # shards of 4 < the 6 tokens a window reaches
+    with pytest.raises(ValueError, match="reaches 10 tokens into the previous shard"):  # shards of 4; border shift
         na(jax.ShapeDtypeStruct((2, 16, 2, 8), jnp.float32), kernel=7, dilation=2)
+    two = jax.sharding.AbstractMesh((2,), ("context",))
+    with pytest.raises(ValueError, match="must fit in the axis"):  # halos of 3 + 3 around 3 of 6 tokens
+        na(jax.ShapeDtypeStruct((2, 6, 2, 8), jnp.float32), kernel=3, dilation=2, mesh=two)
     with pytest.raises(ValueError, match="`stride` must be 1 on the sharded axis"):
         na(kernel=3, stride=2)
     with pytest.raises(ValueError, match="`axis` must be a spatial axis"):
