@@ -123,6 +123,50 @@ class Geometry:
     def band(self) -> tuple[tuple[int, int], ...]:
         return tuple(self.axis(a)[2:] for a in range(self.ndim))
 
+    # ------------------------------------------------------------------------------- relative position bias
+    @functools.cached_property
+    def offset_bounds(self) -> tuple[tuple[int, int], ...]:
+        """Per axis, the least and greatest `key box - query box` of any visited pair (both walks visit the
+        same pairs: the band and its transpose select the same box pairs)."""
+        out = []
+        for t, n, (lo, hi) in zip(self.tiles, self.boxes, self.band):
+            ranges = [bands.block_range(c * t, t, lo, hi, t, n) for c in range(n)]
+            out.append((min(f - c for c, (f, _) in enumerate(ranges)),
+                        max(s - 1 - c for c, (_, s) in enumerate(ranges))))
+        return tuple(out)
+
+    @property
+    def offset_spans(self) -> tuple[int, ...]:
+        return tuple(hi - lo + 1 for lo, hi in self.offset_bounds)
+
+    @property
+    def num_offsets(self) -> int:
+        return math.prod(self.offset_spans)
+
+    def offset_index(self, query_box, key_box):
+        """Which bias tile a (query box, key box) pair uses (ints or traced scalars)."""
+        qc, kc = unflatten(query_box, self.boxes), unflatten(key_box, self.boxes)
+        return flatten([k - q - lo for q, k, (lo, _) in zip(qc, kc, self.offset_bounds)], self.offset_spans)
+
+    @functools.cached_property
+    def bias_index(self) -> np.ndarray:
+        """int32 `[offsets, block, block]`: index into the flattened bias table of each (query, key) of a box pair
+        at each offset; `rpb_size` (a zero pad entry) where the relative position is out of the table's range.
+
+        The bias of a tile depends only on the box offset, since it is a function of `m - ii` alone: the kernels
+        read these few precomputed tiles instead of expanding the table per tile."""
+        nd = self.ndim
+        flat, valid = 0, True
+        for a, ((lo, hi), t, k) in enumerate(zip(self.offset_bounds, self.tiles, self.kernel)):
+            o = np.arange(lo, hi + 1).reshape([-1 if i == a else 1 for i in range(3 * nd)])
+            x = np.arange(t).reshape([-1 if i == nd + a else 1 for i in range(3 * nd)])
+            y = np.arange(t).reshape([-1 if i == 2 * nd + a else 1 for i in range(3 * nd)])
+            rel = o * t + y - x + k - 1
+            valid = valid & (rel >= 0) & (rel <= 2 * k - 2)
+            flat = flat * (2 * k - 1) + rel
+        index = np.where(valid, flat, self.rpb_size).astype(np.int32)
+        return np.ascontiguousarray(index.reshape(self.num_offsets, self.block, self.block))
+
     # ------------------------------------------------------------------------------------------ tables (numpy)
     def _place(self, x, dims):
         """`x` whose axes are the named dims (`g<a>`, `n<a>`, `t<a>`) broadcast to `[groups..., n..., t...]`."""

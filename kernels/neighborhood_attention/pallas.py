@@ -9,8 +9,9 @@ differentiates itself) and runs the kernels through a custom VJP:
   it (GQA heads accumulated in place), both recomputing probabilities from the lse.
 
 Supported: 1-D, 2-D and 3-D, any kernel size (odd or even), dilation, stride (GNA), causal per axis, relative
-position bias, GQA, any head dims. The bias is expanded in the kernel with one compare/select per table entry,
-so bias tables of more than `MAX_RPB_ENTRIES` entries (e.g. 3-D k = 7) are left to the XLA path (`supports`).
+position bias, GQA, any head dims. The bias enters as a few precomputed tiles (one per box offset); its gradient
+is summed in the dq kernel with one compare/select per table entry, so bias tables of more than
+`MAX_RPB_ENTRIES` entries (e.g. 3-D k = 7) are left to the XLA path (`supports`).
 Mosaic GPU is not targeted (the body uses `jnp.dot` on register values, as the flash-attention kernels do).
 """
 from __future__ import annotations
@@ -99,9 +100,18 @@ def _neighborhood(query, key, value, rpb, static: _Static):
     return out, lse
 
 
+def _bias_tiles(rows, geo: Geometry):
+    """The table rows `[N, 1, Pp]` -> the bias tile of every box offset, `[N, offsets, bq, bk]` fp32 (XLA gather,
+    a few tiles per head; treated as a function of `rows` inside the custom VJP, whose backward sums the table's
+    gradient directly)."""
+    if rows is None:
+        return None
+    return jnp.take(rows[:, 0, :], jnp.asarray(geo.bias_index), axis=1)
+
+
 def _forward(q, k, v, rows, static: _Static):
-    return pallas_fwd.forward(q, k, v, rows, geo=static.geo, scale=static.scale, target=static.target,
-                              mode=static.mode)
+    return pallas_fwd.forward(q, k, v, _bias_tiles(rows, static.geo), geo=static.geo, scale=static.scale,
+                              target=static.target, mode=static.mode)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -120,8 +130,9 @@ def _attend_bwd(static: _Static, residuals, cotangents):
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True) - d_lse
     common = dict(geo=static.geo, scale=static.scale, target=static.target, mode=static.mode)
     d_out = d_out.astype(q.dtype)
-    dq, drows = pallas_bwd.dq(q, k, v, rows, d_out, lse, delta, **common)
-    dk, dv = pallas_bwd.dkv(q, k, v, rows, d_out, lse, delta, **common)
+    bias = _bias_tiles(rows, static.geo)
+    dq, drows = pallas_bwd.dq(q, k, v, bias, rows, d_out, lse, delta, **common)
+    dk, dv = pallas_bwd.dkv(q, k, v, bias, d_out, lse, delta, **common)
     if drows is not None:
         drows = jnp.sum(drows, axis=(0, 2)).astype(rows.dtype)  # [N, 1, Pp]
     return dq, dk, dv, drows

@@ -4,8 +4,9 @@ Both kernels rebuild each tile's probabilities `p = exp(s - lse)` and use `delta
 (from the caller), so `ds = p * (dO V^T - delta)`. Layouts are those of `pallas_fwd`.
 
 - dq (+ d rpb): one query box per program over the key boxes of its halo (the forward's walk). With a bias table
-  it also sums `ds` per table entry into a `[Bd, N, boxes, 1, Pp]` fp32 partial (one row per program, summed by
-  the caller): `Bd * N * boxes * Pp` floats, no `tokens x window` buffer.
+  it also sums `ds` per table entry (`tile.bias_grad`: one compare/select/sum over the tile per entry, the one
+  place where the cost grows with the table) into a `[Bd, N, boxes, 1, Pp]` fp32 partial (one row per program,
+  summed by the caller): `Bd * N * boxes * Pp` floats, no `tokens x window` buffer.
 - dk/dv: one key box per program over the query boxes whose halos hold it (the transposed band), for every query
   head of its GQA group, so the gradients of a shared key/value head accumulate in place: no scatter, no
   overlapping-halo sum, no extra memory.
@@ -33,13 +34,15 @@ def _grads(s, lse, do, v, delta):
     return p, p * (matmul(do, v, transpose_b=True) - delta)
 
 
-def dq(q, k, v, rpb, do, lse, delta, *, geo: Geometry, scale: float, target: str, mode: str):
-    """Returns `dq [Bd, N, S, H]` (q dtype) and the d rpb partials `[Bd, N, boxes, 1, Pp]` fp32 (or None)."""
+def dq(q, k, v, bias, rpb, do, lse, delta, *, geo: Geometry, scale: float, target: str, mode: str):
+    """Returns `dq [Bd, N, S, H]` (q dtype) and the d rpb partials `[Bd, N, boxes, 1, Pp]` fp32 (or None).
+
+    `bias`: the tiles (or None); `rpb`: the table rows `[N, 1, Pp]` when its gradient is wanted (or None)."""
     bd, n, _, h = q.shape
     walk = Walk.keys_of_queries(geo)
     red = Reduction(mode, walk.steps, axis=3)
     specs = QuerySpecs(red, geo, walk)
-    names, operands, in_specs = query_inputs(specs, q, k, v, rpb)
+    names, operands, in_specs = query_inputs(specs, q, k, v, bias, rpb)
     names += ["do", "lse", "delta", "dq"]
     operands += [do, lse, delta]
     in_specs += [specs.rows(do.shape[-1]), specs.rows(1), specs.rows(1)]
@@ -60,7 +63,8 @@ def dq(q, k, v, rpb, do, lse, delta, *, geo: Geometry, scale: float, target: str
 
 def _dq_kernel(*refs, names, geo: Geometry, walk: Walk, red: Reduction, scale: float):
     ref, scratch = split_refs(refs, names)
-    ranges = walk.ranges(pl.program_id(2))
+    i = pl.program_id(2)
+    ranges = walk.ranges(i)
     read = TileReader(ref, red, geo)
     q, do, lse, delta = ref["q"][...], ref["do"][...], ref["lse"][...], ref["delta"][...]
     bounds = [(ref[f"lo{a}"][...], ref[f"hi{a}"][...]) for a in range(geo.ndim)]
@@ -68,13 +72,16 @@ def _dq_kernel(*refs, names, geo: Geometry, walk: Walk, red: Reduction, scale: f
     row = ref["rpb"][...] if "rpb" in ref else None
 
     def step(r, carry):
-        keys = None if red.on_grid else key_slice(walk.fori_box(ranges, r), geo.block)
+        box = None if red.on_grid else walk.fori_box(ranges, r)
+        keys = None if red.on_grid else key_slice(box, geo.block)
         k = red.tile(ref["k"], (keys, slice(None)))
         v = red.tile(ref["v"], (keys, slice(None)))
-        s, rel = tile.logits(q, k, scale, bounds, q_pos, read.key_positions(keys), row, geo.kernel)
-        _, ds = _grads(s, lse, do, v, delta)
+        k_pos = read.key_positions(keys)
+        bias = read.bias(() if red.on_grid else (geo.offset_index(i, box),))
+        _, ds = _grads(tile.logits(q, k, scale, bounds, k_pos, bias), lse, do, v, delta)
         out = [carry[0] + matmul(ds.astype(k.dtype), k)]
         if row is not None:
+            rel = tile.bias_index(q_pos, k_pos, geo.kernel)
             out.append(carry[1] + tile.bias_grad(rel, ds, geo.rpb_size, row.shape[-1]))
         return out
 
@@ -125,15 +132,21 @@ class KeySpecs:
             grid=((None, geo.block, 1), lambda b, kh, j, gi, i: (lax.div(b, batch), i, 0)),
             step_index=self.step_index)
 
-    def rpb(self, width):
-        g = self.geo.gqa
-        return self.red.reduced_spec(fori=((g, 1, width), lambda b, kh, j: (kh, 0, 0)),
-                                     grid=((None, 1, width), lambda b, kh, j, gi, i: (kh * g + gi, 0, 0)),
-                                     step_index=self.step_index)
+    def bias(self):
+        geo, walk, g = self.geo, self.walk, self.geo.gqa
+
+        def step_index(b, kh, j, s):
+            gi, i = self.step_index(b, kh, j, s)
+            return gi, geo.offset_index(i, j)
+
+        return self.red.reduced_spec(
+            fori=((g, geo.num_offsets, geo.block, geo.block), lambda b, kh, j: (kh, 0, 0, 0)),
+            grid=((None, None, geo.block, geo.block), lambda b, kh, j, gi, o: (kh * g + gi, o, 0, 0)),
+            step_index=step_index)
 
 
-def dkv(q, k, v, rpb, do, lse, delta, *, geo: Geometry, scale: float, target: str, mode: str):
-    """Returns `(dk [Bd, K, S, H], dv [Bd, K, S, Hv])` in the key/value dtypes."""
+def dkv(q, k, v, bias, do, lse, delta, *, geo: Geometry, scale: float, target: str, mode: str):
+    """Returns `(dk [Bd, K, S, H], dv [Bd, K, S, Hv])` in the key/value dtypes; `bias`: tiles or None."""
     bd, kv_heads, _, h = k.shape
     hv = v.shape[-1]
     walk = Walk.queries_of_keys(geo)
@@ -141,12 +154,12 @@ def dkv(q, k, v, rpb, do, lse, delta, *, geo: Geometry, scale: float, target: st
     specs = KeySpecs(red, geo, walk)
     names, operands = ["q", "k", "v"], [q, k, v]
     in_specs = [specs.rows(h), specs.keys(h), specs.keys(hv)]
-    t_names, t_arrays = table_operands(geo, rpb is not None)
+    t_names, t_arrays = table_operands(geo, False)
     names += t_names
     operands += t_arrays
     in_specs += [specs.table(nm) for nm in t_names]
-    if rpb is not None:
-        names.append("rpb"), operands.append(rpb), in_specs.append(specs.rpb(rpb.shape[-1]))
+    if bias is not None:
+        names.append("bias"), operands.append(bias), in_specs.append(specs.bias())
     names += ["do", "lse", "delta", "dk", "dv"]
     operands += [do, lse, delta]
     in_specs += [specs.rows(hv), specs.rows(1), specs.rows(1)]
@@ -161,7 +174,8 @@ def dkv(q, k, v, rpb, do, lse, delta, *, geo: Geometry, scale: float, target: st
 
 def _dkv_kernel(*refs, names, geo: Geometry, walk: Walk, red: Reduction, scale: float):
     ref, scratch = split_refs(refs, names)
-    ranges = walk.ranges(pl.program_id(2))
+    j = pl.program_id(2)
+    ranges = walk.ranges(j)
     count = walk.count(ranges)
     # 'grid' walks a static `G x steps` rectangle and skips steps outside the ranges; 'fori' walks exactly.
     width = walk.steps if red.on_grid else jnp.maximum(count, 1)
@@ -171,13 +185,14 @@ def _dkv_kernel(*refs, names, geo: Geometry, walk: Walk, red: Reduction, scale: 
 
     def step(r, carry):
         g, rest = lax.div(r, width), lax.rem(r, width)
-        rows = None if red.on_grid else key_slice(walk.fori_box(ranges, rest), geo.block)
+        box = None if red.on_grid else walk.fori_box(ranges, rest)
+        rows = None if red.on_grid else key_slice(box, geo.block)
         q = red.tile(ref["q"], (g, rows, slice(None)))
         do = red.tile(ref["do"], (g, rows, slice(None)))
         lse = red.tile(ref["lse"], (g, rows, slice(None)))
         delta = red.tile(ref["delta"], (g, rows, slice(None)))
-        row = red.tile(ref["rpb"], (g, slice(None), slice(None))) if "rpb" in ref else None
-        s, _ = tile.logits(q, k, scale, read.bounds(rows), read.query_positions(rows), k_pos, row, geo.kernel)
+        bias = read.bias(() if red.on_grid else (g, geo.offset_index(box, j)))
+        s = tile.logits(q, k, scale, read.bounds(rows), k_pos, bias)
         p, ds = _grads(s, lse, do, v, delta)
         return [carry[0] + matmul(ds.astype(q.dtype), q, transpose_a=True),
                 carry[1] + matmul(p.astype(do.dtype), do, transpose_a=True)]

@@ -3,8 +3,9 @@ halo (`geometry.Walk`), exact windows and relative position bias per tile (`tile
 
 Kernel layout (`geometry.Geometry.to_kernel`): `q [Bd, N, S, H]`, `k [Bd, K, S, H]`, `v [Bd, K, S, Hv]` with
 `Bd = groups * B` (dilation groups lead) and `S` the box-major flattened group grid; window tables
-`lo<a>, hi<a> [groups, S, 1]` int32, key positions `m<a> [1, S]`, query positions `ii<a> [S, 1]` (bias only),
-bias rows `rpb [N, 1, Pp]` fp32; outputs `out [Bd, N, S, Hv]`, `lse [Bd, N, S, 1]` fp32.
+`lo<a>, hi<a> [groups, S, 1]` int32, key positions `m<a> [1, S]`; bias tiles `bias [N, offsets, bq, bk]` fp32
+(one per box offset, `Geometry.bias_index`); for the dq kernel's bias gradient also query positions
+`ii<a> [S, 1]` and the table `rpb [N, 1, Pp]` fp32. Outputs `out [Bd, N, S, Hv]`, `lse [Bd, N, S, 1]` fp32.
 GQA: query head `n` reads key/value head `n // (N // K)`. `QuerySpecs` is shared with the dq kernel.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from jaxattn.kernels.neighborhood_attention.blocks import TRITON_LAUNCH
 from jaxattn.kernels.neighborhood_attention.geometry import Geometry, Walk
 
 
-def table_operands(geo: Geometry, with_rpb: bool):
+def table_operands(geo: Geometry, with_positions: bool):
     """Names and int32 arrays of the window tables (constants of the trace)."""
     names, arrays = [], []
     for a in range(geo.ndim):
@@ -34,7 +35,7 @@ def table_operands(geo: Geometry, with_rpb: bool):
         arrays += [jnp.asarray(x) for x in geo.query_tables[2 * a:2 * a + 2]]
     for a in range(geo.ndim):
         names.append(f"m{a}"), arrays.append(jnp.asarray(geo.positions[a]))
-    if with_rpb:
+    if with_positions:
         for a in range(geo.ndim):
             names.append(f"ii{a}"), arrays.append(jnp.asarray(geo.positions[a].reshape(-1, 1)))
     return names, arrays
@@ -66,6 +67,13 @@ class QuerySpecs:
             return self.red.spec((bq, 1), lambda b, n, i: (i, 0))
         return self.red.spec((None, bq, 1), lambda b, n, i: (lax.div(b, batch), i, 0))
 
+    def bias(self):
+        geo, walk = self.geo, self.walk
+        return self.red.reduced_spec(
+            fori=((None, geo.num_offsets, geo.block, geo.block), lambda b, n, i: (n, 0, 0, 0)),
+            grid=((None, None, geo.block, geo.block), lambda b, n, i, o: (n, o, 0, 0)),
+            step_index=lambda b, n, i, j: geo.offset_index(i, walk.grid_box(walk.ranges(i), j)))
+
     def rpb(self, width):
         return self.red.spec((None, 1, width), lambda b, n, i: (n, 0, 0))
 
@@ -79,8 +87,8 @@ def launch(kernel, operands, *, red: Reduction, phase: str, target: str, name: s
         interpret=platform.interpret(target), name=name, **call)(*operands)
 
 
-def query_inputs(specs: QuerySpecs, q, k, v, rpb):
-    """Names, operands and BlockSpecs shared by the forward and dq kernels."""
+def query_inputs(specs: QuerySpecs, q, k, v, bias, rpb=None):
+    """Names, operands and BlockSpecs shared by the forward and dq kernels (`rpb`: dq's bias gradient)."""
     geo = specs.geo
     names, operands = ["q", "k", "v"], [q, k, v]
     in_specs = [specs.rows(q.shape[-1]), specs.kv(k.shape[-1]), specs.kv(v.shape[-1])]
@@ -88,6 +96,8 @@ def query_inputs(specs: QuerySpecs, q, k, v, rpb):
     names += t_names
     operands += t_arrays
     in_specs += [specs.table(n) for n in t_names]
+    if bias is not None:
+        names.append("bias"), operands.append(bias), in_specs.append(specs.bias())
     if rpb is not None:
         names.append("rpb"), operands.append(rpb), in_specs.append(specs.rpb(rpb.shape[-1]))
     return names, operands, in_specs
@@ -106,20 +116,21 @@ class TileReader:
         return [(self.red.tile(self.ref[f"lo{a}"], (rows, slice(None))),
                  self.red.tile(self.ref[f"hi{a}"], (rows, slice(None)))) for a in range(self.nd)]
 
-    def query_positions(self, rows):
-        if "rpb" not in self.ref:
+    def bias(self, lead):
+        """The bias tile `[bq, bk]`; `lead`: its leading block indices in 'fori' mode (offset, or head and offset)."""
+        if "bias" not in self.ref:
             return None
-        return [self.red.tile(self.ref[f"ii{a}"], (rows, slice(None))) for a in range(self.nd)]
+        return self.red.tile(self.ref["bias"], (*lead, slice(None), slice(None)))
 
 
-def forward(q, k, v, rpb, *, geo: Geometry, scale: float, target: str, mode: str):
-    """Returns `(out [Bd, N, S, Hv] in q.dtype, lse [Bd, N, S, 1] fp32)`."""
+def forward(q, k, v, bias, *, geo: Geometry, scale: float, target: str, mode: str):
+    """Returns `(out [Bd, N, S, Hv] in q.dtype, lse [Bd, N, S, 1] fp32)`; `bias`: tiles or None."""
     bd, n, s, _ = q.shape
     hv = v.shape[-1]
     walk = Walk.keys_of_queries(geo)
     red = Reduction(mode, walk.steps, axis=3)
     specs = QuerySpecs(red, geo, walk)
-    names, operands, in_specs = query_inputs(specs, q, k, v, rpb)
+    names, operands, in_specs = query_inputs(specs, q, k, v, bias)
     names += ["out", "lse"]
     bq = geo.block
     carry = [jax.ShapeDtypeStruct((bq,), jnp.float32)] * 2 + [jax.ShapeDtypeStruct((bq, hv), jnp.float32)]
@@ -141,18 +152,19 @@ def walk_bounds(red: Reduction, walk: Walk, ranges):
 
 def _forward_kernel(*refs, names, geo: Geometry, walk: Walk, red: Reduction, scale: float):
     ref, scratch = split_refs(refs, names)
-    ranges = walk.ranges(pl.program_id(2))
+    i = pl.program_id(2)
+    ranges = walk.ranges(i)
     read = TileReader(ref, red, geo)
     q = ref["q"][...]
     bounds = [(ref[f"lo{a}"][...], ref[f"hi{a}"][...]) for a in range(geo.ndim)]
-    q_pos = [ref[f"ii{a}"][...] for a in range(geo.ndim)] if "rpb" in ref else None
-    row = ref["rpb"][...] if "rpb" in ref else None
 
     def step(r, carry):
-        keys = None if red.on_grid else key_slice(walk.fori_box(ranges, r), geo.block)
+        box = None if red.on_grid else walk.fori_box(ranges, r)
+        keys = None if red.on_grid else key_slice(box, geo.block)
         k = red.tile(ref["k"], (keys, slice(None)))
         v = red.tile(ref["v"], (keys, slice(None)))
-        s, _ = tile.logits(q, k, scale, bounds, q_pos, read.key_positions(keys), row, geo.kernel)
+        bias = read.bias(() if red.on_grid else (geo.offset_index(i, box),))
+        s = tile.logits(q, k, scale, bounds, read.key_positions(keys), bias)
         return list(softmax.online_softmax_update(tuple(carry), s, v, lambda p, vv: matmul(p.astype(vv.dtype), vv)))
 
     def finish(carry):

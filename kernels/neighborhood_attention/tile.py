@@ -2,10 +2,11 @@
 
 Logits `q[bq, H] x k[bk, H]^T` in fp32, scaled, plus the relative position bias, with keys outside each query's
 window at `-inf`. The window test is per axis, `lo <= m < hi`, from the int32 tables of `geometry.py` (query
-bounds as columns `[bq, 1]`, key group indices as rows `[1, bk]`). The bias index of key `m` for query `ii` is
-`sum_a (m_a - ii_a + k_a - 1) * stride_a` into the flattened `(2k1-1) x ..` table; the table row `[1, Pp]` is
-expanded with one compare/select per entry (no gather: Mosaic has no vector gather), and its gradient is the sum
-of `ds` over the same entries.
+bounds as columns `[bq, 1]`, key group indices as rows `[1, bk]`). The bias of a tile depends only on the offset
+between its key box and query box, so the kernels read one of a few precomputed `[bq, bk]` tiles
+(`Geometry.bias_index`). Its gradient is summed in the dq kernel per table entry: the index of key `m` for query
+`ii` is `sum_a (m_a - ii_a + k_a - 1) * stride_a` into the flattened `(2k1-1) x ..` table, and each entry takes
+one compare/select/sum over the tile (no gather or scatter: Mosaic has neither on vectors).
 """
 from __future__ import annotations
 
@@ -36,22 +37,8 @@ def bias_index(q_positions: Sequence, k_positions: Sequence, kernel: Sequence[in
     return rel
 
 
-def _entry(row, r: int):
-    """`row[0, r]` as a `[1, 1]` array, by a masked lane sum (no scalar extraction, which Mosaic lacks)."""
-    lanes = lax.broadcasted_iota(jnp.int32, row.shape, 1)
-    return jnp.sum(jnp.where(lanes == r, row, 0.0), axis=1, keepdims=True)
-
-
-def bias(rel, table_row, size: int):
-    """`table_row[0, rel]` for a `[bq, bk]` index and an fp32 `[1, Pp]` row holding `size` entries."""
-    out = jnp.zeros(rel.shape, jnp.float32)
-    for r in range(size):
-        out = jnp.where(rel == r, _entry(table_row, r), out)
-    return out
-
-
 def bias_grad(rel, ds, size: int, width: int):
-    """Adjoint of `bias`: `[1, width]` fp32 with `sum(ds[rel == r])` at lane `r`."""
+    """Gradient of the flattened bias table: `[1, width]` fp32 with `sum(ds[rel == r])` at lane `r`."""
     lanes = lax.broadcasted_iota(jnp.int32, (1, width), 1)
     out = jnp.zeros((1, width), jnp.float32)
     for r in range(size):
@@ -60,18 +47,9 @@ def bias_grad(rel, ds, size: int, width: int):
     return out
 
 
-def logits(q, k, scale: float, bounds, q_positions, k_positions, table_row, kernel):
-    """Masked, biased fp32 logits `[bq, bk]` and the bias index (None without a bias table)."""
+def logits(q, k, scale: float, bounds, k_positions, bias_tile=None):
+    """Masked fp32 logits `[bq, bk]`: scaled `q k^T`, plus the tile's precomputed bias `[bq, bk]` (or None)."""
     s = matmul(q, k, transpose_b=True) * scale
-    rel = None
-    if table_row is not None:
-        rel = bias_index(q_positions, k_positions, kernel)
-        s = s + bias(rel, table_row, _size(kernel))
-    return softmax.masked_logits(s, window_mask(bounds, k_positions)), rel
-
-
-def _size(kernel) -> int:
-    size = 1
-    for k in kernel:
-        size *= 2 * k - 1
-    return size
+    if bias_tile is not None:
+        s = s + bias_tile
+    return softmax.masked_logits(s, window_mask(bounds, k_positions))
