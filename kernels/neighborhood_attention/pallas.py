@@ -21,6 +21,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from jaxattn.core import blocking
 from jaxattn.kernels.common import blocks as common_blocks
@@ -120,22 +121,33 @@ def _attend(q, k, v, rows, static):
 
 
 def _attend_fwd(q, k, v, rows, static):
+    # symbolic_zeros: a bias table that is not differentiated (frozen, or a constant) skips the dq kernel's
+    # per-entry gradient sums; `()` vs None is pytree structure, hence static in the backward.
+    wants_drows = rows is not None and rows.perturbed
+    q, k, v, rows = (None if x is None else x.value for x in (q, k, v, rows))
     out, lse = _forward(q, k, v, rows, static)
-    return (out, lse), (q, k, v, rows, out, lse)
+    return (out, lse), (q, k, v, rows, out, lse, () if wants_drows else None)
 
 
 def _attend_bwd(static: _Static, residuals, cotangents):
-    q, k, v, rows, out, lse = residuals
+    q, k, v, rows, out, lse, wants_drows = residuals
     d_out, d_lse = cotangents
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True) - d_lse
+    if isinstance(d_out, SymbolicZero):
+        d_out = jnp.zeros(out.shape, out.dtype)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    if not isinstance(d_lse, SymbolicZero):
+        delta = delta - d_lse
     common = dict(geo=static.geo, scale=static.scale, target=static.target, mode=static.mode)
     d_out = d_out.astype(q.dtype)
     bias = _bias_tiles(rows, static.geo)
-    dq, drows = pallas_bwd.dq(q, k, v, bias, rows, d_out, lse, delta, **common)
+    dq, drows = pallas_bwd.dq(q, k, v, bias, rows if wants_drows is not None else None, d_out, lse, delta,
+                              **common)
     dk, dv = pallas_bwd.dkv(q, k, v, bias, d_out, lse, delta, **common)
     if drows is not None:
         drows = jnp.sum(drows, axis=(0, 2)).astype(rows.dtype)  # [N, 1, Pp]
+    elif rows is not None:
+        drows = jnp.zeros_like(rows)
     return dq, dk, dv, drows
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+_attend.defvjp(_attend_fwd, _attend_bwd, symbolic_zeros=True)

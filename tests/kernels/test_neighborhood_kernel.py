@@ -2,6 +2,7 @@
 and backward (out, lse, dq, dk, dv, d rpb), fp32 and bf16; halo walks never miss a window key (numpy, hypothesis);
 lowering for TPU (Mosaic) and GPU (Pallas-Triton) at realistic and small shapes; dispatch."""
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -127,6 +128,34 @@ def test_bad_kernel_arguments_raise():
         pallas.neighborhood_attention(q, q, q, spec=spec, target="triton", tiles=(12,))
     with pytest.raises(ValueError, match="reduction"):
         pallas.neighborhood_attention(q, q, q, spec=spec, target="interpret", reduction="scan")
+
+
+def test_constant_rpb_skips_its_gradient():
+    """A bias table that is not differentiated costs no per-entry gradient sums (the dq kernel has one output)."""
+    q, table = random_inputs(0, [(1, 16, 2, 8), (2, 5)])
+    spec = _spec(1, 3)
+
+    def loss(q, table):  # traced only, never lowered
+        return pallas.neighborhood_attention(q, q, q, table, spec=spec, target="tpu")[0].sum()
+
+    def dq_outputs(argnums):
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=argnums))(q, table)
+        calls = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"
+                 and e.params.get("name") == "neighborhood_attention_dq"]
+        assert len(calls) == 1
+        return len(calls[0].outvars)
+
+    assert dq_outputs(0) == 1
+    assert dq_outputs((0, 1)) == 2
+
+
+def _all_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if isinstance(inner, jax.extend.core.Jaxpr) and eqn.primitive.name != "pallas_call":
+                yield from _all_eqns(inner)
 
 
 # ---- lowering: fwd + bwd kernels for TPU (grid walk) and GPU (Pallas-Triton, fori walk), nothing runs ----
