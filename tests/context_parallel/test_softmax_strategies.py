@@ -16,13 +16,14 @@ from hypothesis import given, strategies as st
 
 from jaxattn import dot_product_attention
 from jaxattn.context_parallel import allgather_attention, ring_attention, ulysses_attention, zigzag
+from jaxattn.context_parallel.common import shard_sequence
 from jaxattn.testing import assert_matches_reference, random_inputs
 
 B, T, H = 2, 64, 8
 
 
-def _mesh(data, context):
-    return jax.make_mesh((data, context), ("data", "context"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+def _mesh(data, context, axis_type=jax.sharding.AxisType.Auto):
+    return jax.make_mesh((data, context), ("data", "context"), axis_types=(axis_type,) * 2)
 
 
 def _reference(q, k, v, *, is_causal, local_window_size=None):
@@ -56,7 +57,7 @@ def test_strategies_on_data2_context4_mesh():
 
 @pytest.mark.devices(8)
 def test_strategies_on_context8_mesh():
-    mesh = _mesh(1, 8)
+    mesh = _mesh(1, 8, jax.sharding.AxisType.Explicit)  # inputs are resharded to the specs first
     _check(ring_attention, mesh, 4, 2, is_causal=True)
     _check(ring_attention, mesh, 2, 2, is_causal=True, load_balance=False, implementation="reference")
     _check(allgather_attention, mesh, 4, 2, is_causal=True, load_balance=False)
@@ -73,11 +74,10 @@ def test_strategies_on_context8_mesh():
 
     # The per-device zigzag moves (ppermutes) agree with the global permutation, and invert each other.
     x = jnp.arange(8 * T * 3, dtype=jnp.float32).reshape(8, T, 3)
-    spec = jax.sharding.PartitionSpec(None, "context", None)
-    to_local = jax.jit(jax.shard_map(lambda a: zigzag.to_zigzag_local(a, "context"), mesh=mesh, in_specs=spec,
-                                     out_specs=spec))
-    back = jax.jit(jax.shard_map(lambda a: zigzag.from_zigzag_local(a, "context"), mesh=mesh, in_specs=spec,
-                                 out_specs=spec))
+    to_local = jax.jit(shard_sequence(lambda a: zigzag.to_zigzag_local(a, "context"), mesh, "context", (), 1, 1,
+                                      ranks=(3, 3)))
+    back = jax.jit(shard_sequence(lambda a: zigzag.from_zigzag_local(a, "context"), mesh, "context", (), 1, 1,
+                                  ranks=(3, 3)))
     moved = to_local(x)
     np.testing.assert_array_equal(np.asarray(moved), np.asarray(zigzag.zigzag_permute(x, 8)))
     np.testing.assert_array_equal(np.asarray(back(moved)), np.asarray(x))
