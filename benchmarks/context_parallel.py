@@ -78,6 +78,12 @@ register(Strategy("ring_contiguous", _softmax("ring_attention", load_balance=Fal
 register(Strategy("allgather", _softmax("allgather_attention", zigzag_order=True), _qkv))
 register(Strategy("ulysses", _softmax("ulysses_attention"), _qkv, _ulysses_applies))
 
+# LASP-2 and halo exchange (lasp2, halo_na1d, halo_na2d, halo_halonet): their own module.
+from benchmarks import context_parallel_linear_halo  # noqa: E402
+
+for _strategy in context_parallel_linear_halo.strategies(Strategy):
+    register(_strategy)
+
 # ------------------------------------------------------------------------------------------------------------
 # Bytes sent, from compiled HLO text
 
