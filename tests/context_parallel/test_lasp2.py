@@ -96,7 +96,7 @@ def test_lasp2_rejects_bad_inputs():
     odd = jax.ShapeDtypeStruct((B, T - 2, N, H), jnp.float32)
     with pytest.raises(ValueError, match=r"`query` dimension 1 \(62"):
         call(odd, odd, odd)
-    with pytest.raises(ValueError, match="`key` length"):
+    with pytest.raises(ValueError, match="`key` length \\(62"):
         call(k=odd)
     with pytest.raises(ValueError, match="batch mesh axes"):
         call(*(jax.ShapeDtypeStruct((3, T, N, H), jnp.float32),) * 3)
@@ -104,7 +104,11 @@ def test_lasp2_rejects_bad_inputs():
         call(axis_name="seq")
     with pytest.raises(ValueError, match="no mesh"):
         call(mesh=None)
-    with pytest.raises(ValueError, match="need is_causal=True"):
+    with pytest.raises(ValueError, match="needs is_causal=True"):
         call(is_causal=False, return_state=True)
+    with pytest.raises(ValueError, match="`slopes` must be >= 0"):
+        call(slopes=-SLOPES)
+    with pytest.raises(ValueError, match=r"`slopes` must have shape \[num_heads\]"):
+        call(slopes=SLOPES[:2])
     with pytest.raises(ValueError, match="rank 4"):
         call(q=jax.ShapeDtypeStruct((B, T, N), jnp.float32))
