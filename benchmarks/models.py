@@ -4,6 +4,7 @@
     python benchmarks/models.py --quick                  # pico variants, batch 2, no timm (smoke run)
     python benchmarks/models.py --models maxvit_tiny --repeats 5
     python benchmarks/models.py --models dinat_tiny --override implementation=reference
+    python benchmarks/models.py --threads 1              # one thread per side: CPU time on a loaded machine
     python benchmarks/models.py --no-timm                # ours only; timm columns show platform.md's figures
 
 Representatives: maxvit_tiny @224 (timm `maxvit_tiny_tf_224`), halonet26t @256, halonet_h1 @256 (timm's own
@@ -16,7 +17,10 @@ The cores are shared with other work, so ours and timm's calls are interleaved r
 records wall time and the process CPU time (all threads). `*_img_s` is `batch / median wall seconds`;
 `*_cpu_img_s` is `cores * batch / median CPU seconds`, what the idle machine would give if the work kept every core
 busy, and the fairer comparison under load. `x_timm` / `x_timm_cpu` are our train-step speed over timm's by either.
-timm is imported through `benchmarks/timm_import.py` (a placeholder torchvision where the real one cannot load);
+Both sides run with glibc malloc told to keep freed memory (`jaxattn.models.layers.malloc`, which removes
+per-step page faults; `--no-malloc-tuning` to compare), and `--threads 1` gives each side one thread, which
+keeps CPU time honest on an oversubscribed machine (multi-threaded runtimes spin while waiting for descheduled
+threads). timm is imported through `benchmarks/timm_import.py` (a placeholder torchvision where the real one cannot load);
 without timm, the timm columns show the figures recorded in `../shared/reference/platform.md` (marked
 `recorded`). Output: a table and results/models[_quick].json.
 """
@@ -39,6 +43,7 @@ from flax import nnx
 
 from benchmarks.common import print_table, write_json
 from jaxattn import models
+from jaxattn.models.layers.malloc import keep_freed_memory
 from jaxattn.models.layers.tracing import eval_shape_model, fast_tracing
 from jaxattn.testing.model_init import materialize
 
@@ -168,6 +173,18 @@ def measure(name: str, img_size: int | None, batch: int, repeats: int, overrides
     return row
 
 
+def set_threads(n: int) -> None:
+    """Intra-op threads for torch, and for XLA:CPU when `n == 1` (before JAX's backend starts)."""
+    if n == 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false"
+    try:
+        import torch
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+
+
 def _parse_overrides(items) -> dict:
     out = {}
     for item in items or ():
@@ -187,7 +204,15 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-timm", action="store_true", help="do not measure timm even where installed")
     parser.add_argument("--override", nargs="*", metavar="KEY=VALUE", help="constructor overrides for our models")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="leave glibc malloc as it is (default: `keep_freed_memory()`, for both sides)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="1: XLA and torch on one thread each (fair CPU time on a loaded machine)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        set_threads(args.threads)
+    malloc_tuned = False if args.no_malloc_tuning else keep_freed_memory()
+    print(f"malloc tuning (models/layers/malloc.py): {'on' if malloc_tuned else 'off'}")
     names = list(QUICK) if args.quick else list(REPRESENTATIVES)
     names = args.models or names
     if args.quick:
@@ -223,7 +248,7 @@ def main(argv=None):
           f"over timm's; load: 1-min load average")
     print_table(rows, COLUMNS)
     write_json("models" + ("_quick" if args.quick else ""),
-               {"rows": rows, "args": vars(args), "timm": timm_note})
+               {"rows": rows, "args": vars(args), "timm": timm_note, "malloc_tuned": malloc_tuned})
 
 
 if __name__ == "__main__":

@@ -57,3 +57,20 @@ def test_drop_path_rates_linear():
 def test_registry_rejects_unknown_name():
     with pytest.raises(ValueError, match="unknown model"):
         models.create_model("no_such_model")
+
+
+def test_keep_freed_memory_in_a_child_process():
+    """mallopt is process-wide, so it runs in a child (the module is loaded by path: no JAX import there)."""
+    import pathlib
+    import subprocess
+    import sys
+    path = pathlib.Path(__file__).resolve().parents[2] / "models" / "layers" / "malloc.py"
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('malloc', {str(path)!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "ok = m.keep_freed_memory()\n"
+            "assert ok is (sys.platform.startswith('linux') and hasattr(__import__('ctypes').CDLL(None), 'mallopt'))\n"
+            "x = bytearray(200 << 20); del x\n"  # a large block still allocates and frees
+            "print(ok)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
