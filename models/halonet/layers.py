@@ -117,9 +117,9 @@ class HaloAttention(nnx.Module):
     resolution and a 2x2 average pool follows (timm's fallback).
 
     `cfg.context_parallel='halo'`: under a mesh whose `'context'` axis is > 1, a map whose rows split into whole
-    blocks per device (`H % (context * block_size) == 0`) runs
-    `jaxattn.context_parallel.halo_exchange_halo_attention` over image rows (neighbours exchange the `halo_size`
-    border rows); other maps run the single-device op, which GSPMD gathers for. Same result either way.
+    blocks per device (`shards_rows`: `H % (context * block_size) == 0`, shards of at least `halo_size` rows)
+    runs `jaxattn.context_parallel.halo_exchange_halo_attention` over image rows (neighbours exchange the
+    `halo_size` border rows); other maps run the single-device op, which GSPMD gathers for. Same result either way.
     """
 
     def __init__(self, dim: int, dim_out: int | None = None, *, stride: int = 1, cfg: AttnCfg = AttnCfg(),
