@@ -4,17 +4,17 @@
   `--non-causal`. Sends `P` states of `[B, heads, head_dim, head_dim]` fp32: flat in T.
 - `halo_na1d`: neighborhood attention over the sequence, kernel 7, dilation 2, `kv_heads` key heads, causal unless
   `--non-causal`. Sends `(k//2)*d` (causal: `(k-1)*d`) border tokens of K and V each way: flat in T.
-- `halo_na2d`: DiNAT-style 2-D NA (kernel 7, dilation 2, rpb) on a `sqrt(T) x sqrt(T)` map, rows sharded.
-  Its border is a fixed number of rows of `sqrt(T)` tokens: grows as `sqrt(T)` (the halo of a row-sharded image).
-- `halo_halonet`: HaloNet blocks (block 8, halo 3) on a `sqrt(T) x sqrt(T)` map, rows sharded on block
-  boundaries; 3 rows each way, also `sqrt(T)`.
+- `halo_na2d`: DiNAT-style 2-D NA (kernel 7, dilation 2, rpb) on a `T/32 x 32` map (32 x 32 at T = 1k), rows
+  sharded: 6 rows of 32 tokens each way, flat in T. (A square map's rows grow as `sqrt(T)`, and so do its
+  borders: the traffic follows the width of the map, never its height.)
+- `halo_halonet`: HaloNet blocks (block 8, halo 3) on the same `T/32 x 32` map, rows sharded on block
+  boundaries: 3 rows each way.
 """
 from __future__ import annotations
 
-import math
-
 NA_KERNEL, NA_DILATION = 7, 2
 HALONET_BLOCK, HALONET_HALO = 8, 3
+WIDTH = 32  # of the 2-D maps; T / WIDTH rows are sharded
 
 
 def _normal(rng, *shapes):
@@ -22,9 +22,8 @@ def _normal(rng, *shapes):
     return tuple(jnp.asarray(rng.standard_normal(s, dtype="float32")) for s in shapes)
 
 
-def _side(T):
-    side = math.isqrt(T)
-    return side if side * side == T else 0
+def _rows(T):
+    return T // WIDTH if T % WIDTH == 0 else 0
 
 
 def _lasp2_inputs(rng, T, args):
@@ -54,8 +53,7 @@ def _na1d_applies(T, n, args):
 
 
 def _image_inputs(rng, T, args):
-    side = _side(T)
-    return _normal(rng, *[(args.batch, side, side, args.heads, args.head_dim)] * 3)
+    return _normal(rng, *[(args.batch, _rows(T), WIDTH, args.heads, args.head_dim)] * 3)
 
 
 def _na2d_inputs(rng, T, args):
@@ -69,8 +67,8 @@ def _na2d(mesh, q, k, v, rpb, args):
 
 def _na2d_applies(T, n, args):
     from jaxattn.context_parallel.halo_exchange import neighborhood_halo
-    side = _side(T)
-    return side > 0 and side % n == 0 and max(neighborhood_halo(side, n, NA_KERNEL, NA_DILATION)) <= side // n
+    rows = _rows(T)
+    return rows > 0 and rows % n == 0 and max(neighborhood_halo(rows, n, NA_KERNEL, NA_DILATION)) <= rows // n
 
 
 def _halonet(mesh, q, k, v, args):
@@ -79,8 +77,8 @@ def _halonet(mesh, q, k, v, args):
 
 
 def _halonet_applies(T, n, args):
-    side = _side(T)
-    return side > 0 and side % (n * HALONET_BLOCK) == 0
+    rows = _rows(T)
+    return rows > 0 and rows % (n * HALONET_BLOCK) == 0
 
 
 def strategies(strategy_cls):

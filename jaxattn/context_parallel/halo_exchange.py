@@ -9,7 +9,8 @@ Neighborhood attention (exactness). Let device `p` of `P` hold positions `[s, s 
 `T = P * L`. Each device runs the single-device op on a contiguous *block* `[o, o + E)` of the global axis,
 `E = L + left + right`, and keeps the outputs of its own queries. Claim: for a query whose global window lies
 inside the block, the op run on the block alone (its own length, its own borders) picks the same keys.
-  The block's positions `≡ g (mod d)` are a run `c, c+1, ..., c+Lb-1` of group `g`'s indices (group index
+  A shift keeps residues mod `d`, so the block's dilation groups are the global ones, cut: group `g`'s positions
+  in the block are a run `c, c+1, ..., c+Lb-1` of its indices (group index
   `ii` -> block index `ii - c`); the op's rules (`windows.py`) read only group indices, so in block coordinates
   the window start is `clamp(x - c, 0, Lb - k)` against the global `clamp(x, 0, Lg - k)`, `x = ii - k // 2`.
   If the global start `w` is unclamped (`w = x`), the window inside the block gives `0 <= x - c <= Lb - k`: same.
