@@ -194,12 +194,18 @@ def test_config_key_reaches_the_model_and_is_checked_per_family():
         state_lib.build_model(config, 10, nnx.Rngs(0))
 
 
-def test_image_rows_must_divide_by_the_context_axis():
+def test_inputs_must_split_over_the_context_axis():
     config = _config("dinat_pico", task="classification", strategy="halo")
     config.image_size = 30
     mesh = AbstractMesh((1, 1, 4), ("data", "fsdp", "context"))
     with pytest.raises(validate.ConfigError, match=r"config\.image_size = 30.*divisible by its size 4"):
         state_lib.check_context_parallel(config, mesh)
     config.image_size = 32
+    state_lib.check_context_parallel(config, mesh)
+    config = _config("softmax_lm_tiny", strategy="ring")
+    config.seq_len = 36
+    with pytest.raises(validate.ConfigError, match=r"config\.seq_len = 36.*'ring'.*divisible by 8"):
+        state_lib.check_context_parallel(config, mesh)
+    config.context_parallel = "ulysses"  # no zigzag: the context size alone divides it
     state_lib.check_context_parallel(config, mesh)
 
