@@ -13,7 +13,7 @@ import functools
 
 import jax
 
-from jaxattn.context_parallel import ring
+from jaxattn.context_parallel import common, ring
 from jaxattn.core import softmax
 
 
@@ -25,6 +25,8 @@ def allgather_attention_local(query, key, value, *, axis_name: str = "context", 
     """
     if scale is None:
         scale = query.shape[-1] ** -0.5
+    if zigzag_layout and is_causal:
+        common.check_divisible("query", query, 1, 2, "2 (a zigzag shard is two chunks)")
     k_all = jax.lax.all_gather(key, axis_name, axis=1, tiled=True)
     v_all = jax.lax.all_gather(value, axis_name, axis=1, tiled=True)
     if not is_causal:

@@ -185,6 +185,8 @@ def ring_attention_local(query, key, value, *, axis_name: str = "context", is_ca
     """
     if scale is None:
         scale = query.shape[-1] ** -0.5
+    if zigzag_layout and is_causal:
+        common.check_divisible("query", query, 1, 2, "2 (a zigzag shard is two chunks)")
     cfg = (axis_name, bool(is_causal), bool(zigzag_layout), float(scale), implementation)
     return _ring(query, key, value, cfg)
 

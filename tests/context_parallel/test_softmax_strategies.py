@@ -16,7 +16,9 @@ from hypothesis import given, strategies as st
 
 from jaxattn import dot_product_attention
 from jaxattn.context_parallel import allgather_attention, ring_attention, ulysses_attention, zigzag
+from jaxattn.context_parallel.allgather import allgather_attention_local
 from jaxattn.context_parallel.common import shard_sequence
+from jaxattn.context_parallel.ring import ring_attention_local
 from jaxattn.testing import assert_matches_reference, random_inputs
 
 B, T, H = 2, 64, 8
@@ -135,3 +137,8 @@ def test_rejects_bad_inputs():
         ring_attention(jnp.zeros((2, 64, 4, 4)), jnp.zeros((2, 64, 3, 4)), jnp.zeros((2, 64, 3, 4)), mesh=mesh)
     with pytest.raises(ValueError, match="no mesh"):
         ring_attention(q, q, q)
+    # The per-device bodies check their zigzag shard splits into two chunks.
+    odd = jnp.zeros((1, 7, 2, 4))
+    for local in (ring_attention_local, allgather_attention_local):
+        with pytest.raises(ValueError, match="zigzag shard"):
+            local(odd, odd, odd, is_causal=True, zigzag_layout=True)
