@@ -9,7 +9,7 @@ modules too, for callers who already sit inside their own `shard_map`.
 Strategies:
 - `ring_attention`: K/V rotate round the ring, partial results merge through their lse; zigzag load balance.
 - `allgather_attention`: K/V gathered once over the axis (cheap with few KV heads).
-- `ulysses_attention`: all-to-all sequence <-> heads; heads must divide the axis size.
+- `ulysses_attention`: all-to-all sequence <-> heads; the axis size must divide the head count.
 - `lasp2_lightning_attention`: one all-gather of per-device linear-attention states, prefix combine with decay.
 - `halo_neighborhood_attention`: neighbours exchange only the border tokens a window needs.
 """
