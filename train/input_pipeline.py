@@ -44,16 +44,12 @@ def open_split(config, split: str):
 
 
 def _prepare_embedded(name: str, data_dir: str):
-    builder_cls = datasets.builder_class(name)
     if jax.process_index() == 0:
         datasets.prepare(name, data_dir)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"prepare {name}")
-    builder = builder_cls(data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():  # another host with its own disk
-        builder.download_and_prepare()
-    return builder
+    return datasets.prepare(name, data_dir)  # a no-op unless this host has its own disk
 
 
 def num_classes(config, source=None) -> int:

@@ -208,3 +208,15 @@ def test_vision_preprocess_follows_config(tfds_dir):
 def test_grain_map_dataset_subclass_slices():
     ds = input_pipeline.ProcessRows(grain.MapDataset.range(12), 4, 1, 2)
     assert len(ds) == 6 and [ds[i] for i in range(6)] == [2, 3, 6, 7, 10, 11]
+
+
+def test_runs_preparing_the_same_embedded_dataset_at_once_both_succeed(tmp_path):
+    """Two runs started together on one `data_dir`: TFDS builds each in a temporary folder and the second rename
+    fails; `prepare` must then take the finished copy instead of crashing the run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jaxattn.train import datasets
+    with ThreadPoolExecutor(2) as pool:
+        builders = list(pool.map(lambda _: datasets.prepare("digits", str(tmp_path)), range(2)))
+    assert all(b.is_prepared() for b in builders)
+    assert len(builders[0].as_data_source("test")) == 360

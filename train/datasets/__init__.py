@@ -31,7 +31,15 @@ def builder_class(name: str):
 
 def prepare(name: str, data_dir: str):
     """Builds the embedded dataset `name` under `data_dir` if it is not there yet; returns the builder."""
-    builder = builder_class(name)(data_dir=data_dir, file_format="array_record")
+    cls = builder_class(name)
+    builder = cls(data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except FileExistsError:
+            # Another run sharing `data_dir` finished preparing first (TFDS builds in a temporary folder and
+            # renames it); its copy is identical, built from the same installed files.
+            builder = cls(data_dir=data_dir, file_format="array_record")
+            if not builder.is_prepared():
+                raise
     return builder
