@@ -94,6 +94,25 @@ def _reduce_to(x, shape):
 def _attention_bwd(scale, spec, block_k, residuals, cotangents):
     query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse = residuals
     d_out, d_lse = cotangents
+    dq, dk, dv, dbias = _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse, d_out,
+                                  d_lse, scale, spec, block_k)
+    return dq, dk, dv, dbias, None, None, None
+
+
+def attention_blocked_backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse, d_out,
+                               d_lse, *, scale, spec, block_k=DEFAULT_BLOCK_K):
+    """The blocked backward alone: `(dq, dk, dv, dbias or None)` from the saved `out [B, T, N, Hv]` and
+    `lse [B, N, T]` (fp32), `d_out` like `out` and `d_lse [B, N, T]` or None. Recomputes `p = exp(s - lse)`
+    per key block and uses `delta = rowsum(d_out * out) - d_lse`; no forward pass is repeated."""
+    block_k = max(1, min(block_k, key.shape[1]))
+    if d_lse is None:
+        d_lse = jnp.zeros(lse.shape, jnp.float32)
+    return _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse, d_out, d_lse, scale,
+                     spec, block_k)
+
+
+def _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse, d_out, d_lse, scale, spec,
+              block_k):
     b, t, n, h = query.shape
     s, num_kv = key.shape[1], key.shape[2]
     g = n // num_kv
@@ -140,7 +159,7 @@ def _attention_bwd(scale, spec, block_k, residuals, cotangents):
     if bias is not None:
         db = dbias_whole if bias_keys_whole else blocking.merge_blocks(dbias_blocks, -1, s)
         dbias = db.reshape(bias.shape).astype(bias.dtype)
-    return dq, dk, dv, dbias, None, None, None
+    return dq, dk, dv, dbias
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
