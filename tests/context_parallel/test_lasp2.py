@@ -40,7 +40,7 @@ CASES = [
 ]
 
 
-def _check_cases(mesh, length, cases=CASES):
+def _check_cases(mesh, length, cases=CASES, dtype=jnp.float32):
     inputs = random_inputs(length, [(B, length, N, H), (B, length, N, H), (B, length, N, HV), (B, N, H, HV)],
                            scale=0.5)
 
@@ -51,7 +51,7 @@ def _check_cases(mesh, length, cases=CASES):
 
     lasp2 = lambda q, k, v, s0, **kw: lasp2_lightning_attention(q, k, v, initial_state=s0, mesh=mesh, **kw)
     reference = lambda q, k, v, s0, block_size=None, **kw: _reference(q, k, v, s0, **kw)
-    assert_values_and_grads_match(run(lasp2), run(reference), inputs,
+    assert_values_and_grads_match(run(lasp2), run(reference), inputs, dtype=dtype,
                                   names=["query", "key", "value", "initial_state"])
 
 
@@ -62,6 +62,8 @@ def test_lasp2_matches_single_device():
     # Batch over 'data', sequence over 'context' (the mesh from context); 4 tokens per device.
     with jax.set_mesh(_mesh(2, 4)):
         _check_cases(None, 16, CASES[:1] + CASES[2:3])
+    # bf16 inputs (the op accumulates in fp32; so do the cross-device terms).
+    _check_cases(context8, T, CASES[-1:], dtype=jnp.bfloat16)
 
     # An Explicit-axes mesh in context, eager and jitted: inputs are resharded to the sequence layout.
     q, k, v = random_inputs(5, [(B, T, N, H)] * 3)
