@@ -12,9 +12,10 @@ Causal masks from global chunk positions, per step:
   the source's early chunk or this device's late chunk against the whole source shard. Every device does the
   same work.
 
-Backward (`custom_vjp`): the same ring again; each step recomputes its block from the saved output and lse
-(through the op's own VJP, chained through the lse merge) and the dK/dV accumulators travel round the ring with
-their K/V, arriving home after `n` hops. Memory stays O(local shard).
+Backward (`custom_vjp`): the same ring again; each step runs the op's backward alone
+(`dot_product_attention_backward`: the platform's flash backward, no forward repeated) on its block with the
+GLOBAL merged output and lse, and the dK/dV accumulators travel round the ring with their K/V, arriving home
+after `n` hops. Memory stays O(local shard).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from jaxattn.context_parallel import common, zigzag
 from jaxattn.core import softmax
 from jaxattn.dot_product.api import dot_product_attention
+from jaxattn.dot_product.backward import dot_product_attention_backward
 
 # ----------------------------------------------------------------------------------------------------------
 # One block: the op on a query chunk and a key chunk, forward partials and lse-based gradients.
@@ -41,15 +43,12 @@ def block_partial(q, k, v, causal, scale, implementation):
 def block_grads(q, k, v, out, lse, d_out, causal, scale, implementation):
     """This block's share of `(dq, dk, dv)` (fp32) given the final merged fp32 `out` and `lse` [B, T, N].
 
-    The final output is `sum_b exp(lse_b - lse) out_b`, so the block's partial gets the cotangents
-    `w d_out` and `w <d_out, out_b - out>` with `w = exp(lse_b - lse)`, fed to the op's own VJP.
+    The merged softmax restricted to this block's keys is `p = exp(s - lse)` with the merged `lse`, and its
+    `delta = rowsum(d_out * out)` uses the merged `out`; the op's backward computes exactly that, so the block's
+    `dk`, `dv` and its share of `dq` come out exact with no forward recomputation (5 block matmuls, not 7).
     """
-    (out_b, lse_b), vjp = jax.vjp(lambda q_, k_, v_: block_partial(q_, k_, v_, causal, scale, implementation),
-                                  q, k, v)
-    w = jnp.exp(lse_b - softmax.finite_or_zero(lse))
-    d_out = d_out.astype(jnp.float32)
-    d_lse_b = w * jnp.sum(d_out * (out_b - out), axis=-1)
-    dq, dk, dv = vjp((w[..., None] * d_out, d_lse_b))
+    dq, dk, dv = dot_product_attention_backward(q, k, v, out, jnp.swapaxes(lse, 1, 2), d_out, scale=scale,
+                                                is_causal=causal, implementation=implementation)
     return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)
 
 

@@ -6,9 +6,6 @@ Same validation and dispatch rule as `dot_product_attention` (`None`: the flash 
 """
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 
 from jaxattn.core import dispatch, validation
@@ -65,8 +62,8 @@ def dot_product_attention_backward(query, key, value, out, lse, d_out, *, bias=N
     `delta = rowsum(d_out * out) - d_lse`. With the `out`/`lse` this op returned for these very keys that is
     its exact VJP. With the GLOBAL `out`/`lse` of a softmax merged over several key blocks (ring attention) it
     is exactly that block's share of the merged result's gradient: `dk`, `dv` of the block and its
-    contribution to `dq` (sum those over the blocks). 'reference' ignores `out`/`lse` and differentiates the
-    reference forward (for tests, single-block use only).
+    contribution to `dq` (sum those over the blocks). 'reference' evaluates the same formula with the
+    `T x S` logits materialised.
 
     Returns:
       `(dq, dk, dv)` in the dtypes of query/key/value, or `(dq, dk, dv, dbias)` shaped like `bias`.
@@ -94,13 +91,8 @@ def dot_product_attention_backward(query, key, value, out, lse, d_out, *, bias=N
     return (dq, dk, dv) if bias is None else (dq, dk, dv, dbias)
 
 
-def _reference_backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse, d_out, d_lse, *,
-                        scale, spec, want_dbias):
-    from jaxattn.dot_product.reference import attention_reference
+def _reference_backward(*args, scale, spec, want_dbias):
+    from jaxattn.dot_product.reference import attention_backward_reference
 
-    del out, lse, want_dbias
-    fwd = functools.partial(attention_reference, mask=mask, q_segment_ids=q_segment_ids,
-                            k_segment_ids=k_segment_ids, scale=scale, spec=spec)
-    primal, vjp = jax.vjp(lambda q, k, v, b_: fwd(q, k, v, b_), query, key, value, bias)
-    d_lse = jnp.zeros(primal[1].shape, jnp.float32) if d_lse is None else d_lse
-    return vjp((d_out.astype(primal[0].dtype), d_lse))
+    del want_dbias
+    return attention_backward_reference(*args, scale=scale, spec=spec)

@@ -8,8 +8,8 @@ from jaxattn.core import softmax
 from jaxattn.dot_product import common
 
 
-def attention_reference(query, key, value, bias, mask, q_segment_ids, k_segment_ids, *, scale, spec):
-    """Returns `(out [B, T, N, Hv] in query dtype, lse [B, N, T] fp32)`."""
+def reference_logits(query, key, bias, mask, q_segment_ids, k_segment_ids, *, scale, spec):
+    """The masked, scaled fp32 logits `[B, K, G, T, S]` (grouped queries; masked entries `-inf`)."""
     num_kv = key.shape[2]
     q = common.group_queries(query, num_kv).astype(jnp.float32)
     logits = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(jnp.float32)) * scale
@@ -20,7 +20,14 @@ def attention_reference(query, key, value, bias, mask, q_segment_ids, k_segment_
         spec, jnp.arange(t), jnp.arange(s), None, q_segment_ids, k_segment_ids,
         common.grouped_bnts(common.as_4d(mask), num_kv),
     )
-    logits = softmax.masked_logits(logits, full_mask)
+    return softmax.masked_logits(logits, full_mask)
+
+
+def attention_reference(query, key, value, bias, mask, q_segment_ids, k_segment_ids, *, scale, spec):
+    """Returns `(out [B, T, N, Hv] in query dtype, lse [B, N, T] fp32)`."""
+    num_kv = key.shape[2]
+    t = query.shape[1]
+    logits = reference_logits(query, key, bias, mask, q_segment_ids, k_segment_ids, scale=scale, spec=spec)
     m, p, l = softmax.softmax_stats(logits)
     seen = l > 0
     out = jnp.einsum("bkgts,bskh->bkgth", p, value.astype(jnp.float32))
@@ -28,6 +35,32 @@ def attention_reference(query, key, value, bias, mask, q_segment_ids, k_segment_
     lse = jnp.where(seen, softmax.finite_or_zero(m) + jnp.log(jnp.where(seen, l, 1.0)), softmax.NEG_INF)
     b, k, g, _ = lse.shape
     return common.ungroup_heads(out).astype(query.dtype), lse.reshape(b, k * g, t)
+
+
+def attention_backward_reference(query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse, d_out,
+                                 d_lse, *, scale, spec):
+    """The backward formula from a given `out [B, T, N, Hv]` and `lse [B, N, T]`, materialised in fp32:
+    `p = exp(s - lse)`, `ds = p * (d_out v^T - delta)`, `delta = rowsum(d_out * out) - d_lse`.
+    Returns `(dq, dk, dv, dbias or None)` in the inputs' dtypes."""
+    b, t, n, _ = query.shape
+    num_kv = key.shape[2]
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    rows = lambda x: f32(x).reshape(b, num_kv, n // num_kv, t)  # noqa: E731  [B, N, T] -> [B, K, G, T]
+    heads = lambda x: jnp.moveaxis(f32(common.group_queries(x, num_kv)), 1, 3)  # noqa: E731  -> [B, K, G, T, D]
+    logits = reference_logits(query, key, bias, mask, q_segment_ids, k_segment_ids, scale=scale, spec=spec)
+    p = jnp.exp(logits - softmax.finite_or_zero(rows(lse))[..., None])
+    do = heads(d_out)
+    delta = jnp.sum(do * heads(out), axis=-1) - (0.0 if d_lse is None else rows(d_lse))
+    ds = p * (jnp.einsum("bkgth,bskh->bkgts", do, f32(value)) - delta[..., None])
+    dq = jnp.einsum("bkgts,bskh->btkgh", ds, f32(key)) * scale
+    dk = jnp.einsum("bkgts,btkgh->bskh", ds, f32(common.group_queries(query, num_kv))) * scale
+    dv = jnp.einsum("bkgts,bkgth->bskh", p, do)
+    dbias = None
+    if bias is not None:
+        grouped = common.grouped_bnts(common.as_4d(bias), num_kv).shape
+        axes = tuple(i for i, (have, want) in enumerate(zip(ds.shape, grouped)) if want == 1 and have > 1)
+        dbias = jnp.sum(ds, axis=axes, keepdims=True).reshape(bias.shape).astype(bias.dtype)
+    return dq.reshape(query.shape).astype(query.dtype), dk.astype(key.dtype), dv.astype(value.dtype), dbias
 
 
 def attention_naive(query, key, value, *, scale=None, is_causal=False):
