@@ -56,6 +56,16 @@ def neighborhood_halo(length: int, devices: int, kernel: int, dilation: int = 1,
     return int(max(np.max(start - first), 0)), int(max(np.max(last - (start + local - 1)), 0))
 
 
+def neighborhood_shardable(length: int, devices: int, kernel: int, dilation: int = 1, causal: bool = False) -> bool:
+    """Whether `halo_neighborhood_attention` accepts an axis of `length` over `devices` (for callers that fall
+    back to the single-device op otherwise): it divides, every shard holds the border tokens its neighbours
+    need, and each device's block fits in the axis and holds `kernel * dilation` tokens."""
+    if length % devices or kernel * dilation > length:
+        return False
+    local, halo = length // devices, neighborhood_halo(length, devices, kernel, dilation, causal)
+    return max(halo) <= local and kernel * dilation <= local + sum(halo) <= length
+
+
 def halo_neighborhood_attention(query, key, value, kernel_size, *, dilation=1, stride=1, is_causal=False, rpb=None,
                                 scale=None, return_lse=False, axis=1, mesh=None, axis_name="context",
                                 batch_axes=None, implementation=None):

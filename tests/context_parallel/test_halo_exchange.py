@@ -16,7 +16,7 @@ from hypothesis import given, strategies as st
 
 from jaxattn import halo_attention, neighborhood_attention
 from jaxattn.context_parallel import halo_exchange_halo_attention, halo_neighborhood_attention
-from jaxattn.context_parallel.halo_exchange import neighborhood_halo
+from jaxattn.context_parallel.halo_exchange import neighborhood_halo, neighborhood_shardable
 from jaxattn.neighborhood import windows
 from jaxattn.testing import assert_allclose, random_inputs
 
@@ -113,11 +113,11 @@ def test_halo_exchange_matches_single_device():
 def _block_matches_global(length, devices, kernel, dilation, causal):
     """Builds every device's block as `halo_neighborhood_local` does and compares each local query's keys (and
     rpb indices) in the block, shifted back to global positions, with its global window. None when rejected."""
+    if not neighborhood_shardable(length, devices, kernel, dilation, causal):
+        return None
     left, right = neighborhood_halo(length, devices, kernel, dilation, causal)
     local = length // devices
     size = local + left + right
-    if max(left, right) > local or size > length or size < kernel * dilation:
-        return None
     keys, valid, rel = windows.axis_tables(length, kernel, dilation, 1, causal)
     bkeys, bvalid, brel = windows.axis_tables(size, kernel, dilation, 1, causal)
     for p in range(devices):
