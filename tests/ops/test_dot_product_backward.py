@@ -67,14 +67,17 @@ CASES = [
 
 
 @pytest.mark.parametrize("dims,kw", CASES)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_xla_matches_vjp_of_reference(dims, kw, dtype):
-    _check(dims, kw, dtype, "xla", with_d_lse=dims[1] == 37)
+def test_xla_matches_vjp_of_reference(dims, kw):
+    _check(dims, kw, jnp.float32, "xla", with_d_lse=dims[1] == 37)
 
 
-@pytest.mark.parametrize("dims,kw", [CASES[0], CASES[2], CASES[5]])
-def test_reference_backward_matches_vjp_of_reference(dims, kw):
-    _check(dims, kw, jnp.float32, "reference", with_d_lse=True)
+@pytest.mark.parametrize("dims,kw", [CASES[0], CASES[5], CASES[7]])  # causal GQA, bias, segments + window
+def test_xla_bf16(dims, kw):
+    _check(dims, kw, jnp.bfloat16, "xla")
+
+
+def test_reference_backward_matches_vjp_of_reference():
+    _check(*CASES[5], jnp.float32, "reference", with_d_lse=True)
 
 
 def test_pallas_adapter_interpreted():
@@ -85,9 +88,12 @@ def test_pallas_adapter_interpreted():
 
 def test_none_is_xla_on_cpu():
     q, k, v, d_out = random_inputs(3, [(1, 9, 2, 8), (1, 9, 2, 8), (1, 9, 2, 8), (1, 9, 2, 8)])
-    out, lse = dot_product_attention(q, k, v, return_lse=True)
-    a = dot_product_attention_backward(q, k, v, out, lse, d_out)
-    b = dot_product_attention_backward(q, k, v, out, lse, d_out, implementation="xla")
+
+    @jax.jit
+    def run(q, k, v, d_out):
+        out, lse = dot_product_attention(q, k, v, return_lse=True)
+        return [dot_product_attention_backward(q, k, v, out, lse, d_out, implementation=i) for i in (None, "xla")]
+    a, b = run(q, k, v, d_out)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
 
@@ -116,7 +122,7 @@ def test_blocks_with_global_out_lse_sum_to_the_gradient(causal):
     assert_allclose(jnp.concatenate([parts[0][2], parts[1][2]], 1), want[2], kind="grad", name="dv")
 
 
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(t=st.integers(1, 20), s=st.integers(1, 20), group=st.sampled_from([1, 2]), causal=st.booleans())
 def test_property_shapes(t, s, group, causal):
     _check((1, t, s, 2 * group, 2, 4, 4), {"is_causal": causal}, jnp.float32, "xla", seed=t * 31 + s)
