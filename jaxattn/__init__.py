@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 # Public name -> module that defines it. Each op lives in its own subpackage (see WORKSPACE.md).
 _OPS = {
     "dot_product_attention": "jaxattn.dot_product",
+    "dot_product_attention_backward": "jaxattn.dot_product",
     "neighborhood_attention": "jaxattn.neighborhood",
     "na1d": "jaxattn.neighborhood",
     "na2d": "jaxattn.neighborhood",

@@ -146,3 +146,41 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="does not support"):
         dot_product_attention_backward(q, k, v, out, lse, d_out, mask=jnp.ones((8, 8), bool),
                                        implementation="pallas")
+
+
+# The Triton adapter, run end to end by the Triton interpreter in a child (`TRITON_INTERPRET=1`, the launcher
+# unchanged on torch CPU tensors, as in tests/kernels/test_flash_attention_triton.py).
+_TRITON_CHILD = r"""
+import jax, jax.numpy as jnp
+from jaxattn.kernels.common.verify import install_interpreted_jax_triton
+install_interpreted_jax_triton()
+from jaxattn.dot_product import common, dot_product_attention, kernel_backward, reference
+from jaxattn.testing import assert_allclose, random_inputs
+
+b, t, n, kh, h = 1, 24, 4, 2, 16
+q, k, v, d_out, bias = random_inputs(0, [(b, t, n, h), (b, t, kh, h), (b, t, kh, h), (b, t, n, h), (1, n, t, t)])
+d_lse = random_inputs(1, [(b, n, t)])[0]
+seg = (jnp.arange(t)[None] * 3 // t).astype(jnp.int32)
+spec, scale = common.MaskSpec(True, None, 0), h ** -0.5
+out, lse = dot_product_attention(q, k, v, bias, is_causal=True, query_segment_ids=seg, key_segment_ids=seg,
+                                 return_lse=True, implementation="xla")
+got = kernel_backward.triton_backward(q, k, v, bias, None, seg, seg, out, lse, d_out, d_lse, scale=scale, spec=spec,
+                                      want_dbias=True)
+want = reference.attention_backward_reference(q, k, v, bias, None, seg, seg, out, lse, d_out, d_lse, scale=scale,
+                                              spec=spec)
+for name, a, e in zip(("dq", "dk", "dv", "dbias"), got, want):
+    assert_allclose(a, e, kind="grad", name=name)
+print("ok triton backward", flush=True)
+"""
+
+
+def test_triton_adapter_interpreted():
+    import os
+
+    from jaxattn.kernels.common import verify
+    missing = verify.triton_available()
+    if missing is not None:
+        pytest.skip(missing)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = verify.run_triton_interpreted(_TRITON_CHILD, cwd=root, timeout=600)
+    assert "ok triton backward" in out, out
