@@ -38,7 +38,7 @@ from jaxattn.context_parallel.shard_call import shard_call
 from jaxattn.core import image_tiles
 from jaxattn.dot_product import dot_product_attention
 from jaxattn.halo import halo_attention
-from jaxattn.halo.xla import _rel_bias, halo_windows
+from jaxattn.halo.xla import halo_windows, rel_bias
 from jaxattn.neighborhood import neighborhood_attention, windows
 
 
@@ -211,7 +211,7 @@ def halo_attention_local(query, key, value, block_size, halo_size, *, rel_height
     k, v = (windows_of(jnp.pad(x, extra)) for x in _exchange([key, value], 1, h, h, axis_name))
     bias = None
     if rel_height is not None or rel_width is not None:
-        bias = _rel_bias(q, rel_height, rel_width, win).astype(query.dtype)
+        bias = rel_bias(q, rel_height, rel_width, win).astype(query.dtype)
     mask = None
     if mask_padding:  # rows from a missing neighbour are the image's zero padding
         inside = jnp.ones((1, key.shape[1] + 2 * h, key.shape[2], 1), jnp.float32)

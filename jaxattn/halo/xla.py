@@ -50,7 +50,7 @@ def rel_offsets(query_block, win):
     return jnp.arange(win)[None, :] - jnp.arange(query_block)[:, None] + win - 1
 
 
-def _rel_bias(q_tiles, rel_height, rel_width, win):
+def rel_bias(q_tiles, rel_height, rel_width, win):
     """timm's relative logits of `q [Bt, bq, bq, N, D]` as an additive bias `[Bt, N, bq*bq, win*win]` (fp32)."""
     bt, bq, _, n, _ = q_tiles.shape
     offsets = rel_offsets(bq, win)
@@ -83,7 +83,7 @@ def halo_attention_xla(query, key, value, rel_height, rel_width, *, block_size, 
     v = halo_windows(value, block_size, halo_size).reshape(-1, win * win, n, value.shape[-1])
     bias = None
     if rel_height is not None or rel_width is not None:
-        bias = _rel_bias(q, rel_height, rel_width, win).astype(query.dtype)
+        bias = rel_bias(q, rel_height, rel_width, win).astype(query.dtype)
     q, k = q.reshape(-1, bq * bq, n, d), k.reshape(-1, win * win, n, d)
     mask = _padding_mask(h, w, block_size, halo_size, b) if mask_padding else None
     out = dot_product_attention(q, k, v, bias, mask, scale=scale)  # [B*blocks, bq*bq, N, Dv]
