@@ -2,9 +2,11 @@
 
 Why: XLA:CPU allocates every buffer of a step afresh (activations, gradients, temporaries; ~100 MB each in
 MaxViT's first stage at batch 8) and frees them after. glibc serves blocks that large with `mmap` and unmaps them
-on `free`, so each step touches its whole working set in new pages: measured on a MaxViT-T MBConv train step
-(stride 2, 112 px, batch 8), 189k page faults per step and half of its CPU time in the kernel (748 -> 435 ms CPU
-with this setting). PyTorch's CPU tensors go through the same allocator and gain as well.
+on `free`, so each step touches its whole working set in new pages: measured on a MaxViT-T MBConv fwd+bwd
+(stride 2, 112 px, batch 8, jitted alone), 189k page faults per call and half of its CPU time in the kernel
+(748 -> 435 ms CPU with this setting). On the whole maxvit_tiny train step the gain was within noise (5.84 -> 5.75
+CPU s, one thread, loaded machine), while timm's step gained 12% (PyTorch's CPU tensors use the same allocator);
+`benchmarks/models.py` applies it to both sides.
 
 How: `mallopt` (glibc only; a no-op returning False elsewhere) with one heap arena for all threads, no `mmap`
 for large blocks, and no trimming of the heap top. Freed memory then stays in the process (resident memory
