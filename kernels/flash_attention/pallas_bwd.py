@@ -22,8 +22,8 @@ from jax.experimental import pallas as pl
 from jaxattn.kernels.common import bands
 from jaxattn.kernels.common.loops import Reduction
 from jaxattn.kernels.flash_attention import tile
-from jaxattn.kernels.flash_attention.pallas_fwd import (QuerySpecs, inputs, key_block_logits, key_slice, launch,
-                                                        split_refs)
+from jaxattn.kernels.common.refs import key_slice, split_refs
+from jaxattn.kernels.flash_attention.pallas_fwd import QuerySpecs, inputs, key_block_logits, launch
 
 
 def _grads(s, lse, do, v, delta):

@@ -18,13 +18,9 @@ from jax.experimental import pallas as pl
 from jaxattn.core import softmax
 from jaxattn.kernels.common import bands, platform
 from jaxattn.kernels.common.loops import Reduction
+from jaxattn.kernels.common.refs import key_slice, split_refs
 from jaxattn.kernels.flash_attention import tile
 from jaxattn.kernels.flash_attention.blocks import TRITON_LAUNCH
-
-
-def key_slice(r, block_k):
-    """The fori-mode slice of key block `r` along a key axis."""
-    return pl.ds(pl.multiple_of(r * block_k, block_k), block_k)
 
 
 class QuerySpecs:
@@ -76,13 +72,6 @@ class QuerySpecs:
             fori=((None, 1, self.sp), lambda b, n, i: (b, 0, 0)),
             grid=((None, 1, self.bk), lambda b, n, i, r: (b, 0, r)),
             step_index=self.step_index)
-
-
-def split_refs(refs, names):
-    """Names the positional refs of a kernel: `names` lists the present operands in order; the rest is scratch."""
-    it = iter(refs)
-    named = {name: next(it) for name in names}
-    return named, list(it)
 
 
 def inputs(specs, kv_spec, q, k, v, bias, q_seg, k_seg):

@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxattn.kernels.common.loops import Reduction
-from jaxattn.kernels.flash_attention.pallas_fwd import key_slice, split_refs
+from jaxattn.kernels.common.refs import key_slice, split_refs
 from jaxattn.kernels.flash_attention.tile import matmul
 from jaxattn.kernels.neighborhood_attention import tile
 from jaxattn.kernels.neighborhood_attention.geometry import Geometry, Walk
@@ -133,7 +133,7 @@ class KeySpecs:
             step_index=self.step_index)
 
     def bias(self):
-        geo, walk, g = self.geo, self.walk, self.geo.gqa
+        geo, g = self.geo, self.geo.gqa
 
         def step_index(b, kh, j, s):
             gi, i = self.step_index(b, kh, j, s)

@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jaxattn.core import softmax
 from jaxattn.kernels.common import platform
 from jaxattn.kernels.common.loops import Reduction
-from jaxattn.kernels.flash_attention.pallas_fwd import key_slice, split_refs
+from jaxattn.kernels.common.refs import key_slice, split_refs
 from jaxattn.kernels.flash_attention.tile import matmul
 from jaxattn.kernels.neighborhood_attention import tile
 from jaxattn.kernels.neighborhood_attention.blocks import TRITON_LAUNCH
