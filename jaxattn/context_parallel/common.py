@@ -7,15 +7,18 @@ Layout: global heads-last arrays `[B, T, ...]`, batch split over `batch_axes` (d
 - `check_divisible(name, x, dim, n, what)`: `ValueError` naming the argument and its shape.
 - `check_sequence_inputs(mesh, axis_name, batch_axes, multiple=1, **arrays)`: batch and length divisibility.
 - `check_qkv(query, key, value)`: ranks, dtypes, matching dims of self-attention q/k/v (GQA allowed).
-- `shard_sequence(fn, mesh, axis_name, batch_axes, n_in, n_out)`: `jax.shard_map` with those specs everywhere.
+- `shard_sequence(fn, mesh, axis_name, batch_axes, n_in, n_out)`: `shard_call` (the one place that calls
+  `jax.shard_map`) with those specs everywhere.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
+from jaxattn.context_parallel.shard_call import shard_call
 from jaxattn.core import validation
 
 
@@ -103,20 +106,11 @@ def shard_sequence(fn: Callable, mesh, axis_name: str, batch_axes, n_in: int, n_
 
     ranks: the rank of each input then each output (default 4, `[B, T, heads, dim]`). `n_out == 1` means `fn`
     returns one array (not a tuple). `check_vma` is off by default: the ops' scans start from constant
-    (device-invariant) carries, which the varying-axis type check rejects.
+    (device-invariant) carries, which the varying-axis type check rejects. The shard_map itself (and the reshard
+    that Explicit axes need, also inside `jit` without a mesh context) is `shard_call`'s.
     """
     ranks = tuple(ranks) if ranks is not None else (4,) * (n_in + n_out)
     specs = [sequence_spec(mesh, axis_name, batch_axes, r) for r in ranks]
     in_specs = tuple(specs[:n_in])
     out_specs = specs[n_in] if n_out == 1 else tuple(specs[n_in:])
-    concrete = mesh if isinstance(mesh, jax.sharding.Mesh) else None
-    mapped = jax.shard_map(fn, mesh=concrete, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)
-    if not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-        return mapped  # Auto axes: shard_map reshards its inputs itself
-
-    def placed(*args):
-        # Explicit axes: shard_map insists that inputs already carry `in_specs`.
-        args = [jax.reshard(x, NamedSharding(concrete, s) if concrete is not None else s)
-                for x, s in zip(args, in_specs)]
-        return mapped(*args)
-    return placed
+    return functools.partial(shard_call, fn, mesh, in_specs, out_specs, check_vma=check_vma)
