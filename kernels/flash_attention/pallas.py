@@ -60,26 +60,28 @@ def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segme
 
     A query that sees no key gets output 0 and lse `-inf`.
     """
-    target = platform.resolve_target(target)
-    mode = reduction or ("grid" if platform.tpu_like(target) else "fori")
-    if target == "tpu" and mode != "grid":
-        raise ValueError("target='tpu' walks key blocks on the grid (reduction='grid'); 'fori' would keep whole "
-                         "key/value sequences in VMEM")
-    t, s = query.shape[1], key.shape[1]
-    problem = Problem.of(t, s, query.shape[3], scale=scale, is_causal=is_causal, window=window,
-                         causal_offset=causal_offset)
-    static = _Static(problem, blocks.fit(target, t, s, block_sizes), target, mode)
     vjp.check_segment_ids(q_segment_ids, k_segment_ids)
+    static = _static(query.shape[1], key.shape[1], query.shape[3], scale=scale, is_causal=is_causal, window=window,
+                     causal_offset=causal_offset, target=target, block_sizes=block_sizes, reduction=reduction)
     return _flash_attention(query, key, value, bias, q_segment_ids, k_segment_ids, static)
 
 
 attention = vjp.dot_product_backend(flash_attention, "Pallas")
 
 
-@functools.partial(jax.jit, static_argnums=(6,))
-def _flash_attention(query, key, value, bias, q_segment_ids, k_segment_ids, static: _Static):
-    b, t, n, h = query.shape
-    s, hv = key.shape[1], value.shape[-1]
+def _static(t, s, h, *, scale, is_causal, window, causal_offset, target, block_sizes, reduction) -> _Static:
+    target = platform.resolve_target(target)
+    mode = reduction or ("grid" if platform.tpu_like(target) else "fori")
+    if target == "tpu" and mode != "grid":
+        raise ValueError("target='tpu' walks key blocks on the grid (reduction='grid'); 'fori' would keep whole "
+                         "key/value sequences in VMEM")
+    problem = Problem.of(t, s, h, scale=scale, is_causal=is_causal, window=window, causal_offset=causal_offset)
+    return _Static(problem, blocks.fit(target, t, s, block_sizes), target, mode)
+
+
+def _kernel_inputs(query, key, value, bias, q_segment_ids, k_segment_ids, static: _Static):
+    """The op's heads-last arrays in the kernels' layout: `(q, k, v, bias, q_seg, k_seg)`, padded to whole blocks."""
+    t, h, s, hv = query.shape[1], query.shape[3], key.shape[1], value.shape[-1]
     tp, sp = blocks.padded_lengths(static.sizes, t, s)
     hp = common_blocks.feature_dim(h, static.target)
     hvp = common_blocks.feature_dim(hv, static.target)
@@ -93,9 +95,45 @@ def _flash_attention(query, key, value, bias, q_segment_ids, k_segment_ids, stat
     if q_segment_ids is not None:
         q_seg = blocking.pad_axis(q_segment_ids.astype(jnp.int32), 1, tp, -1)[:, :, None]
         k_seg = blocking.pad_axis(k_segment_ids.astype(jnp.int32), 1, sp, -1)[:, None, :]
-    out, lse = _flash(q, k, v, bias_k, q_seg, k_seg, static)
-    out = jnp.swapaxes(out, 1, 2)[:, :t, :, :hv]
-    return out, lse[:, :, :t, 0]
+    return q, k, v, bias_k, q_seg, k_seg
+
+
+def _heads_last(x, length, dim):
+    """Kernel layout `[B, heads, Lp, Dp]` -> the op's `[B, L, heads, D]`."""
+    return jnp.swapaxes(x, 1, 2)[:, :length, :, :dim]
+
+
+@functools.partial(jax.jit, static_argnums=(6,))
+def _flash_attention(query, key, value, bias, q_segment_ids, k_segment_ids, static: _Static):
+    t, hv = query.shape[1], value.shape[-1]
+    out, lse = _flash(*_kernel_inputs(query, key, value, bias, q_segment_ids, k_segment_ids, static), static)
+    return _heads_last(out, t, hv), lse[:, :, :t, 0]
+
+
+def flash_attention_backward(query, key, value, out, lse, d_out, bias=None, *, d_lse=None, q_segment_ids=None,
+                             k_segment_ids=None, scale=None, is_causal=False, window=None, causal_offset=None,
+                             want_dbias=None, target=None, block_sizes: BlockSizes | None = None,
+                             reduction: str | None = None):
+    """The backward kernels alone, from a saved `out [B, T, N, Hv]` and `lse [B, N, T]` (no forward kernel runs).
+
+    `p = exp(s - lse)` is recomputed per tile from the given `lse` and `delta = rowsum(d_out * out) - d_lse` from
+    the given `out`, so with the global `out`/`lse` of a softmax merged over key blocks (ring attention) each
+    block gets its exact share of the gradient. Returns `(dq, dk, dv, dlogits)`; `dlogits` (`[B, N, T, S]`
+    fp32, the bias's broadcast axes not yet summed) only when `want_dbias` (default: a bias is given).
+    """
+    vjp.check_segment_ids(q_segment_ids, k_segment_ids)
+    t, h, s, hv = query.shape[1], query.shape[3], key.shape[1], value.shape[-1]
+    static = _static(t, s, h, scale=scale, is_causal=is_causal, window=window, causal_offset=causal_offset,
+                     target=target, block_sizes=block_sizes, reduction=reduction)
+    want_dbias = bias is not None if want_dbias is None else want_dbias
+    q, k, v, bias_k, q_seg, k_seg = _kernel_inputs(query, key, value, bias, q_segment_ids, k_segment_ids, static)
+    tp = q.shape[2]
+    o, do = _kernel_layout(out, tp, v.shape[3]), _kernel_layout(d_out.astype(query.dtype), tp, v.shape[3])
+    rows = lambda x: blocking.pad_axis(x.astype(jnp.float32), 2, tp)[..., None]  # noqa: E731  [B, N, Tp, 1]
+    dq, dk, dv, dlogits = _backward(static, q, k, v, bias_k, q_seg, k_seg, o, rows(lse), do,
+                                    None if d_lse is None else rows(d_lse), want_dbias)
+    dlogits = None if dlogits is None else dlogits[:, :, :t, :s]
+    return _heads_last(dq, t, h), _heads_last(dk, s, h), _heads_last(dv, s, hv), dlogits
 
 
 def _kernel_layout(x, length, dim):

@@ -29,6 +29,24 @@ def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segme
                     is_causal=False, window=None, causal_offset=None, blocks: dict | None = None):
     """Same arguments and results as `pallas.flash_attention` (without target/block_sizes/reduction);
     `blocks` optionally overrides `triton_launch.BLOCKS` per kernel name. Returns `(out, lse)`."""
+    static, bias, q_seg, k_seg = _prepare(query, key, bias, q_segment_ids, k_segment_ids, scale, is_causal, window,
+                                          causal_offset, blocks)
+    return _attention(query, key, value, bias, q_seg, k_seg, static)
+
+
+def flash_attention_backward(query, key, value, out, lse, d_out, bias=None, *, d_lse=None, q_segment_ids=None,
+                             k_segment_ids=None, scale=None, is_causal=False, window=None, causal_offset=None,
+                             want_dbias=None, blocks: dict | None = None):
+    """The backward kernels alone, from a saved `out` and `lse` (see `pallas.flash_attention_backward`); works on
+    the heads-last arrays in place. Returns `(dq, dk, dv, dlogits or None)`."""
+    static, bias4, q_seg, k_seg = _prepare(query, key, bias, q_segment_ids, k_segment_ids, scale, is_causal, window,
+                                           causal_offset, blocks)
+    want_dbias = bias is not None if want_dbias is None else want_dbias
+    return _backward(static, query, key, value, bias4, q_seg, k_seg, out, lse.astype(jnp.float32),
+                     d_out.astype(query.dtype), d_lse, want_dbias)
+
+
+def _prepare(query, key, bias, q_segment_ids, k_segment_ids, scale, is_causal, window, causal_offset, blocks):
     vjp.check_segment_ids(q_segment_ids, k_segment_ids)
     problem = Problem.of(query.shape[1], key.shape[1], query.shape[3], scale=scale, is_causal=is_causal,
                          window=window, causal_offset=causal_offset)
@@ -37,7 +55,7 @@ def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segme
         bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
     q_seg = None if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
     k_seg = None if k_segment_ids is None else k_segment_ids.astype(jnp.int32)
-    return _attention(query, key, value, bias, q_seg, k_seg, static)
+    return static, bias, q_seg, k_seg
 
 
 attention = vjp.dot_product_backend(flash_attention, "Triton")
