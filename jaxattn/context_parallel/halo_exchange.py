@@ -60,10 +60,43 @@ def neighborhood_shardable(length: int, devices: int, kernel: int, dilation: int
     """Whether `halo_neighborhood_attention` accepts an axis of `length` over `devices` (for callers that fall
     back to the single-device op otherwise): it divides, every shard holds the border tokens its neighbours
     need, and each device's block fits in the axis and holds `kernel * dilation` tokens."""
-    if length % devices or kernel * dilation > length:
-        return False
+    return _neighborhood_sharding(length, devices, kernel, dilation, causal)[1] is None
+
+
+def halo_attention_shardable(length: int, devices: int, block_size: int, halo_size: int) -> bool:
+    """Whether `halo_exchange_halo_attention` accepts a key map whose sharded side (rows for `axis=1`, columns
+    for `axis=2`) has `length` pixels over `devices` (for callers that fall back to the single-device op
+    otherwise): it divides, and every shard holds whole `block_size` blocks and at least the `halo_size` rows
+    its neighbours need. (The query side then divides too: the op needs `block_size % query_stride == 0`.)"""
+    return _halo_attention_sharding(length, devices, block_size, halo_size) is None
+
+
+def _neighborhood_sharding(length, devices, kernel, dilation, causal):
+    """`(halo, problem)`: the `(left, right)` border tokens (None if the axis does not divide) and why the axis
+    cannot be sharded (None if it can). The one statement of the rules: the predicate and the checks use it."""
+    if length % devices:
+        return None, f"the length is not divisible by the {devices} devices"
+    if kernel * dilation > length:
+        return None, f"kernel * dilation = {kernel * dilation} exceeds the length"
     local, halo = length // devices, neighborhood_halo(length, devices, kernel, dilation, causal)
-    return max(halo) <= local and kernel * dilation <= local + sum(halo) <= length
+    if max(halo) > local:
+        return halo, (f"kernel {kernel} with dilation {dilation} reaches {halo[0]} tokens into the previous shard "
+                      f"and {halo[1]} into the next (neighbours only exchange their own tokens)")
+    if not kernel * dilation <= local + sum(halo) <= length:
+        return halo, (f"each device's block of {local} + {sum(halo)} halo tokens must fit in the axis and hold "
+                      f"kernel * dilation = {kernel * dilation} tokens")
+    return halo, None
+
+
+def _halo_attention_sharding(length, devices, block_size, halo_size):
+    """Why a sharded side of `length` cannot be split for `halo_exchange_halo_attention` (None if it can)."""
+    if length % devices:
+        return f"is not divisible by the {devices} devices"
+    local = length // devices
+    if local % block_size or halo_size > local:
+        return (f"gives shards of {local}, which must be a multiple of `block_size` ({block_size}) and at least "
+                f"`halo_size` ({halo_size})")
+    return None
 
 
 def halo_neighborhood_attention(query, key, value, kernel_size, *, dilation=1, stride=1, is_causal=False, rpb=None,
@@ -79,7 +112,7 @@ def halo_neighborhood_attention(query, key, value, kernel_size, *, dilation=1, s
       axis: the sharded array axis, `1 .. num_spatial` (1: the sequence of `[B, L, N, H]`, or image rows of
         `[B, H, W, N, C]`). Its length must be a multiple of the axis size `P` (no padding: padding would move
         the global border the windows shift against), every shard at least as long as the halo it sends, and
-        `stride` 1 on it.
+        `stride` 1 on it (`neighborhood_shardable` says beforehand whether an axis is accepted).
       mesh, axis_name, batch_axes: as every context-parallel strategy (`jaxattn.context_parallel`).
     """
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
@@ -101,17 +134,10 @@ def halo_neighborhood_attention(query, key, value, kernel_size, *, dilation=1, s
     devices = common.axis_size(mesh, axis_name)
     spec = _check_sharding(mesh, axis_name, batch_axes, axis, query=query, key=key, value=value)
     length = query.shape[axis]
-    halo = neighborhood_halo(length, devices, kernel, dil, causal)
-    local = length // devices
-    where = (f"query axis {axis} of length {length} (shape {tuple(query.shape)}) over {devices} devices: shards of "
-             f"{local}")
-    if max(halo) > local:
-        raise ValueError(f"{where}, but kernel {kernel} with dilation {dil} reaches {halo[0]} tokens into the "
-                         f"previous shard and {halo[1]} into the next (neighbours only exchange their own tokens): "
-                         f"use fewer devices or a longer axis")
-    if not kernel * dil <= local + sum(halo) <= length:
-        raise ValueError(f"{where}; each device's block of {local} + {sum(halo)} halo tokens must fit in the axis "
-                         f"and hold kernel * dilation = {kernel * dil} tokens: use fewer devices or a longer axis")
+    halo, problem = _neighborhood_sharding(length, devices, kernel, dil, causal)
+    if problem is not None:
+        raise ValueError(f"query axis {axis} of length {length} (shape {tuple(query.shape)}) over {devices} devices "
+                         f"(shards of {length // devices}): {problem}: use fewer devices or a longer axis")
 
     def body(q, k, v, r):
         return halo_neighborhood_local(q, k, v, kernel_size, halo=halo, dilation=dilation, stride=stride,
@@ -154,7 +180,8 @@ def halo_exchange_halo_attention(query, key, value, block_size, halo_size, *, re
     Same arguments and results as the op. Shards hold whole query blocks: the sharded side of the key map must be
     a multiple of `P * block_size`, and `halo_size <= ` a shard. Each device receives `halo_size` rows (columns)
     of keys and values from each neighbour; at the image border the missing neighbour's rows are the op's own
-    zero padding (masked with `mask_padding`, timm's plain zeros otherwise).
+    zero padding (masked with `mask_padding`, timm's plain zeros otherwise). `halo_attention_shardable` says
+    beforehand whether a map is accepted.
     """
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     tables = [None if t is None else jnp.asarray(t) for t in (rel_height, rel_width)]
@@ -167,11 +194,10 @@ def halo_exchange_halo_attention(query, key, value, block_size, halo_size, *, re
     devices = common.axis_size(mesh, axis_name)
     spec = _check_sharding(mesh, axis_name, batch_axes, axis, query=query)
     _check_sharding(mesh, axis_name, batch_axes, axis, key=key, value=value)
-    local = key.shape[axis] // devices
-    if local % block_size or halo_size > local:
+    problem = _halo_attention_sharding(key.shape[axis], devices, block_size, halo_size)
+    if problem is not None:
         raise ValueError(f"`key` axis {axis} ({key.shape[axis]}, shape {tuple(key.shape)}) over {devices} devices "
-                         f"gives shards of {local}, which must be a multiple of `block_size` ({block_size}) and at "
-                         f"least `halo_size` ({halo_size})")
+                         f"{problem}")
     if axis == 2:  # the op is symmetric under a transpose that swaps the relative tables
         tables = tables[::-1]
 

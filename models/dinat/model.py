@@ -143,14 +143,13 @@ class NeighborhoodAttention2D(nnx.Module):
 
     def shards_rows(self, rows: int) -> bool:
         """Whether a map of `rows` (after padding) runs the halo strategy now: context parallelism is on and the
-        mesh's context size `n` divides the rows into shards that hold the border rows a window needs from each
-        neighbour (`halo_exchange.neighborhood_halo`: `(k // 2) * dilation`, more next to the image border)."""
+        strategy accepts the rows over the mesh's context size (`halo_exchange.neighborhood_shardable`: shards
+        that hold the border rows a window needs from each neighbour)."""
         n = cp.active(self.context_parallel)
-        if not n or rows % n:
+        if not n:
             return False
-        from jaxattn.context_parallel.halo_exchange import neighborhood_halo
-        local, (left, right) = rows // n, neighborhood_halo(rows, n, self.kernel_size, self.dilation)
-        return max(left, right) <= local and self.window_size <= local + left + right <= rows
+        from jaxattn.context_parallel.halo_exchange import neighborhood_shardable
+        return neighborhood_shardable(rows, n, self.kernel_size, self.dilation)
 
 
 class NATLayer(nnx.Module):

@@ -117,7 +117,7 @@ class HaloAttention(nnx.Module):
     resolution and a 2x2 average pool follows (timm's fallback).
 
     `cfg.context_parallel='halo'`: under a mesh whose `'context'` axis is > 1, a map whose rows split into whole
-    blocks per device (`shards_rows`: `H % (context * block_size) == 0`, shards of at least `halo_size` rows)
+    blocks per device and at least `halo_size` rows (`shards_rows`, `halo_exchange.halo_attention_shardable`)
     runs `jaxattn.context_parallel.halo_exchange_halo_attention` over image rows (neighbours exchange the
     `halo_size` border rows); other maps run the single-device op, which GSPMD gathers for. Same result either way.
     """
@@ -171,7 +171,11 @@ class HaloAttention(nnx.Module):
         return out
 
     def shards_rows(self, rows: int) -> bool:
-        """Whether an input map of `rows` runs the halo strategy now: context parallelism is on and each of the
-        mesh's `n` context shards holds whole blocks and at least the `halo_size` rows its neighbours need."""
+        """Whether an input map of `rows` runs the halo strategy now: context parallelism is on and the strategy
+        accepts the rows over the mesh's context size (`halo_exchange.halo_attention_shardable`: whole blocks
+        and at least the `halo_size` rows its neighbours need per shard)."""
         n = cp.active(self.context_parallel)
-        return bool(n) and rows % (n * self.block_size) == 0 and self.halo_size <= rows // n
+        if not n:
+            return False
+        from jaxattn.context_parallel.halo_exchange import halo_attention_shardable
+        return halo_attention_shardable(rows, n, self.block_size, self.halo_size)
