@@ -40,6 +40,10 @@ CASES = [  # (x shape, kernel, stride, dilation, padding)
     ((2, 8, 8, 4), 3, 2, 1, "VALID"),
     ((1, 7, 7, 3), 3, 1, 1, ((2, 0), (0, 1))),
     ((1, 1, 1, 2), 3, 1, 1, "SAME"),
+    ((2, 7, 9, 3), 3, 2, 1, "SAME"),  # odd sizes: the strided input gradient's phases and crop
+    ((1, 11, 10, 2), 5, 3, 1, ((1, 2), (2, 0))),
+    ((1, 6, 7, 2), 1, 2, 1, "VALID"),  # a phase that receives no tap
+    ((1, 1, 1, 2), 3, 2, 1, "SAME"),
 ]
 
 
