@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.models.layers import DropPath
+from jaxattn.models.layers.batch_norm import BatchNormVJP
 from jaxattn.models.layers.dense import Dense
 from jaxattn.models.layers.depthwise_vjp import DepthwiseConv2dVJP
 
@@ -37,9 +38,8 @@ def avg_pool2(x):
 
 
 def batch_norm(channels, *, momentum, dtype, param_dtype, rngs):
-    return nnx.BatchNorm(channels, momentum=momentum, epsilon=BN_EPS, use_fast_variance=False, dtype=dtype,
-                         param_dtype=param_dtype,
-                         rngs=rngs)
+    return BatchNormVJP(channels, momentum=momentum, epsilon=BN_EPS, use_fast_variance=False, dtype=dtype,
+                        param_dtype=param_dtype, rngs=rngs)
 
 
 def pointwise(din, dout, *, use_bias, dtype, param_dtype, rngs):
