@@ -238,3 +238,23 @@ def test_resize_rel_pos_bias():
     assert maxvit.resize_rel_pos_bias(table, 12, method="bicubic").shape == (2, 23, 23)
     with pytest.raises(ValueError, match="method"):
         maxvit.resize_rel_pos_bias(table, 12, method="nearest")
+
+
+@pytest.mark.parametrize("partition,size", [("block", 3), ("grid", (2, 3)), ("block", 9)])
+def test_default_attention_path_matches_blocked(partition, size):
+    """`implementation=None` (dense path on CPU for tiles of <= DENSE_TILE_TOKENS tokens, blocked above) agrees
+    with the blocked 'xla' path in values and gradients."""
+    from jaxattn.models.maxvit.attention import PartitionAttention
+    x = jax.random.normal(jax.random.key(0), (2, 18, 18, 16))
+    layers = [PartitionAttention(16, partition=partition, size=size, head_dim=8, implementation=impl,
+                                 rngs=nnx.Rngs(0)) for impl in (None, "xla")]
+
+    def value_and_grad(layer):
+        graph, state = nnx.split(layer)
+        loss = lambda state, x: jnp.sum(jnp.sin(nnx.merge(graph, state)(x)))  # noqa: E731
+        return _compile(jax.value_and_grad(loss, argnums=(0, 1)), state, x)(state, x)
+
+    (v0, g0), (v1, g1) = value_and_grad(layers[0]), value_and_grad(layers[1])
+    np.testing.assert_allclose(v0, v1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
