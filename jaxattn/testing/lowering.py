@@ -46,3 +46,18 @@ def assert_lowers(fn: Callable, *args, targets: Sequence[str] = ("tpu",), static
             raise AssertionError(f"lowering for {target} has no {want!r} custom call; found {custom_calls(text)}")
         texts[target] = text
     return texts
+
+
+def pallas_call_outputs(fn: Callable, *args, name: str) -> list[int]:
+    """The output counts of every `pallas_call` named `name` in the jaxpr of `fn(*args)` (recursing into jit,
+    custom_vjp and other nested jaxprs, not into kernels): how tests check what a backward actually computes."""
+    def eqns(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if isinstance(inner, jax.extend.core.Jaxpr) and eqn.primitive.name != "pallas_call":
+                    yield from eqns(inner)
+
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    return [len(e.outvars) for e in eqns(jaxpr) if e.primitive.name == "pallas_call" and e.params.get("name") == name]

@@ -17,6 +17,7 @@ from jaxattn.kernels.flash_attention import blocks, pallas
 from jaxattn.kernels.flash_attention.blocks import BlockSizes
 from jaxattn.kernels.flash_attention.tile import Problem
 from jaxattn.testing import assert_lowers, assert_matches_reference, random_inputs
+from jaxattn.testing.lowering import pallas_call_outputs
 
 SMALL = BlockSizes.uniform(16, 16)  # several blocks per axis at interpreter-friendly lengths
 
@@ -98,24 +99,12 @@ def test_constant_bias_builds_no_dbias():
         return pallas.flash_attention(q, k, v, bias, target="tpu")[0].sum()  # traced only, never lowered
 
     def dq_outputs(argnums):
-        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=argnums))(q, k, v, bias)
-        calls = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"
-                 and e.params.get("name") == "flash_attention_dq"]
-        assert len(calls) == 1
-        return len(calls[0].outvars)
+        (outputs,) = pallas_call_outputs(jax.grad(loss, argnums=argnums), *(q, k, v, bias), name="flash_attention_dq")
+        return outputs
 
     assert dq_outputs(0) == 1
     assert dq_outputs((0, 3)) == 2
 
-
-def _all_eqns(jaxpr):
-    """Every equation of `jaxpr`, recursing into the jaxprs held in parameters (jit, custom_vjp, ...)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            inner = getattr(value, "jaxpr", value)
-            if isinstance(inner, jax.extend.core.Jaxpr) and eqn.primitive.name != "pallas_call":
-                yield from _all_eqns(inner)
 
 
 # ---- lowering: fwd + bwd kernels for TPU (grid walk) and GPU (Pallas-Triton, fori walk), nothing runs ----

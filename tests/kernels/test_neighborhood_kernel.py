@@ -16,6 +16,7 @@ from jaxattn.kernels.neighborhood_attention import blocks, pallas
 from jaxattn.kernels.neighborhood_attention.geometry import Geometry, Walk
 from jaxattn.neighborhood import windows
 from jaxattn.testing import assert_allclose, assert_lowers, assert_matches_reference, random_inputs
+from jaxattn.testing.lowering import pallas_call_outputs
 
 OP = "neighborhood_attention"
 
@@ -139,23 +140,12 @@ def test_constant_rpb_skips_its_gradient():
         return pallas.neighborhood_attention(q, q, q, table, spec=spec, target="tpu")[0].sum()
 
     def dq_outputs(argnums):
-        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=argnums))(q, table)
-        calls = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"
-                 and e.params.get("name") == "neighborhood_attention_dq"]
-        assert len(calls) == 1
-        return len(calls[0].outvars)
+        (outputs,) = pallas_call_outputs(jax.grad(loss, argnums=argnums), *(q, table), name="neighborhood_attention_dq")
+        return outputs
 
     assert dq_outputs(0) == 1
     assert dq_outputs((0, 1)) == 2
 
-
-def _all_eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            inner = getattr(value, "jaxpr", value)
-            if isinstance(inner, jax.extend.core.Jaxpr) and eqn.primitive.name != "pallas_call":
-                yield from _all_eqns(inner)
 
 
 # ---- lowering: fwd + bwd kernels for TPU (grid walk) and GPU (Pallas-Triton, fori walk), nothing runs ----
