@@ -23,10 +23,7 @@ def allgather_attention_local(query, key, value, *, axis_name: str = "context", 
 
     zigzag_layout: the shards are in zigzag order (`zigzag.to_zigzag_local`); only matters when causal.
     """
-    if scale is None:
-        scale = query.shape[-1] ** -0.5
-    if zigzag_layout and is_causal:
-        common.check_divisible("query", query, 1, 2, "2 (a zigzag shard is two chunks)")
+    scale = common.local_scale(query, scale, is_causal=is_causal, zigzag_layout=zigzag_layout)
     k_all = jax.lax.all_gather(key, axis_name, axis=1, tiled=True)
     v_all = jax.lax.all_gather(value, axis_name, axis=1, tiled=True)
     if not is_causal:

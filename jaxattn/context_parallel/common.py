@@ -64,6 +64,13 @@ def check_divisible(name: str, x, dim: int, n: int, what: str) -> None:
                          f"by {what} ({n})")
 
 
+def local_scale(query, scale, *, is_causal: bool, zigzag_layout: bool) -> float:
+    """The logit scale of a per-device body (default `H ** -0.5`); a causal zigzag shard must split in two chunks."""
+    if zigzag_layout and is_causal:
+        check_divisible("query", query, 1, 2, "2 (a zigzag shard is two chunks)")
+    return query.shape[-1] ** -0.5 if scale is None else scale
+
+
 def check_sequence_inputs(mesh, axis_name: str, batch_axes, multiple: int = 1, **arrays) -> None:
     """Every array's length (dim 1) divides into `multiple * axis size` chunks; its batch into the batch axes.
 

@@ -182,10 +182,7 @@ def ring_attention_local(query, key, value, *, axis_name: str = "context", is_ca
 
     zigzag_layout: the shards are in zigzag order (`zigzag.to_zigzag_local`); only matters when causal.
     """
-    if scale is None:
-        scale = query.shape[-1] ** -0.5
-    if zigzag_layout and is_causal:
-        common.check_divisible("query", query, 1, 2, "2 (a zigzag shard is two chunks)")
+    scale = common.local_scale(query, scale, is_causal=is_causal, zigzag_layout=zigzag_layout)
     cfg = (axis_name, bool(is_causal), bool(zigzag_layout), float(scale), implementation)
     return _ring(query, key, value, cfg)
 
