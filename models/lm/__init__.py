@@ -3,7 +3,8 @@ decode cache. Families (`transnormer`, `softmax_lm`) plug a token mixer into `Ca
 from jaxattn.models.lm.cache import DecodeCache
 from jaxattn.models.lm.layers import SGLU, dense, srms_norm
 from jaxattn.models.lm.positions import apply_rotary, lrpe
-from jaxattn.models.lm.stack import BYTE_VOCAB_SIZE, CausalLM, count_params
+from jaxattn.models.layers.tracing import count_params
+from jaxattn.models.lm.stack import BYTE_VOCAB_SIZE, CausalLM
 
 __all__ = ["BYTE_VOCAB_SIZE", "CausalLM", "DecodeCache", "SGLU", "apply_rotary", "count_params", "dense", "lrpe",
            "srms_norm"]

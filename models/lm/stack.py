@@ -20,10 +20,6 @@ from jaxattn.models.lm.layers import INIT_STD, SGLU, dense, srms_norm
 BYTE_VOCAB_SIZE = 256 + 4  # bytes plus specials (pad 256, bos 257, eos 258, sep 259) for the embedded default
 
 
-def count_params(module: nnx.Module) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param))))
-
-
 class DecoderLayer(nnx.Module):
     def __init__(self, mixer: nnx.Module, d_model: int, glu_dim: int, *, rngs: nnx.Rngs, dtype=None):
         self.mixer = mixer

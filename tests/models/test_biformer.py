@@ -12,6 +12,7 @@ from jaxattn.models import convert
 from jaxattn.models.biformer import BiFormer
 from jaxattn.models.biformer.model import BiLevelRoutingAttention
 from jaxattn.models.convert import StateDictError
+from jaxattn.models.layers.tracing import count_params
 from jaxattn.testing import model_checks
 from jaxattn.testing.fixtures import load_model_fixture
 from jaxattn.testing.model_init import abstract_model
@@ -63,7 +64,7 @@ def test_fixture_parity():
 def test_exact_parameter_counts():
     for name, expected in EXACT_PARAMS.items():
         abstract = nnx.eval_shape(lambda name=name: models.create_model(name, rngs=nnx.Rngs(0)))
-        count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+        count = count_params(abstract)
         assert count == expected, name
     assert set(EXACT_PARAMS) | {"biformer_pico"} == set(models.list_models(family="biformer"))
     assert {"biformer_tiny_in1k", "biformer_small_in1k", "biformer_base_in1k"} <= set(

@@ -11,6 +11,7 @@ from jaxattn.models import convert
 from jaxattn.models.convert import StateDictError
 from jaxattn.models.dinat import DiNAT, default_dilations
 from jaxattn.models.dinat.model import NATLayer, NeighborhoodAttention2D
+from jaxattn.models.layers.tracing import count_params
 from jaxattn.testing import model_checks
 from jaxattn.testing.fixtures import load_model_fixture
 from jaxattn.testing.model_init import abstract_model
@@ -18,10 +19,6 @@ from jaxattn.testing.model_init import abstract_model
 EXACT_PARAMS = {"dinat_mini": 19_984_174, "dinat_tiny": 27_901_582, "dinat_small": 50_719_681,
                 "dinat_base": 89_769_652, "dinat_large": 200_943_514}
 PICO_SIZE = 64  # dilations 2, 1, 1, 1; stages 16, 8, 4, 2 px, so the last two are padded up to the window
-
-
-def _num_params(module) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
 def _forward(model, x):
@@ -61,7 +58,7 @@ def test_fixture_parity():
 def test_exact_parameter_counts():
     for name, expected in EXACT_PARAMS.items():
         abstract = nnx.eval_shape(lambda name=name: models.create_model(name, rngs=nnx.Rngs(0)))
-        assert _num_params(abstract) == expected, name
+        assert count_params(abstract) == expected, name
     assert set(EXACT_PARAMS) | {"dinat_pico"} == set(models.list_models(family="dinat"))
 
 

@@ -10,6 +10,7 @@ from jaxattn import models
 from jaxattn.models import convert
 from jaxattn.models.halonet import AttnCfg, BlockCfg, HaloNet, interleave, make_divisible, stage
 from jaxattn.models.halonet.conv import conv2d, max_pool_3x3_s2
+from jaxattn.models.layers.tracing import count_params
 from jaxattn.testing import assert_matches_reference, random_inputs
 from jaxattn.testing.fixtures import load_model_fixture
 
@@ -44,8 +45,7 @@ def _empty_model(name, **overrides):
 
 
 def _param_count(name, **overrides):
-    model = nnx.eval_shape(lambda: models.create_model(name, **overrides))
-    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return count_params(nnx.eval_shape(lambda: models.create_model(name, **overrides)))
 
 
 @pytest.mark.parametrize("fixture_name", sorted(FIXTURES))
