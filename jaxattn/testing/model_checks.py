@@ -35,3 +35,12 @@ def assert_eval_differs_from_train(model, images, train_logits, forward):
     a, b = forward(model, images), forward(model, images)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(np.asarray(a), np.asarray(train_logits)), "train and eval modes give the same logits"
+
+
+def assert_fixture_logits(model, fixture, *, atol: float = 1e-4):
+    """`model` (already loaded from `fixture.state_dict`) in eval mode, jitted, gives the fixture's logits within
+    `atol` (fp32): the parity bar of every reference fixture."""
+    model.eval()
+    logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(fixture.images_nhwc)))
+    assert logits.shape == fixture.logits.shape, (logits.shape, fixture.logits.shape)
+    np.testing.assert_allclose(logits, fixture.logits, atol=atol, rtol=0)

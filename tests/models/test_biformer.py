@@ -56,9 +56,7 @@ def test_fixture_parity():
                             side_dwconv=c["side_dwconv"], before_attn_dwconv=c["before_attn_dwconv"],
                             img_size=c["img_size"])
     convert.load_biformer(model, fx.state_dict)
-    model.eval()
-    logits = np.asarray(_jit_forward(model, jnp.asarray(fx.images_nhwc)))
-    np.testing.assert_allclose(logits, fx.logits, atol=1e-4, rtol=0)
+    model_checks.assert_fixture_logits(model, fx)
 
 
 def test_exact_parameter_counts():

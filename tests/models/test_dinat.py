@@ -49,9 +49,7 @@ def test_fixture_parity():
         num_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"], kernel_size=c["kernel_size"], dilations=c["dilations"],
         img_size=c["img_size"], drop_path_rate=c["drop_path_rate"]), fill="zeros")
     convert.load_dinat(model, fx.state_dict)
-    model.eval()
-    logits = np.asarray(_jit_forward(model, jnp.asarray(fx.images_nhwc)))
-    np.testing.assert_allclose(logits, fx.logits, atol=1e-4, rtol=0)
+    model_checks.assert_fixture_logits(model, fx)
 
 
 # -- configuration --------------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ from jaxattn.models.halonet import AttnCfg, BlockCfg, HaloNet, interleave, make_
 from jaxattn.models.halonet.conv import conv2d, max_pool_3x3_s2
 from jaxattn.models.layers.tracing import count_params
 from jaxattn.testing import assert_matches_reference, random_inputs
+from jaxattn.testing import model_checks
 from jaxattn.testing.fixtures import load_model_fixture
+from jaxattn.testing.model_init import abstract_model
 
 # The fixtures' `__config__` (timm ByobNet terms) expressed as constructor overrides of the registered models.
 FIXTURES = {
@@ -36,12 +38,9 @@ def _fixture(name):
     return fixture
 
 
-def _empty_model(name, **overrides):
-    """The model's structure with zero arrays (no random init, whose per-shape eager compiles are slow on CPU);
-    a strict load then sets every variable."""
-    model = nnx.eval_shape(lambda: models.create_model(name, **overrides))
-    nnx.update(model, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nnx.state(model)))
-    return model
+def _zeros_model(name, **overrides):
+    """A registered model ready for a strict load (built abstractly, no random init)."""
+    return abstract_model(lambda: models.create_model(name, **overrides), fill="zeros")
 
 
 def _param_count(name, **overrides):
@@ -53,11 +52,9 @@ def test_timm_fixture_parity(fixture_name):
     fixture = _fixture(fixture_name)
     model_name, overrides = FIXTURES[fixture_name]
     assert fixture.config["num_classes"] == 10 and fixture.config["img_size"] == 256
-    model = convert.load_timm(_empty_model(model_name, num_classes=10, img_size=256, **overrides),
+    model = convert.load_timm(_zeros_model(model_name, num_classes=10, img_size=256, **overrides),
                               fixture.state_dict)
-    model.eval()
-    logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(fixture.images_nhwc)))
-    np.testing.assert_allclose(logits, fixture.logits, atol=1e-4, rtol=0)
+    model_checks.assert_fixture_logits(model, fixture)
 
 
 def test_from_timm_builds_and_loads_reduced_checkpoint():
@@ -72,7 +69,7 @@ def test_from_timm_builds_and_loads_reduced_checkpoint():
 def test_loader_is_strict():
     fixture = _fixture("halonet26t_reduced_timm")
     model_name, overrides = FIXTURES["halonet26t_reduced_timm"]
-    model = _empty_model(model_name, num_classes=10, **overrides)
+    model = _zeros_model(model_name, num_classes=10, **overrides)
     missing = {k: v for k, v in fixture.state_dict.items() if k != "stages.2.1.self_attn.kv.weight"}
     with pytest.raises(convert.StateDictError, match="stages.2.1.self_attn.kv.weight"):
         convert.load_timm(model, missing)
