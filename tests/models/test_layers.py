@@ -1,5 +1,4 @@
 """Shared model layers: the per-platform depthwise conv agrees across implementations; drop path; registry."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
