@@ -26,6 +26,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Number of host CPU devices to expose (testing meshes).")
+_KEEP_FREED_MEMORY = flags.DEFINE_bool(
+    "keep_freed_memory", True, "Tune glibc malloc to reuse freed blocks instead of unmapping them "
+    "(jaxattn.models.layers.malloc; removes per-step page faults on CPU, ~25% of a MaxViT-T step).")
 
 _CLUSTER_HINTS = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
 
@@ -70,6 +73,9 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # JAX, TFDS and orbax are chatty at INFO
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger(__package__ or "train").setLevel(logging.INFO)  # ours: resume and preemption notices
+    if _KEEP_FREED_MEMORY.value:  # before JAX's thread pool starts, so that every thread shares the tuned arena
+        from jaxattn.models.layers.malloc import keep_freed_memory
+        keep_freed_memory()
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _CPU_DEVICES.value)
     from . import train, validate
     workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].config_filename)
