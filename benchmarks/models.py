@@ -17,6 +17,8 @@ The cores are shared with other work, so ours and timm's calls are interleaved r
 records wall time and the process CPU time (all threads). `*_img_s` is `batch / median wall seconds`;
 `*_cpu_img_s` is `cores * batch / median CPU seconds`, what the idle machine would give if the work kept every core
 busy, and the fairer comparison under load. `x_timm` / `x_timm_cpu` are our train-step speed over timm's by either.
+`gflop_step` is the train step's FLOPs (XLA's cost analysis) and `*train_gflop_s` the rate each side sustains:
+compare it with what the CPU's kernels reach (`python benchmarks/cpu_peak.py`) to see how far a step can go.
 Both sides run with glibc malloc told to keep freed memory (`jaxattn.models.layers.malloc`, which removes
 per-step page faults; `--no-malloc-tuning` to compare), and `--threads 1` gives each side one thread, which
 keeps CPU time honest on an oversubscribed machine (multi-threaded runtimes spin while waiting for descheduled
@@ -59,7 +61,7 @@ QUICK = ("maxvit_pico", "halonet_pico", "dinat_pico", "biformer_pico")
 NUM_CLASSES = 1000
 COLUMNS = ["model", "img", "batch", "fwd_img_s", "fwd_cpu_img_s", "train_img_s", "train_cpu_img_s",
            "timm_fwd_img_s", "timm_fwd_cpu_img_s", "timm_train_img_s", "timm_train_cpu_img_s", "x_timm",
-           "x_timm_cpu", "timm", "compile_train_s", "load"]
+           "x_timm_cpu", "gflop_step", "train_gflop_s", "timm_train_gflop_s", "timm", "compile_train_s", "load"]
 
 
 class Timer:
@@ -88,7 +90,10 @@ def build_ours(name: str, img_size: int | None, overrides: dict):
 
 
 def ours_calls(model, images, labels) -> tuple:
-    """(forward call, train-step call, train compile seconds), both calls blocking until done."""
+    """(forward call, train-step call, train compile seconds, train-step FLOPs), calls blocking until done.
+
+    FLOPs are XLA's cost analysis of the compiled step (2 per multiply-add; the same architecture, so they count
+    timm's step too)."""
     model.eval()
     graph, state = nnx.split(model)
     with fast_tracing():
@@ -117,7 +122,8 @@ def ours_calls(model, images, labels) -> tuple:
         carry[0] = step(carry[0], images, labels)
         jax.block_until_ready(carry[0])
 
-    return (lambda: jax.block_until_ready(forward(state, images))), train, compile_train
+    flops = float((step.cost_analysis() or {}).get("flops", 0.0))
+    return (lambda: jax.block_until_ready(forward(state, images))), train, compile_train, flops
 
 
 def timm_calls(timm, timm_name: str, batch: int, img_size: int) -> tuple:
@@ -151,7 +157,7 @@ def measure(name: str, img_size: int | None, batch: int, repeats: int, overrides
         img_size = size[0] if isinstance(size, (tuple, list)) else int(size)
     images = jax.random.normal(jax.random.key(0), (batch, img_size, img_size, 3), jnp.float32)
     labels = jnp.arange(batch) % NUM_CLASSES
-    fwd, train, compile_train = ours_calls(model, images, labels)
+    fwd, train, compile_train, flops = ours_calls(model, images, labels)
     sides = {"ours": (fwd, train)}
     if timm is not None and timm_name:
         sides["timm"] = timm_calls(timm, timm_name, batch, img_size)
@@ -163,13 +169,16 @@ def measure(name: str, img_size: int | None, batch: int, repeats: int, overrides
             for side, calls in sides.items():
                 timers[side, kind].run(calls[index])
     cores = os.cpu_count() or 1
-    row = {"model": name, "img": img_size, "batch": batch, "compile_train_s": compile_train}
+    row = {"model": name, "img": img_size, "batch": batch, "compile_train_s": compile_train,
+           "gflop_step": flops / 1e9}
     for (side, kind), timer in timers.items():
         wall, cpu = timer.median()
         prefix = "" if side == "ours" else "timm_"
         row[f"{prefix}{kind}_img_s"] = batch / wall
         row[f"{prefix}{kind}_cpu_img_s"] = cores * batch / cpu
         row[f"{prefix}{kind}_ms"], row[f"{prefix}{kind}_cpu_ms"] = 1e3 * wall, 1e3 * cpu
+        if kind == "train" and flops:
+            row[f"{prefix}train_gflop_s"] = flops / 1e9 / wall
     return row
 
 
