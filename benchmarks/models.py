@@ -5,6 +5,7 @@
     python benchmarks/models.py --models maxvit_tiny --repeats 5
     python benchmarks/models.py --models dinat_tiny --override implementation=reference
     python benchmarks/models.py --threads 1              # one thread per side: CPU time on a loaded machine
+    python benchmarks/models.py --isolate                # timm in its own process (idle machine)
     python benchmarks/models.py --no-timm                # ours only; timm columns show platform.md's figures
 
 Representatives: maxvit_tiny @224 (timm `maxvit_tiny_tf_224`), halonet26t @256, halonet_h1 @256 (timm's own
@@ -14,7 +15,9 @@ state donated, for timm `zero_grad / forward / backward / step`. Our models are 
 random numbers (throughput does not depend on the values); timm's are built with `pretrained=False`.
 
 The cores are shared with other work, so ours and timm's calls are interleaved repeat by repeat, and every call
-records wall time and the process CPU time (all threads). `*_img_s` is `batch / median wall seconds`;
+records wall time and the process CPU time (all threads). Two frameworks in one process disturb each other
+(thread pools spinning after their work, one heap); on an idle machine `--isolate` is the cleaner comparison:
+timm then runs after ours, alone in a child process of this script. `*_img_s` is `batch / median wall seconds`;
 `*_cpu_img_s` is `cores * batch / median CPU seconds`, what the idle machine would give if the work kept every core
 busy, and the fairer comparison under load. `x_timm` / `x_timm_cpu` are our train-step speed over timm's by either.
 `gflop_step` is the train step's FLOPs (XLA's cost analysis) and `*train_gflop_s` the rate each side sustains:
@@ -30,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -149,8 +154,34 @@ def timm_calls(timm, timm_name: str, batch: int, img_size: int) -> tuple:
     return forward, train
 
 
+def time_sides(sides: dict, repeats: int) -> dict:
+    """`{side: (forward call, train call)}` -> `{(side, kind): (median wall s, median CPU s)}`."""
+    timers = {(side, kind): Timer() for side in sides for kind in ("fwd", "train")}
+    for kind, index in (("fwd", 0), ("train", 1)):
+        for calls in sides.values():
+            calls[index]()  # warm-up (timm: allocator, thread pool; ours: first-call buffers)
+        for _ in range(repeats):  # interleaved, so that both sides see the same load
+            for side, calls in sides.items():
+                timers[side, kind].run(calls[index])
+    return {key: timer.median() for key, timer in timers.items()}
+
+
+def timm_in_child(timm_name: str, batch: int, img_size: int, repeats: int, args) -> dict:
+    """timm's medians measured by a child process of this script (`--timm-child`), with the same settings."""
+    command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--timm-child", timm_name, "--batch",
+               str(batch), "--img", str(img_size), "--repeats", str(repeats)]
+    command += ["--threads", str(args.threads)] if args.threads is not None else []
+    command += ["--no-malloc-tuning"] if args.no_malloc_tuning else []
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"the timm child process failed:\n{result.stderr[-2000:]}")
+    medians = json.loads(result.stdout.strip().splitlines()[-1])
+    return {("timm", kind): tuple(value) for kind, value in medians.items()}
+
+
 def measure(name: str, img_size: int | None, batch: int, repeats: int, overrides: dict, timm=None,
-            timm_name: str | None = None) -> dict:
+            timm_name: str | None = None, isolate_args=None) -> dict:
+    """One table row. With `isolate_args` (the parsed command line), timm runs after ours in its own process."""
     model = build_ours(name, img_size, overrides)
     if img_size is None:
         size = getattr(model, "img_size", 64)
@@ -159,20 +190,16 @@ def measure(name: str, img_size: int | None, batch: int, repeats: int, overrides
     labels = jnp.arange(batch) % NUM_CLASSES
     fwd, train, compile_train, flops = ours_calls(model, images, labels)
     sides = {"ours": (fwd, train)}
-    if timm is not None and timm_name:
+    if timm is not None and timm_name and isolate_args is None:
         sides["timm"] = timm_calls(timm, timm_name, batch, img_size)
-    timers = {(side, kind): Timer() for side in sides for kind in ("fwd", "train")}
-    for kind, index in (("fwd", 0), ("train", 1)):
-        for calls in sides.values():
-            calls[index]()  # warm-up (timm: allocator, thread pool; ours: first-call buffers)
-        for _ in range(repeats):  # interleaved, so that both sides see the same load
-            for side, calls in sides.items():
-                timers[side, kind].run(calls[index])
+    medians = time_sides(sides, repeats)
+    if timm is not None and timm_name and isolate_args is not None:
+        del model, fwd, train, sides  # free our buffers before the child runs
+        medians.update(timm_in_child(timm_name, batch, img_size, repeats, isolate_args))
     cores = os.cpu_count() or 1
     row = {"model": name, "img": img_size, "batch": batch, "compile_train_s": compile_train,
            "gflop_step": flops / 1e9}
-    for (side, kind), timer in timers.items():
-        wall, cpu = timer.median()
+    for (side, kind), (wall, cpu) in medians.items():
         prefix = "" if side == "ours" else "timm_"
         row[f"{prefix}{kind}_img_s"] = batch / wall
         row[f"{prefix}{kind}_cpu_img_s"] = cores * batch / cpu
@@ -180,6 +207,12 @@ def measure(name: str, img_size: int | None, batch: int, repeats: int, overrides
         if kind == "train" and flops:
             row[f"{prefix}train_gflop_s"] = flops / 1e9 / wall
     return row
+
+
+def _timm_child(args, timm) -> None:
+    """`--timm-child NAME`: time timm alone and print `{kind: [wall, cpu]}` as the last line."""
+    medians = time_sides({"timm": timm_calls(timm, args.timm_child, args.batch, args.img)}, args.repeats)
+    print(json.dumps({kind: list(value) for (_, kind), value in medians.items()}))
 
 
 def set_threads(n: int) -> None:
@@ -217,6 +250,10 @@ def main(argv=None):
                         help="leave glibc malloc as it is (default: `keep_freed_memory()`, for both sides)")
     parser.add_argument("--threads", type=int, default=None,
                         help="1: XLA and torch on one thread each (fair CPU time on a loaded machine)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="timm in its own process, after ours (default: both interleaved in this process)")
+    parser.add_argument("--timm-child", help=argparse.SUPPRESS)
+    parser.add_argument("--img", type=int, default=224, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads is not None:
         set_threads(args.threads)
@@ -232,6 +269,8 @@ def main(argv=None):
     if not args.no_timm:
         from benchmarks.timm_import import import_timm
         timm, timm_note = import_timm()
+    if args.timm_child:
+        return _timm_child(args, timm)
     print(f"timm: {timm_note}")
 
     registered = set(models.list_models(kind="vision"))
@@ -242,7 +281,8 @@ def main(argv=None):
             continue
         img_size, timm_name, rec_fwd, rec_train = REPRESENTATIVES.get(name, (None, None, None, None))
         load_before = os.getloadavg()[0]
-        row = measure(name, img_size, args.batch, args.repeats, overrides, timm, timm_name)
+        row = measure(name, img_size, args.batch, args.repeats, overrides, timm, timm_name,
+                      isolate_args=args if args.isolate else None)
         row["load"] = round((load_before + os.getloadavg()[0]) / 2, 1)
         if "timm_train_img_s" in row:
             row["timm"] = "measured"
