@@ -65,20 +65,6 @@ def build_model(config, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
     return create_model(config.model, rngs=rngs, **kwargs)
 
 
-def check_context_parallel(config, mesh) -> None:
-    """`ConfigError` when the mesh's `context` axis cannot split the inputs: image rows (vision) are sharded over
-    it as sequences are (`Classification.sequence_keys`), so `image_size` must divide by it; the load-balanced
-    ring / all-gather cut each sequence into `2 * context` zigzag chunks."""
-    n = mesh.shape.get(shard_lib.CONTEXT_AXIS, 1)
-    if n > 1 and config.task == "classification" and config.image_size % n:
-        raise ConfigError(f"config.image_size = {config.image_size}: image rows are sharded over the context mesh "
-                          f"axis, so they must be divisible by its size {n}")
-    strategy = config.get("context_parallel", "")
-    if n > 1 and config.task == "lm" and strategy in ("ring", "allgather") and config.seq_len % (2 * n):
-        raise ConfigError(f"config.seq_len = {config.seq_len}: context_parallel {strategy!r} load-balances causal "
-                          f"attention over 2 x context = {2 * n} zigzag chunks, so it must be divisible by {2 * n}")
-
-
 def _rngs(config) -> nnx.Rngs:
     return nnx.Rngs(params=config.seed, dropout=config.seed + 1)
 
@@ -115,7 +101,6 @@ def create(config, num_outputs: int, tx, mesh, rules):
     `init()` builds the initial `TrainState` on the mesh, already sharded; `abstract_state` carries the shardings
     (for restoring checkpoints into place).
     """
-    check_context_parallel(config, mesh)
     init = _init_fn(config, num_outputs, tx)
     with jax.set_mesh(mesh):
         abstract_state, abstract_rngs = jax.eval_shape(init)

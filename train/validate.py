@@ -88,5 +88,23 @@ def validate(config, *, num_devices: int | None = None, process_count: int | Non
         if config[field] % data_parallel or config[field] % process_count:
             _fail(field, config[field], f"must be divisible by the data-parallel mesh size {data_parallel} "
                                         f"(data x fsdp) and by the {process_count} processes")
-    if config.task == "lm" and config.seq_len % sizes[sharding.CONTEXT_AXIS]:
-        _fail("seq_len", config.seq_len, f"must be divisible by the context axis size {sizes['context']}")
+    _check_context_split(config, sizes[sharding.CONTEXT_AXIS])
+
+
+def _check_context_split(config, context: int) -> None:
+    """The `context` mesh axis shards sequences, and image rows (vision: `Classification.sequence_keys`) alike;
+    the load-balanced ring / all-gather cut each sequence into `2 * context` zigzag chunks."""
+    if context == 1:
+        return
+    if config.task == "classification" and config.image_size % context:
+        _fail("image_size", config.image_size, f"image rows are sharded over the context mesh axis, so they must "
+                                                f"be divisible by its size {context}")
+    if config.task != "lm":
+        return
+    strategy = config.get("context_parallel", "")
+    if strategy in ("ring", "allgather") and config.seq_len % (2 * context):
+        _fail("seq_len", config.seq_len, f"context_parallel {strategy!r} load-balances causal attention over "
+                                         f"2 x context = {2 * context} zigzag chunks, so it must be divisible by "
+                                         f"{2 * context}")
+    if config.seq_len % context:
+        _fail("seq_len", config.seq_len, f"must be divisible by the context axis size {context}")

@@ -16,7 +16,6 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AbstractMesh
 
 from jaxattn.configs import base
 from jaxattn.train import state as state_lib
@@ -195,17 +194,23 @@ def test_config_key_reaches_the_model_and_is_checked_per_family():
 
 
 def test_inputs_must_split_over_the_context_axis():
+    def check(config):  # config validation on a 4-device mesh, all of it the context axis
+        config.mesh.update(data=1, fsdp=1, context=4)
+        validate.validate(config, num_devices=4, process_count=1)
+
     config = _config("dinat_pico", task="classification", strategy="halo")
     config.image_size = 30
-    mesh = AbstractMesh((1, 1, 4), ("data", "fsdp", "context"))
     with pytest.raises(validate.ConfigError, match=r"config\.image_size = 30.*divisible by its size 4"):
-        state_lib.check_context_parallel(config, mesh)
+        check(config)
     config.image_size = 32
-    state_lib.check_context_parallel(config, mesh)
+    check(config)
     config = _config("softmax_lm_tiny", strategy="ring")
     config.seq_len = 36
     with pytest.raises(validate.ConfigError, match=r"config\.seq_len = 36.*'ring'.*divisible by 8"):
-        state_lib.check_context_parallel(config, mesh)
+        check(config)
     config.context_parallel = "ulysses"  # no zigzag: the context size alone divides it
-    state_lib.check_context_parallel(config, mesh)
+    check(config)
+    config.seq_len = 34
+    with pytest.raises(validate.ConfigError, match=r"config\.seq_len = 34.*context axis size 4"):
+        check(config)
 
