@@ -39,6 +39,7 @@ import pathlib
 import subprocess
 import sys
 import time
+from typing import Any, Callable, NamedTuple
 
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -94,11 +95,17 @@ def build_ours(name: str, img_size: int | None, overrides: dict):
     return materialize(model, fill="random", seed=0)
 
 
-def ours_calls(model, images, labels) -> tuple:
-    """(forward call, train-step call, train compile seconds, train-step FLOPs), calls blocking until done.
+class OursCalls(NamedTuple):
+    """Our side of a row: blocking forward and train-step calls, and facts about the compiled step."""
+    forward: Callable[[], None]
+    train: Callable[[], None]
+    compile_train_s: float
+    flops: float  # XLA's cost analysis of the train step (2 per multiply-add; the same architecture as timm's)
+    compiled_train: Any  # jax.stages.Compiled, for HLO text (benchmarks/profile_step.py)
 
-    FLOPs are XLA's cost analysis of the compiled step (2 per multiply-add; the same architecture, so they count
-    timm's step too)."""
+
+def ours_calls(model, images, labels) -> OursCalls:
+    """Compiles our forward (eval mode) and train step (training mode, AdamW, state donated)."""
     model.eval()
     graph, state = nnx.split(model)
     with fast_tracing():
@@ -128,7 +135,7 @@ def ours_calls(model, images, labels) -> tuple:
         jax.block_until_ready(carry[0])
 
     flops = float((step.cost_analysis() or {}).get("flops", 0.0))
-    return (lambda: jax.block_until_ready(forward(state, images))), train, compile_train, flops
+    return OursCalls(lambda: jax.block_until_ready(forward(state, images)), train, compile_train, flops, step)
 
 
 def timm_calls(timm, timm_name: str, batch: int, img_size: int) -> tuple:
@@ -188,7 +195,7 @@ def measure(name: str, img_size: int | None, batch: int, repeats: int, overrides
         img_size = size[0] if isinstance(size, (tuple, list)) else int(size)
     images = jax.random.normal(jax.random.key(0), (batch, img_size, img_size, 3), jnp.float32)
     labels = jnp.arange(batch) % NUM_CLASSES
-    fwd, train, compile_train, flops = ours_calls(model, images, labels)
+    fwd, train, compile_train, flops, _ = ours_calls(model, images, labels)
     sides = {"ours": (fwd, train)}
     if timm is not None and timm_name and isolate_args is None:
         sides["timm"] = timm_calls(timm, timm_name, batch, img_size)
