@@ -13,6 +13,11 @@ def _load_reference():
     return partition_attention_reference
 
 
+def _load_dense():
+    from jaxattn.multi_axis.dense import partition_attention_dense
+    return partition_attention_dense
+
+
 def _load_xla():
     from jaxattn.multi_axis.xla import partition_attention_xla
     return partition_attention_xla
@@ -20,6 +25,7 @@ def _load_xla():
 
 for _op in OPS.values():
     dispatch.register(_op, dispatch.Backend("reference", _load_reference, platforms=(), priority=-1))
+    dispatch.register(_op, dispatch.Backend("dense", _load_dense, platforms=(), priority=-1))
     dispatch.register(_op, dispatch.Backend("xla", _load_xla, platforms=None, priority=0))
 
 
@@ -35,7 +41,8 @@ def block_attention(query, key, value, window_size, *, bias=None, scale=None, im
       bias: optional additive logits `[N, ph*pw, ph*pw]` (or broadcastable to it), shared by every window;
         the model turns its `(2p-1) x (2p-1)` relative-position table into this. Differentiable.
       scale: logit scale, default `D ** -0.5` (MaxViT's).
-      implementation: 'reference', 'xla' (tiles + `dot_product_attention`), or None for the best available.
+      implementation: 'reference', 'dense' (the reference's fp32 softmax with a backward whose dots XLA:CPU runs
+        fast; for small tiles), 'xla' (tiles + `dot_product_attention`), or None for the best available.
 
     Returns:
       `[B, H, W, N, Dv]` in the query dtype.
@@ -56,7 +63,8 @@ def grid_attention(query, key, value, grid_size, *, bias=None, scale=None, imple
       grid_size: `g` or `(gh, gw)`; `H` and `W` must be multiples of it (no implicit padding: pad first).
       bias: optional additive logits `[N, gh*gw, gh*gw]` (or broadcastable to it), shared by every tile.
       scale: logit scale, default `D ** -0.5`.
-      implementation: 'reference', 'xla' (tiles + `dot_product_attention`), or None for the best available.
+      implementation: 'reference', 'dense' (the reference's fp32 softmax with a backward whose dots XLA:CPU runs
+        fast; for small tiles), 'xla' (tiles + `dot_product_attention`), or None for the best available.
 
     Returns:
       `[B, H, W, N, Dv]` in the query dtype.

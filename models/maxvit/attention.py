@@ -148,7 +148,7 @@ class PartitionAttention(nnx.Module):
         bias = self.rel_pos().astype(q.dtype)
         impl = self.implementation
         if impl is None and jax.default_backend() == "cpu" and self.size[0] * self.size[1] <= DENSE_TILE_TOKENS:
-            impl = "reference"
+            impl = "dense"
         out = op(q, k, v, self.size, bias=bias, implementation=impl)
         return self.proj(out.reshape(b, h, w, c))
 
