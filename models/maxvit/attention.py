@@ -16,12 +16,13 @@ from flax import nnx
 
 import jaxattn
 from jaxattn.models.layers import DropPath
-from jaxattn.models.layers.dense import Dense
+from jaxattn.models.layers.dense_weight_grad import DenseNNGrad
 
 LN_EPS = 1e-5
-# On CPU, tiles of at most this many tokens use the op's dense fp32 softmax ('reference'): cheaper than the
-# blocked path's bookkeeping and custom backward at MaxViT's 7x7 tiles (stage-0 layer, batch 8, fwd+bwd, one
-# thread: 117 vs 130 ms CPU; forward 33 vs 44 ms).
+# On CPU, tiles of at most this many tokens use the op's dense fp32 softmax ('dense': the reference's forward with a
+# backward whose dots all run in YNNPACK): cheaper than the blocked path's bookkeeping and custom backward at
+# MaxViT's 7x7 tiles (stage-0 layer, batch 8, fwd+bwd, one thread: 117 vs 130 ms CPU for 'reference'; forward 33
+# vs 44 ms); 'dense' vs 'reference', attention core of a stage-0 layer, 2 threads: 22.5 vs 25.5 ms CPU.
 DENSE_TILE_TOKENS = 64
 RESIZE_METHODS = ("bilinear", "bicubic")
 
@@ -98,8 +99,8 @@ def layer_norm(dim: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs)
 
 
 def _dense(din, dout, rngs, dtype, param_dtype, use_bias=True):
-    return Dense(din, dout, use_bias=use_bias, kernel_init=nnx.initializers.xavier_uniform(), dtype=dtype,
-                 param_dtype=param_dtype, rngs=rngs)
+    return DenseNNGrad(din, dout, use_bias=use_bias, kernel_init=nnx.initializers.xavier_uniform(), dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
 
 
 class Mlp(nnx.Module):
@@ -117,7 +118,7 @@ class PartitionAttention(nnx.Module):
     `partition='block'`: attention inside non-overlapping `p x p` windows; `'grid'`: among the `g x g` tokens
     spaced `H/g` apart. `H` and `W` must be multiples of `size` (the model checks image sizes up front).
     `implementation=None` picks the op's best path, except on CPU for tiles of at most `DENSE_TILE_TOKENS`
-    tokens, which use `'reference'` (dense softmax in fp32).
+    tokens, which use `'dense'` (dense softmax in fp32).
     """
 
     def __init__(self, dim: int, *, partition: str, size, head_dim: int = 32, mlp_ratio: float = 4.0,
