@@ -3,7 +3,8 @@
 XLA:CPU lowers a convolution's weight gradient to a slow transposed convolution: in a halonet26t train step the
 1x1 convs' weight gradients alone took longer than the whole forward pass, and a 3-channel stem conv runs far below
 matmul speed. A 1x1 conv is a matmul, and a conv with few input channels is a matmul over its `k*k*C` patches, so
-both are written that way (gradients become matmuls too). Wider k x k convs keep `lax.conv_general_dilated`.
+both are written that way (gradients become matmuls too). Wider k x k convs use `layers.conv.conv_general_dilated`
+(XLA's convolution; on CPU its kernel gradient as matmuls where that pays).
 
 `max_pool_3x3_s2` is torch's `MaxPool2d(3, 2, 1)` as a max over nine strided slices, with a custom VJP that routes
 each output's gradient to the first maximal tap in row-major window order (torch's and XLA's tie rule), instead of
@@ -16,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxattn.models.layers.conv import conv_general_dilated
 
 PATCHES_MAX_IN_CHS = 4  # convs with at most this many input channels use the patches-matmul form
 
@@ -41,8 +44,8 @@ def conv2d(x, kernel, *, stride: int = 1, padding: int = 0):
         xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
         patches = jnp.concatenate(_taps(xp, k, stride, out_hw), axis=-1)  # [B, Ho, Wo, k*k*Cin], (ky, kx, c)
         return jnp.einsum("bhwp,po->bhwo", patches, kernel.reshape(k * k * cin, cout))
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return conv_general_dilated(x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
+                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class Conv2d(nnx.Module):
