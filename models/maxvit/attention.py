@@ -16,7 +16,7 @@ from flax import nnx
 
 import jaxattn
 from jaxattn.models.layers import DropPath
-from jaxattn.models.layers.dense_weight_grad import DenseNNGrad
+from jaxattn.models.layers.dense import Dense
 
 LN_EPS = 1e-5
 # On CPU, tiles of at most this many tokens use the op's dense fp32 softmax ('dense': the reference's forward with a
@@ -99,8 +99,8 @@ def layer_norm(dim: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs)
 
 
 def _dense(din, dout, rngs, dtype, param_dtype, use_bias=True):
-    return DenseNNGrad(din, dout, use_bias=use_bias, kernel_init=nnx.initializers.xavier_uniform(), dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+    return Dense(din, dout, use_bias=use_bias, kernel_init=nnx.initializers.xavier_uniform(), dtype=dtype,
+                 param_dtype=param_dtype, rngs=rngs)
 
 
 class Mlp(nnx.Module):
