@@ -13,7 +13,6 @@ from flax import nnx
 
 from jaxattn.models.layers import DropPath
 from jaxattn.models.layers.batch_norm import BatchNormVJP
-from jaxattn.models.layers.conv import Conv2d
 from jaxattn.models.layers.dense import Dense
 from jaxattn.models.layers.depthwise_vjp import DepthwiseConv2dVJP
 
@@ -54,9 +53,9 @@ class Stem(nnx.Module):
     def __init__(self, in_chans: int, widths: tuple[int, int], *, bn_momentum: float, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.conv1 = Conv2d(in_chans, widths[0], (3, 3), strides=2, padding="SAME", kernel_init=CONV_INIT, **kw)
+        self.conv1 = nnx.Conv(in_chans, widths[0], (3, 3), strides=2, padding="SAME", kernel_init=CONV_INIT, **kw)
         self.norm1 = batch_norm(widths[0], momentum=bn_momentum, **kw)
-        self.conv2 = Conv2d(widths[0], widths[1], (3, 3), padding="SAME", kernel_init=CONV_INIT, **kw)
+        self.conv2 = nnx.Conv(widths[0], widths[1], (3, 3), padding="SAME", kernel_init=CONV_INIT, **kw)
 
     def __call__(self, x):
         return self.conv2(gelu(self.norm1(self.conv1(x))))
