@@ -22,6 +22,8 @@ timm then runs after ours, alone in a child process of this script. `*_img_s` is
 busy, and the fairer comparison under load. `x_timm` / `x_timm_cpu` are our train-step speed over timm's by either.
 `gflop_step` is the train step's FLOPs (XLA's cost analysis) and `*train_gflop_s` the rate each side sustains:
 compare it with what the CPU's kernels reach (`python benchmarks/cpu_peak.py`) to see how far a step can go.
+XLA counts a loop's body once, so steps with loops undercount (halonet_h1: its CPU halo attention maps over
+chunks of tiles; 104 GFLOP counted of ~144).
 Both sides run with glibc malloc told to keep freed memory (`jaxattn.models.layers.malloc`, which removes
 per-step page faults; `--no-malloc-tuning` to compare), and `--threads 1` gives each side one thread, which
 keeps CPU time honest on an oversubscribed machine (multi-threaded runtimes spin while waiting for descheduled
