@@ -1,6 +1,5 @@
 """Halo attention's dense per-tile path (`jaxattn.halo.dense_tiles`, relative logits inside the logits) against
 the tiled bias + blocked `dot_product_attention` path: values and gradients of q, k, v and both tables."""
-import functools
 
 import jax
 import pytest
