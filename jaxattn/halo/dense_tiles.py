@@ -17,8 +17,12 @@ stored for the backward.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+from jaxattn.halo.relative import axis_logits
 
 # The dense path is taken on CPU for windows up to this many keys (the blocked path keeps larger ones bounded).
 DENSE_MAX_KEYS = 1024
@@ -29,25 +33,22 @@ def use_dense_tiles(num_keys: int) -> bool:
     return jax.default_backend() == "cpu" and num_keys <= DENSE_MAX_KEYS
 
 
-def dense_tile_attention(q, k, v, rel_height, rel_width, offsets, mask, *, scale):
+def dense_tile_attention(q, k, v, rel_height, rel_width, mask, *, scale):
     """`q [Bt, bq, bq, N, D]`, `k [Bt, win*win, N, D]`, `v [Bt, win*win, N, Dv]` (windows row-major), tables
-    `[2*win - 1, D]` or None, `offsets [bq, win]` (table row per query/key coordinate), `mask` None or boolean,
-    broadcastable to `[Bt, 1, 1, win*win]` (True = attend; every query must keep one key) -> `[Bt, bq*bq, N, Dv]`.
+    `[2*win - 1, D]` or None, `mask` None or boolean, broadcastable to `[Bt, 1, 1, win*win]` (True = attend;
+    every query must keep one key) -> `[Bt, bq*bq, N, Dv]`.
 
-    `logits = scale * q.k + q.rel_height[offsets[qy, ky]] + q.rel_width[offsets[qx, kx]]`, softmax in fp32."""
+    `logits = scale * q.k + q.rel_height[ky - qy + win - 1] + q.rel_width[kx - qx + win - 1]`, softmax in fp32."""
     bt, bq, _, n, _ = q.shape
     s = k.shape[1]
-    win = offsets.shape[1]
+    win = math.isqrt(s)
     logits = jnp.einsum("byxnd,bknd->bnyxk", q, k, preferred_element_type=jnp.float32) * scale
     logits = logits.reshape(bt, n, bq, bq, win, win)
-    if rel_height is not None:  # query row qy, key row ky
-        rel = jnp.einsum("byxnd,ykd->bnyxk", q, rel_height[offsets].astype(q.dtype),
-                         preferred_element_type=jnp.float32)
-        logits = logits + rel[..., :, None]
-    if rel_width is not None:  # query column qx, key column kx
-        rel = jnp.einsum("byxnd,xkd->bnyxk", q, rel_width[offsets].astype(q.dtype),
-                         preferred_element_type=jnp.float32)
-        logits = logits + rel[..., None, :]
+    height, width = axis_logits(q, rel_height, rel_width, win)
+    if height is not None:  # query row qy, key row ky
+        logits = logits + height[..., :, None]
+    if width is not None:  # query column qx, key column kx
+        logits = logits + width[..., None, :]
     logits = logits.reshape(bt, n, bq * bq, s)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -60,7 +61,7 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(c for c in range(1, max(1, min(n, limit)) + 1) if n % c == 0)
 
 
-def chunked_tile_attention(q, k, v, rel_height, rel_width, offsets, mask, *, scale, chunk_bytes=None):
+def chunked_tile_attention(q, k, v, rel_height, rel_width, mask, *, scale, chunk_bytes=None):
     """`dense_tile_attention` (same arguments and result) over chunks of tiles, each recomputed in the backward.
 
     Chunks hold `chunk_bytes` (default `CHUNK_BYTES`) of fp32 logits, rounded down to a divisor of the tile
@@ -76,7 +77,7 @@ def chunked_tile_attention(q, k, v, rel_height, rel_width, offsets, mask, *, sca
 
     @jax.checkpoint
     def one(parts):
-        return dense_tile_attention(*parts[:3], rel_height, rel_width, offsets, parts[3], scale=scale)
+        return dense_tile_attention(*parts[:3], rel_height, rel_width, parts[3], scale=scale)
 
     out = jax.lax.map(one, (chunks(q), chunks(k), chunks(v), chunks(mask)))
     return out.reshape(bt, *out.shape[2:])

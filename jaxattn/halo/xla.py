@@ -5,8 +5,8 @@
   of block `i` is the concatenation of the `ceil(win / block)` consecutive row-blocks starting at `i`, trimmed.
   Done per axis, this is a handful of static slices (one fused copy), like timm's `unfold`.
 - Relative logits `q . rel_h[ky - qy + win - 1] + q . rel_w[kx - qx + win - 1]` (timm's rel-to-abs indexing)
-  are computed per axis (`[tiles, bq, bq, N, win]`: each query against the `win` row / column offsets, a matmul
-  with the gathered *table*, never the map) and broadcast-added into the additive bias `[tiles, N, T, win*win]`
+  are computed per axis (`relative.axis_logits`, `[tiles, N, bq, bq, win]`: each query against the `win` row /
+  column offsets, a matmul with the gathered *table*, never the map) and broadcast-added into the additive bias `[tiles, N, T, win*win]`
   of the tile attention. (Folding them into the dot product instead, as extra one-hot channels on q and k, was
   measured too: it saves a little forward memory for tiny head dims but costs more in forward+backward.)
 - On CPU, windows of at most `dense_tiles.DENSE_MAX_KEYS` keys skip the bias and the blocked attention: the
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jaxattn.core import image_tiles
 from jaxattn.dot_product import dot_product_attention
 from jaxattn.halo.dense_tiles import chunked_tile_attention, use_dense_tiles
+from jaxattn.halo.relative import axis_logits
 
 
 def halo_windows(x, block, halo):
@@ -45,29 +46,16 @@ def halo_windows(x, block, halo):
     return x.reshape(b, (h // block) * (w // block), win * win, *rest)
 
 
-def rel_offsets(query_block, win):
-    """Table row used by the query at block coordinate `i` for the key at window coordinate `j`: `[bq, win]`.
-
-    timm's `rel_logits_1d` maps relative logits onto the window with `j - i + win - 1` (stride-2 blocks use the
-    subsampled query coordinate `i`).
-    """
-    return jnp.arange(win)[None, :] - jnp.arange(query_block)[:, None] + win - 1
-
-
 def rel_bias(q_tiles, rel_height, rel_width, win):
     """timm's relative logits of `q [Bt, bq, bq, N, D]` as an additive bias `[Bt, N, bq*bq, win*win]` (fp32)."""
     bt, bq, _, n, _ = q_tiles.shape
-    offsets = rel_offsets(bq, win)
-    bias = jnp.zeros((bt, bq, bq, n, win, win), jnp.float32)
-
-    def axis_logits(spec, table):  # each query against the `win` row (or column) offsets of the window
-        return jnp.einsum(spec, q_tiles, table[offsets].astype(q_tiles.dtype), preferred_element_type=jnp.float32)
-
-    if rel_height is not None:  # query row qy, key row ky
-        bias = bias + axis_logits("byxnd,ykd->byxnk", rel_height)[..., :, None]
-    if rel_width is not None:  # query column qx, key column kx
-        bias = bias + axis_logits("byxnd,xkd->byxnk", rel_width)[..., None, :]
-    return jnp.moveaxis(bias, 3, 1).reshape(bt, n, bq * bq, win * win)
+    height, width = axis_logits(q_tiles, rel_height, rel_width, win)
+    bias = jnp.zeros((bt, n, bq, bq, win, win), jnp.float32)
+    if height is not None:  # query row qy, key row ky
+        bias = bias + height[..., :, None]
+    if width is not None:  # query column qx, key column kx
+        bias = bias + width[..., None, :]
+    return bias.reshape(bt, n, bq * bq, win * win)
 
 
 def _padding_mask(h, w, block, halo, batch):
@@ -87,8 +75,8 @@ def halo_attention_xla(query, key, value, rel_height, rel_width, *, block_size, 
     v = halo_windows(value, block_size, halo_size).reshape(-1, win * win, n, value.shape[-1])
     mask = _padding_mask(h, w, block_size, halo_size, b) if mask_padding else None
     if use_dense_tiles(win * win):
-        out = chunked_tile_attention(q, k.reshape(-1, win * win, n, d), v, rel_height, rel_width,
-                                   rel_offsets(bq, win), mask, scale=scale)
+        out = chunked_tile_attention(q, k.reshape(-1, win * win, n, d), v, rel_height, rel_width, mask,
+                                     scale=scale)
         return image_tiles.from_windows(out.reshape(b, -1, *out.shape[1:]), (bq, bq), (hq, wq))
     bias = None
     if rel_height is not None or rel_width is not None:

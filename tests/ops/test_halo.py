@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import jaxattn
-from jaxattn.halo import reference, xla
+from jaxattn.halo import reference, relative, xla
 from jaxattn.testing import assert_allclose, assert_matches_reference
 
 
@@ -33,7 +33,7 @@ def test_rel_to_abs_trick_is_an_offset_table(bq, win):
 
     @jax.jit
     def both(q, rel):
-        table = rel[xla.rel_offsets(bq, win)]  # [bq, win, D]: row j - i + win - 1
+        table = rel[relative.rel_offsets(bq, win)]  # [bq, win, D]: row j - i + win - 1
         shape = (3, bq, bq, win, win)
         want_w = jnp.einsum("byxd,xkd->byxk", q, table)[:, :, :, None, :]  # depends on (qx, kx) only
         want_h = jnp.einsum("byxd,ykd->byxk", q, table)[:, :, :, :, None]  # depends on (qy, ky) only
