@@ -1,4 +1,4 @@
-"""Dense 2-D convolution whose weight gradient is computed as matmuls on XLA:CPU, and an `nnx.Conv` using it.
+"""Dense 2-D convolution whose weight gradient is computed as matmuls on XLA:CPU.
 
 XLA:CPU lowers a convolution's weight gradient as another convolution whose window is the whole image; YNNPACK
 runs that at 64-85 GFLOP/s here (a 3x3 32->64 conv at 128 px, batch 8: ~90 ms against ~23 ms for its forward).
@@ -12,8 +12,8 @@ never mixes images. A stride > 1 splits the rows by phase (`row % stride`) first
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` that takes this path on CPU for NHWC/HWIO
 convolutions without groups, dilation or `preferred_element_type` that are large enough for it to pay
 (`MIN_OUT_PIXELS`, `MIN_CHANNEL_PRODUCT`: XLA's own gradient is faster on small images), and calls
-`lax.conv_general_dilated` otherwise (other platforms keep XLA's gradients). `Conv2d` is `nnx.Conv` (same parameters, initialisers, padding rules and
-loaders) with it as its convolution.
+`lax.conv_general_dilated` otherwise (other platforms keep XLA's gradients). HaloNet's wide k x k convs use it;
+an `nnx.Conv` can take it as its `conv_general_dilated=` argument.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 # Where the matmul form pays (kernel gradient, batch 8, CPU ms, lax -> matmuls): 32->64 ch at 128 px 85 -> 70,
@@ -127,11 +126,3 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     return conv2d_matmul_grad(lhs, rhs, stride, padding)
 
-
-class Conv2d(nnx.Conv):
-    """`nnx.Conv` whose convolution is `conv_general_dilated` above (same parameters, initialisers, padding
-    semantics and loaders; a `conv_general_dilated=` argument still overrides it)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("conv_general_dilated", conv_general_dilated)
-        super().__init__(*args, **kwargs)

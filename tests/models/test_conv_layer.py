@@ -1,13 +1,12 @@
 """`layers.conv`: the matmul-form conv kernel gradient against `lax.conv_general_dilated` (values and all
-gradients), the dispatching drop-in, and `Conv2d` against `nnx.Conv`."""
+gradients), and the dispatching drop-in."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import jaxattn.models.layers.conv as conv_mod
-from jaxattn.models.layers.conv import Conv2d, conv2d_matmul_grad, conv_general_dilated, conv_weight_grad
+from jaxattn.models.layers.conv import conv2d_matmul_grad, conv_general_dilated, conv_weight_grad
 from jaxattn.testing import assert_matches_reference, random_inputs
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -83,20 +82,3 @@ def test_fast_path_only_where_it_pays():
     assert not takes_fast_path((1, 64, 64, 64), (3, 3, 64, 64))  # XLA's own gradient is faster there
     assert not takes_fast_path((1, 128, 128, 3), (3, 3, 3, 64))
 
-
-@pytest.mark.parametrize("kwargs", [dict(strides=1, padding="SAME"), dict(strides=2, padding="SAME"),
-                                    dict(strides=2, padding=1), dict(strides=1, padding="VALID", use_bias=False),
-                                    dict(strides=1, padding="SAME", feature_group_count=2)])
-def test_conv2d_layer_is_nnx_conv(always_fast, kwargs):
-    layer = Conv2d(4, 6, (3, 3), rngs=nnx.Rngs(0), **kwargs)
-    plain = nnx.Conv(4, 6, (3, 3), rngs=nnx.Rngs(0), **kwargs)
-    assert jax.tree.map(jnp.shape, nnx.state(layer)) == jax.tree.map(jnp.shape, nnx.state(plain))
-    nnx.update(plain, nnx.state(layer))
-    x = jax.random.normal(jax.random.key(1), (2, 9, 8, 4))
-
-    def loss(module, x):
-        return jnp.sum(jnp.sin(module(x)))
-
-    (out_a, grads_a), (out_b, grads_b) = (nnx.value_and_grad(loss)(m, x) for m in (layer, plain))
-    np.testing.assert_allclose(out_a, out_b, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads_a, grads_b)
