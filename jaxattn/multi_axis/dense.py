@@ -5,7 +5,7 @@ query axis, which is the major dim of both operands ("TN" dots). XLA:CPU's fast 
 that form and falls back to Eigen, and XLA folds a plain `swapaxes` back into the dot's dimension numbers. The
 backward here transposes the `[T, T]` tile matrices explicitly (kept by an optimisation barrier), so every dot of
 the forward and the backward has its contracting dim minor on the lhs. Same values as the 'reference' path
-(identical forward, gradients equal up to fp32 rounding); tiles are cut as `jaxattn.core.image_tiles` does.
+(identical forward, gradients equal up to fp32 rounding); tiles are cut as the 'xla' path cuts them (`TILINGS`).
 """
 from __future__ import annotations
 
@@ -14,11 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxattn.core import image_tiles
-
-_TILINGS = {"block": (image_tiles.to_windows, image_tiles.from_windows),
-            "grid": (image_tiles.to_grid, image_tiles.from_grid)}
-
+from jaxattn.multi_axis.xla import TILINGS
 
 def _materialized_transpose(x):
     # The barrier stops XLA from folding the transpose into the consuming dot (which would make it TN again).
@@ -57,7 +53,7 @@ def partition_attention_dense(query, key, value, bias, *, partition, size, scale
     Computes in fp32 like the reference (for the small tiles it is meant for, `T <= 64` or so: it holds the
     `[tiles, N, T, T]` probabilities for the backward).
     """
-    split, merge = _TILINGS[partition]
+    split, merge = TILINGS[partition]
     b, h, w, n = query.shape[:4]
     tokens = size[0] * size[1]
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 from jaxattn.core import image_tiles
 from jaxattn.dot_product import dot_product_attention
 
-_TILINGS = {"block": (image_tiles.to_windows, image_tiles.from_windows),
-            "grid": (image_tiles.to_grid, image_tiles.from_grid)}
+TILINGS = {"block": (image_tiles.to_windows, image_tiles.from_windows),  # partition -> (split, merge)
+           "grid": (image_tiles.to_grid, image_tiles.from_grid)}
 
 
 def partition_attention_xla(query, key, value, bias, *, partition, size, scale):
     """`[B, H, W, N, D]` q/k/v -> `[B, H, W, N, Dv]`; `bias` broadcastable to `[N, T, T]`."""
-    split, merge = _TILINGS[partition]
+    split, merge = TILINGS[partition]
     b, h, w = query.shape[:3]
 
     def tiles(x):  # [B, H, W, N, D] -> [B * tiles, T, N, D]
