@@ -6,9 +6,10 @@
   Done per axis, this is a handful of static slices (one fused copy), like timm's `unfold`.
 - Relative logits `q . rel_h[ky - qy + win - 1] + q . rel_w[kx - qx + win - 1]` (timm's rel-to-abs indexing)
   are computed per axis (`relative.axis_logits`, `[tiles, N, bq, bq, win]`: each query against the `win` row /
-  column offsets, a matmul with the gathered *table*, never the map) and broadcast-added into the additive bias `[tiles, N, T, win*win]`
-  of the tile attention. (Folding them into the dot product instead, as extra one-hot channels on q and k, was
-  measured too: it saves a little forward memory for tiny head dims but costs more in forward+backward.)
+  column offsets, a matmul with the gathered *table*, never the map) and broadcast-added into the additive bias
+  `[tiles, N, T, win*win]` of the tile attention. (Folding them into the dot product instead, as extra one-hot
+  channels on q and k, was measured too: it saves a little forward memory for tiny head dims but costs more in
+  forward+backward.)
 - On CPU, windows of at most `dense_tiles.DENSE_MAX_KEYS` keys skip the bias and the blocked attention: the
   relative terms go straight into dense per-tile logits, over cache-sized chunks of tiles (`dense_tiles.py`;
   HaloNet-H1's attentions: -20 to -45% forward + backward).
