@@ -24,17 +24,22 @@ def compiled_memory(fn, *args) -> dict:
     return out
 
 
-def time_fn(fn, *args, repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall seconds of `jit(fn)(*args)` after compilation and warm-up."""
-    jitted = jax.jit(fn)
+def median_seconds(call, *, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall seconds of `call()` (which must block until its work is done) after `warmup` calls."""
     for _ in range(warmup):
-        jax.block_until_ready(jitted(*args))
+        call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(jitted(*args))
+        call()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def time_fn(fn, *args, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall seconds of `jit(fn)(*args)` after compilation and warm-up."""
+    jitted = jax.jit(fn)
+    return median_seconds(lambda: jax.block_until_ready(jitted(*args)), repeats=repeats, warmup=warmup)
 
 
 def environment() -> dict:

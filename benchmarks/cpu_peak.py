@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -23,22 +22,12 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import print_table, write_json
+from benchmarks.common import median_seconds, print_table, write_json
 
 # (name, batch, size, in channels, out channels): the stem and stage-1 3x3 convs of halonet26t and maxvit_tiny.
 CONVS = (("halonet26t stem 32->64 @128", 8, 128, 32, 64), ("halonet26t stage1 64->64 @64", 8, 64, 64, 64),
          ("maxvit_tiny stem 64->64 @112", 8, 112, 64, 64))
 COLUMNS = ["kernel", "shape", "gflop", "xla_gflop_s", "torch_gflop_s"]
-
-
-def _median_seconds(call, repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def _xla_conv_calls(batch, size, cin, cout):
@@ -94,10 +83,10 @@ def main(argv=None):
         a = jnp.ones((n, n), dtype)
         dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
         row = {"kernel": f"GEMM {dtype}", "shape": f"{n}^3", "gflop": 2 * n ** 3 / 1e9}
-        row["xla_gflop_s"] = row["gflop"] / _median_seconds(lambda: dot(a, a).block_until_ready(), repeats)
+        row["xla_gflop_s"] = row["gflop"] / median_seconds(lambda: dot(a, a).block_until_ready(), repeats=repeats)
         if torch is not None:
             t = torch.ones(n, n, dtype=getattr(torch, dtype))
-            row["torch_gflop_s"] = row["gflop"] / _median_seconds(lambda: torch.mm(t, t), repeats)
+            row["torch_gflop_s"] = row["gflop"] / median_seconds(lambda: torch.mm(t, t), repeats=repeats)
         rows.append(row)
         print_table([row], COLUMNS)
     for name, batch, size, cin, cout in CONVS:
@@ -108,9 +97,9 @@ def main(argv=None):
         ref = _torch_conv_calls(torch, batch, size, cin, cout) if torch is not None else {}
         for form, call in xla.items():
             row = {"kernel": f"conv3x3 {form}", "shape": name, "gflop": gflop,
-                   "xla_gflop_s": gflop / _median_seconds(call, repeats)}
+                   "xla_gflop_s": gflop / median_seconds(call, repeats=repeats)}
             if form in ref:
-                row["torch_gflop_s"] = gflop / _median_seconds(ref[form], repeats)
+                row["torch_gflop_s"] = gflop / median_seconds(ref[form], repeats=repeats)
             rows.append(row)
             print_table([row], COLUMNS)
     print()
