@@ -39,7 +39,8 @@ import numpy as np
 
 import jaxattn
 from benchmarks.common import compiled_memory, mib, print_table, time_fn, write_json
-from jaxattn.neighborhood import reference, windows
+from jaxattn.core import neighborhood_windows as windows
+from jaxattn.neighborhood import reference
 
 DENSE_LIMIT_BYTES = 10 * 2 ** 30  # do not execute a dense pass that plans more than this (shared 24 GiB machine)
 

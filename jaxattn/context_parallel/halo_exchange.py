@@ -10,9 +10,9 @@ Neighborhood attention (exactness). Let device `p` of `P` hold positions `[s, s 
 `E = L + left + right`, and keeps the outputs of its own queries. Claim: for a query whose global window lies
 inside the block, the op run on the block alone (its own length, its own borders) picks the same keys.
   A shift keeps residues mod `d`, so the block's dilation groups are the global ones, cut: group `g`'s positions
-  in the block are a run `c, c+1, ..., c+Lb-1` of its indices (group index
-  `ii` -> block index `ii - c`); the op's rules (`windows.py`) read only group indices, so in block coordinates
-  the window start is `clamp(x - c, 0, Lb - k)` against the global `clamp(x, 0, Lg - k)`, `x = ii - k // 2`.
+  in the block are a run `c, c+1, ..., c+Lb-1` of its indices (group index `ii` -> block index `ii - c`); the
+  op's rules (`jaxattn.core.neighborhood_windows`) read only group indices, so in block coordinates the window
+  start is `clamp(x - c, 0, Lb - k)` against the global `clamp(x, 0, Lg - k)`, `x = ii - k // 2`.
   If the global start `w` is unclamped (`w = x`), the window inside the block gives `0 <= x - c <= Lb - k`: same.
   If `w = 0 > x`, member 0 is in the block, so `c = 0` and both clamp to 0. If `w = Lg - k < x`, the group's
   last member is in the block, so `Lb = Lg - c`, and the block clamps to `Lg - k - c`: the same keys. Causal
@@ -36,10 +36,11 @@ from jax.sharding import PartitionSpec
 from jaxattn.context_parallel import common
 from jaxattn.context_parallel.shard_call import shard_call
 from jaxattn.core import image_tiles
+from jaxattn.core import neighborhood_windows as windows
 from jaxattn.dot_product import dot_product_attention
 from jaxattn.halo import halo_attention
 from jaxattn.halo.xla import halo_windows, rel_bias
-from jaxattn.neighborhood import neighborhood_attention, windows
+from jaxattn.neighborhood import neighborhood_attention
 
 
 def neighborhood_halo(length: int, devices: int, kernel: int, dilation: int = 1, causal: bool = False):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.core import dispatch, validation
-from jaxattn.neighborhood import windows
+from jaxattn.core import neighborhood_windows as windows
 
 OP = "neighborhood_attention"
 LAYOUT_Q = "[batch, *spatial, num_heads, head_dim] with 1, 2 or 3 spatial axes"
@@ -45,7 +45,7 @@ def neighborhood_attention(query, key, value, kernel_size, *, dilation=1, stride
     Each query attends to a `k1 x .. x kd` box of keys around it: per axis, the `k` nearest positions of its
     dilation group, shifted inward at the borders (never truncated) so every query sees exactly `k` keys
     (NATTEN 0.14 arithmetic for odd `k`; even `k` puts `k/2` keys before the query and `k/2 - 1` after, as
-    NATTEN >= 0.17.5). Softmax runs over that box only. Full rules: `jaxattn.neighborhood.windows`.
+    NATTEN >= 0.17.5). Softmax runs over that box only. Full rules: `jaxattn.core.neighborhood_windows`.
 
     Args:
       query: `[B, *spatial, N, H]`, `len(spatial)` in 1..3.

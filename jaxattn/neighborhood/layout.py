@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.core import blocking
-from jaxattn.neighborhood import tiling, windows
+from jaxattn.core import neighborhood_windows as windows
+from jaxattn.neighborhood import tiling
 
 TILE_DIMS = "cuewat"
 AXIS_DIMS = ("atxX", "cuyY", "ewzZ")

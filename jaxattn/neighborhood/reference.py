@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.neighborhood import windows
+from jaxattn.core import neighborhood_windows as windows
 
 
 @functools.lru_cache(maxsize=64)

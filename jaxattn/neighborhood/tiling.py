@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from jaxattn.neighborhood import windows
+from jaxattn.core import neighborhood_windows as windows
 
 # Queries per tile along each axis, by number of spatial axes: small enough that the halo overhead
 # `prod((tile + k - 1) / tile)` stays modest, big enough for useful matmuls; the last (contiguous) axis gets the

@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxattn.neighborhood import windows
+from jaxattn.core import neighborhood_windows as windows
 from jaxattn.neighborhood.layout import Layout
 
 # fp32 logits per chunk (elements, 2 MiB): chunks that stay in cache beat one big pass (measured on CPU).

@@ -1,6 +1,6 @@
 """Static geometry of the neighborhood-attention kernels: dilation groups, query/key boxes, window tables, bands.
 
-Every spatial axis `a` is viewed in dilation-group coordinates (`jaxattn.neighborhood.windows`): position
+Every spatial axis `a` is viewed in dilation-group coordinates (`jaxattn.core.neighborhood_windows`): position
 `p = ii * d + g`. The wrapper moves the `d1 * .. * dn` dilation groups into the batch, so each kernel program sees a
 dense, dilation-1 problem on the group grid `Lg1 x .. x Lgn` (padded to whole boxes). That grid is cut into boxes
 of `t1 x .. x tn` tokens, flattened box-major (`[nb1, .., nbn, t1, .., tn]`), so one box is one contiguous block of
@@ -25,7 +25,7 @@ from jax import lax
 
 from jaxattn.core import blocking
 from jaxattn.kernels.common import bands
-from jaxattn.neighborhood import windows
+from jaxattn.core import neighborhood_windows as windows
 
 
 @functools.lru_cache(maxsize=256)

@@ -56,7 +56,7 @@ def neighborhood_attention(query, key, value, rpb=None, *, spec, scale=None, tar
     """Neighborhood attention with the Pallas kernels. Returns `(out [B, *spatial, N, Hv], lse [B, *spatial, N])`.
 
     Semantics and argument checks are those of `jaxattn.neighborhood_attention` (call it with
-    `implementation='pallas'` for validated arguments); `spec` is its `windows.NASpec`.
+    `implementation='pallas'` for validated arguments); `spec` is its `neighborhood_windows.NASpec`.
       query `[B, *spatial, N, H]`, key `[B, *spatial, K, H]`, value `[B, *spatial, K, Hv]` (N % K == 0);
       rpb: `[N, 2k1-1, ...]` or None; scale: default `H ** -0.5`.
       target: 'tpu', 'triton', 'interpret' or 'tpu_interpret' (default from `jax.default_backend()`).

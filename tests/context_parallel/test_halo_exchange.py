@@ -17,7 +17,7 @@ from hypothesis import given, strategies as st
 from jaxattn import halo_attention, neighborhood_attention
 from jaxattn.context_parallel import halo_exchange_halo_attention, halo_neighborhood_attention
 from jaxattn.context_parallel.halo_exchange import neighborhood_halo, neighborhood_shardable
-from jaxattn.neighborhood import windows
+from jaxattn.core import neighborhood_windows as windows
 from jaxattn.testing import assert_allclose, random_inputs
 
 from linear_halo_helpers import assert_values_and_grads_match, collective_bytes

@@ -14,7 +14,7 @@ from jaxattn.core import dispatch
 from jaxattn.kernels.common.verify import with_vjp
 from jaxattn.kernels.neighborhood_attention import blocks, pallas
 from jaxattn.kernels.neighborhood_attention.geometry import Geometry, Walk
-from jaxattn.neighborhood import windows
+from jaxattn.core import neighborhood_windows as windows
 from jaxattn.testing import assert_allclose, assert_lowers, assert_matches_reference, random_inputs
 from jaxattn.testing.lowering import pallas_call_outputs
 

@@ -17,7 +17,8 @@ from jax.test_util import check_grads
 
 import jaxattn
 from jaxattn.core import dispatch
-from jaxattn.neighborhood import api, tiling, windows, xla
+from jaxattn.core import neighborhood_windows as windows
+from jaxattn.neighborhood import api, tiling, xla
 from jaxattn.neighborhood.layout import Layout
 from jaxattn.testing import assert_allclose, assert_matches_reference, random_inputs
 

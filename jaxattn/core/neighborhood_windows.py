@@ -1,6 +1,8 @@
 """Window index math of neighborhood attention along one spatial axis (NATTEN conventions, see ops.md).
 
-Everything here is static (plain Python / numpy on shapes), so both paths build their index tables at trace time.
+The one implementation of the window rules, shared by the op (`jaxattn.neighborhood`: reference, blocked XLA
+path), the fused kernels (`jaxattn.kernels.neighborhood_attention`) and context parallelism. Everything is
+static (plain Python / numpy on shapes), so every path builds its index tables at trace time.
 
 Along an axis of extent `L` with window `k`, dilation `d` and stride `s`:
 - positions split into `d` dilation groups by `i % d`; query `i` sits at index `ii = i // d` of its group, whose
@@ -42,24 +44,27 @@ def group_length(length: int, dilation: int, group: int) -> int:
     return len(range(group, length, dilation))
 
 
-def _leader(ii: int, lg: int, stride: int, causal: bool) -> int:
+def window_bounds(ii, group_len: int, kernel: int, stride: int, causal: bool):
+    """The rules above: query `ii` of a group of `group_len` sees group indices `lo <= m < hi`.
+
+    `ii`: an int or an int numpy array (`0 <= ii < group_len`); returns `(lo, hi)` of the same kind.
+    """
     first = (ii // stride) * stride
-    return min(first + (stride - 1 if causal else stride // 2), lg - 1)
+    lead = np.minimum(first + (stride - 1 if causal else stride // 2), group_len - 1)
+    if causal:
+        return np.maximum(lead - kernel + 1, 0), ii + 1
+    lo = np.clip(lead - kernel // 2, 0, group_len - kernel)
+    return lo, lo + kernel
 
 
 def neighbors(i: int, length: int, kernel: int, dilation: int = 1, stride: int = 1, causal: bool = False):
-    """Keys of query `i` along one axis, one query at a time, written straight from the rules above.
+    """Keys of query `i` along one axis, one query at a time.
 
     Returns `(positions, rpb_indices)`: two lists of equal length (`kernel`, or fewer for early causal queries).
     """
     g, ii = i % dilation, i // dilation
-    lg = group_length(length, dilation, g)
-    lead = _leader(ii, lg, stride, causal)
-    if causal:
-        members = range(max(lead - kernel + 1, 0), ii + 1)
-    else:
-        start = min(max(lead - kernel // 2, 0), lg - kernel)
-        members = range(start, start + kernel)
+    lo, hi = window_bounds(ii, group_length(length, dilation, g), kernel, stride, causal)
+    members = range(int(lo), int(hi))
     return [g + m * dilation for m in members], [m - ii + kernel - 1 for m in members]
 
 
@@ -73,16 +78,7 @@ def group_windows(length: int, kernel: int, dilation: int, stride: int, causal: 
     hi = np.zeros((dilation, num_queries), np.int64)
     for g in range(dilation):
         lg = group_length(length, dilation, g)
-        ii = np.minimum(np.arange(num_queries), lg - 1)
-        first = (ii // stride) * stride
-        if causal:
-            lead = np.minimum(first + stride - 1, lg - 1)
-            lo[g] = np.maximum(lead - kernel + 1, 0)
-            hi[g] = ii + 1
-        else:
-            lead = np.minimum(first + stride // 2, lg - 1)
-            lo[g] = np.clip(lead - kernel // 2, 0, lg - kernel)
-            hi[g] = lo[g] + kernel
+        lo[g], hi[g] = window_bounds(np.minimum(np.arange(num_queries), lg - 1), lg, kernel, stride, causal)
     return lo, hi
 
 
