@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.extend
 
 _PLATFORM = {"tpu": "tpu", "mosaic_gpu": "cuda", "triton": "cuda", "cuda": "cuda"}
 _EXPECTED_CALL = {"tpu": "tpu_custom_call", "mosaic_gpu": "mosaic_gpu", "triton": "__gpu$xla.gpu.triton",
@@ -48,9 +49,9 @@ def assert_lowers(fn: Callable, *args, targets: Sequence[str] = ("tpu",), static
     return texts
 
 
-def pallas_call_outputs(fn: Callable, *args, name: str) -> list[int]:
-    """The output counts of every `pallas_call` named `name` in the jaxpr of `fn(*args)` (recursing into jit,
-    custom_vjp and other nested jaxprs, not into kernels): how tests check what a backward actually computes."""
+def _pallas_calls(fn: Callable, *args):
+    """Every `pallas_call` equation in the jaxpr of `fn(*args)`, recursing into jit, custom_vjp and other nested
+    jaxprs, not into kernels."""
     def eqns(jaxpr):
         for eqn in jaxpr.eqns:
             yield eqn
@@ -59,5 +60,15 @@ def pallas_call_outputs(fn: Callable, *args, name: str) -> list[int]:
                 if isinstance(inner, jax.extend.core.Jaxpr) and eqn.primitive.name != "pallas_call":
                     yield from eqns(inner)
 
-    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-    return [len(e.outvars) for e in eqns(jaxpr) if e.primitive.name == "pallas_call" and e.params.get("name") == name]
+    return [e for e in eqns(jax.make_jaxpr(fn)(*args).jaxpr) if e.primitive.name == "pallas_call"]
+
+
+def pallas_call_outputs(fn: Callable, *args, name: str) -> list[int]:
+    """The output counts of every `pallas_call` named `name` in `fn(*args)`: how tests check what a backward
+    actually computes."""
+    return [len(e.outvars) for e in _pallas_calls(fn, *args) if e.params.get("name") == name]
+
+
+def pallas_call_costs(fn: Callable, *args) -> dict:
+    """`{name: pl.CostEstimate or None}` of the `pallas_call`s in `fn(*args)` (what XLA's cost analysis adds up)."""
+    return {e.params.get("name"): e.params.get("cost_estimate") for e in _pallas_calls(fn, *args)}

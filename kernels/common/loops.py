@@ -44,25 +44,27 @@ class Reduction:
         return (*base, "arbitrary") if self.on_grid else tuple(base)
 
     def spec(self, block_shape, index_map: Callable) -> pl.BlockSpec:
-        """BlockSpec of an operand that does not follow the reduction: `index_map(*base_ids)`."""
+        """BlockSpec of an operand that does not follow the reduction: `index_map(*base_ids, *prefetch)`
+        (`prefetch`: the scalar-prefetch refs of a `PrefetchScalarGridSpec`, if any)."""
         if self.on_grid:
-            return pl.BlockSpec(block_shape, lambda *ids: index_map(*ids[:-1]))
+            return pl.BlockSpec(block_shape, lambda *ids: index_map(*ids[:self.axis], *ids[self.axis + 1:]))
         return pl.BlockSpec(block_shape, index_map)
 
     def reduced_spec(self, fori: tuple, grid: tuple, step_index: Callable | None = None) -> pl.BlockSpec:
         """BlockSpec of an operand that follows the reduction.
 
         fori: `(block_shape, index_map(*base_ids))`, a block holding every tile the loop may visit;
-        grid: `(block_shape, index_map(*base_ids, *r))` for one tile, with `r = step_index(*base_ids, step)` (a
-        block index or a tuple of them).
+        grid: `(block_shape, index_map(*base_ids, *r))` for one tile, with `r = step_index(*base_ids, step,
+        *prefetch)` (a block index or a tuple of them; `prefetch` as in `spec`).
         """
         if not self.on_grid:
             return pl.BlockSpec(*fori)
         shape, index_map = grid
 
         def grid_index_map(*ids):
-            r = step_index(*ids[:-1], ids[-1])
-            return index_map(*ids[:-1], *(r if isinstance(r, tuple) else (r,)))
+            base, step, prefetch = ids[:self.axis], ids[self.axis], ids[self.axis + 1:]
+            r = step_index(*base, step, *prefetch)
+            return index_map(*base, *(r if isinstance(r, tuple) else (r,)))
 
         return pl.BlockSpec(shape, grid_index_map)
 

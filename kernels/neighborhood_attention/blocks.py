@@ -1,59 +1,131 @@
-"""Box (tile) sizes of the neighborhood-attention kernels per target: `t1 x .. x tn` group indices per box.
+"""Tile sizes of the neighborhood-attention kernels per target: query tiles and key boxes, chosen independently.
 
-A box is both a query tile and a key block, so `prod(t)` is the matmul's M and N. Starting points, not tuned on
-hardware:
-- TPU: 128 rows (1-D 128, 2-D 8x16, 3-D 4x4x8): a multiple of 128, as the key block is the logits' lane
-  dimension; tiles are never shrunk below that unless the whole group grid fits one box (then the block is the
-  full, unpadded grid, legal at any size).
-- GPU (Pallas-Triton): powers of two, 32 rows (1-D 32, 2-D 4x8, 3-D 2x4x4), at least 16 (`tl.dot`); shrunk
-  along axes shorter than the tile. Small boxes waste less: 2-D 56x56 k=7 computes 397 logits per query with
-  4x8 boxes against 472 with 8x8 (49 are needed), 1-D k=13 96 per query with 32-token boxes against 191 with 64.
-- interpret: as GPU, without the minimum; tests pass small boxes to exercise many of them.
-A query box visits the key boxes its halo touches: at most `prod(ceil((t + k - 1) / t) + 1)` (2-3 per axis for
-k <= t); TPU's 128-token key blocks make that 380 logits per query at 1-D k=13 and 869 at 2-D 56x56 k=7.
+One kernel step computes a `[block_q, block_k]` logit tile (`block_q = prod(query tile)`, `block_k = prod(key
+box)`), and each query tile visits the key boxes its windows touch (`geometry.py`). How many logits that
+computes, against the `prod(k)` per query its windows need, depends on the tile shapes and on the problem, so
+`fit` picks the shapes per call: among per-axis powers of two with the target's `block_q` and `block_k`, the
+pair that computes the fewest logits (`Geometry.computed_logits`, counted exactly from the walk tables).
+
+The sizes are each target's hardware granule, no larger (small windows waste the least with the smallest tiles):
+- TPU: the MXU width (`TPU_GENERATIONS`). A logit tile feeds `q k^T` (`block_k` MXU columns) and `p v`
+  (contracting over `block_k`) and is softmaxed over `block_k` lanes: a narrower tile still costs a whole MXU
+  pass and whole 128-lane vregs, a wider one only adds logits outside the windows. So `block_q = block_k =` 128
+  on v4, v5e and v5p (4 MXUs of 128 x 128 per TensorCore) and 256 on v6e (2 MXUs of 256 x 256). VMEM does not
+  bind: a step holds double-buffered q/k/v/bias blocks, fp32 logits and accumulators, about 3 MiB at 256 x 256
+  and H = 128, against 16 MiB of VMEM per TensorCore on v4, 64 MiB on v5p and 128 MiB on v5e and v6e.
+  The generation is read from the device the program is lowered for (`pltpu.get_tpu_info()`: the abstract
+  mesh's device kind, else the default device); without one (a CPU host with no TPU mesh) the 128 plan, which
+  is v4/v5e/v5p's and legal on v6e. Each grid step also costs about 0.35 us, which favours larger tiles when
+  head dims are small; that trade is for a TPU run of `benchmarks/kernels.py` to settle (`tiles=`,
+  `key_tiles=`).
+- GPU (Pallas-Triton): 16 x 16, `tl.dot`'s smallest operands (one m16n8k16 tensor-core tile pair), one warp
+  per 16 query rows; the GPU runs the many small programs side by side, with no per-step cost to amortise.
+- interpret: as GPU; tests pass small tiles of their own.
+When the whole group grid holds no more tokens than a tile, one tile holds it (full extents are legal anywhere).
+Figures: `jax._src.pallas.mosaic.tpu_info` (jax 0.10.2: MXU column size, MXU count and VMEM per TensorCore per
+chip) and the Cloud TPU system-architecture pages (v5e: 4 MXUs per TensorCore; v6e: 256 x 256 MXUs).
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 
+from jaxattn.core import neighborhood_windows as windows
 from jaxattn.kernels.common import blocks as common_blocks
+from jaxattn.kernels.neighborhood_attention.geometry import Geometry
 
-DEFAULTS = {
-    "tpu": {1: (128,), 2: (8, 16), 3: (4, 4, 8)},
-    "triton": {1: (32,), 2: (4, 8), 3: (2, 4, 4)},
-    "interpret": {1: (32,), 2: (4, 8), 3: (2, 4, 4)},
-}
-TPU_LANES = 128
-TRITON_MIN_ROWS = 16
-# Triton launch settings of the Pallas-Triton kernels: (num_warps, num_stages).
-TRITON_LAUNCH = {"fwd": (4, 2), "bwd": (4, 2)}
+# generation -> (MXU width, MXUs per TensorCore, VMEM MiB per TensorCore)
+TPU_GENERATIONS = {"v4": (128, 4, 16), "v5e": (128, 4, 128), "v5p": (128, 4, 64), "v6e": (256, 2, 128)}
+TPU_DEFAULT_WIDTH = 128
+TPU_SUBLANES = 8
+TRITON_ROWS = 16  # tl.dot's smallest M, N and K; one warp per 16 query rows
+TRITON_MAX_WARPS = 4
+TRITON_STAGES = 2
 
 
-def fit(target: str, group_len: tuple[int, ...], requested: tuple[int, ...] | None = None) -> tuple[int, ...]:
-    """Box extents for `target` and the group grid `group_len` (the longest dilation group per axis)."""
+def tpu_generation() -> str | None:
+    """The TPU generation the current trace is lowered for ('v4', 'v5e', ...), or None when it is not known."""
+    from jax.experimental.pallas import tpu as pltpu
+    try:
+        return str(pltpu.get_tpu_info().chip_version)
+    except (ValueError, RuntimeError):
+        return None
+
+
+def granule(target: str, generation: str | None = None) -> int:
+    """Rows of a query tile and keys of a key box for `target` (and TPU `generation`, default detected)."""
+    if target in ("tpu", "tpu_interpret"):
+        generation = generation or tpu_generation()
+        if generation is not None and generation not in TPU_GENERATIONS:
+            raise ValueError(f"`generation` must be one of {tuple(TPU_GENERATIONS)} or None, got {generation!r}")
+        return TPU_GENERATIONS[generation][0] if generation else TPU_DEFAULT_WIDTH
+    return TRITON_ROWS
+
+
+def triton_warps(block_q: int) -> int:
+    return max(1, min(TRITON_MAX_WARPS, block_q // TRITON_ROWS))
+
+
+def fit(target: str, spatial: tuple[int, ...], spec: windows.NASpec, query_tiles=None, key_tiles=None,
+        generation: str | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`(query_tiles, key_tiles)` for a call on `spatial` with `spec`: requested ones are checked against the
+    target's rules, missing ones chosen as above."""
+    group_len = tuple(-(-n // d) for n, d in zip(spatial, spec.dilation))
+    query_tiles = _check(target, "tiles", query_tiles, group_len)
+    key_tiles = _check(target, "key_tiles", key_tiles, group_len)
+    if query_tiles is not None and key_tiles is not None:
+        return query_tiles, key_tiles
+    return best_tiles(target, spatial, spec, granule(target, generation), query_tiles, key_tiles)
+
+
+def best_tiles(target: str, spatial: tuple[int, ...], spec: windows.NASpec, rows: int, query_tiles=None,
+               key_tiles=None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The `(query_tiles, key_tiles)` of `rows` tokens each (power-of-two extents; fixed where given) that compute
+    the fewest logits, then take the fewest grid steps, then have the longest contiguous (last) query axis."""
+    group_len = tuple(-(-n // d) for n, d in zip(spatial, spec.dilation))
+    shapes = _shapes(target, rows, group_len)
+    return _search(tuple(spatial), spec, (tuple(query_tiles),) if query_tiles else shapes,
+                   (tuple(key_tiles),) if key_tiles else shapes)
+
+
+def _check(target, name, tiles, group_len):
+    if tiles is None:
+        return None
     nd = len(group_len)
-    family = "tpu" if target in ("tpu", "tpu_interpret") else ("triton" if target == "triton" else "interpret")
-    if requested is not None:
-        tiles = tuple(int(t) for t in requested)
-        if len(tiles) != nd or min(tiles) < 1:
-            raise ValueError(f"`tiles` must be {nd} positive ints (one per spatial axis), got {requested!r}")
-        if target == "tpu" and math.prod(tiles) % TPU_LANES and any(t < g for t, g in zip(tiles, group_len)):
-            raise ValueError(f"on TPU a box must hold a multiple of {TPU_LANES} tokens (or the whole grid "
-                             f"{group_len}), got tiles {tiles}")
-        if target == "triton" and (any(t & (t - 1) for t in tiles) or math.prod(tiles) < TRITON_MIN_ROWS):
-            raise ValueError(f"on GPU box extents must be powers of two with >= {TRITON_MIN_ROWS} tokens, "
-                             f"got tiles {tiles}")
-        return tiles
-    tiles = DEFAULTS[family][nd]
-    if family == "tpu":
-        if all(g <= t for g, t in zip(group_len, tiles)) or math.prod(group_len) <= math.prod(tiles):
-            return tuple(group_len)  # one box holds everything: full extents are always legal
-        return tiles
-    tiles = [min(t, common_blocks.next_power_of_2(g)) for t, g in zip(tiles, group_len)]
-    if family == "triton":
-        a = nd - 1
-        while math.prod(tiles) < TRITON_MIN_ROWS:  # grow the contiguous axis first
-            tiles[a] *= 2
-            if tiles[a] >= common_blocks.next_power_of_2(group_len[a]) and a > 0:
-                a -= 1
-    return tuple(tiles)
+    tiles = (tiles,) * nd if isinstance(tiles, int) else tuple(int(t) for t in tiles)
+    if len(tiles) != nd or min(tiles) < 1:
+        raise ValueError(f"`{name}` must be {nd} positive ints (one per spatial axis), got {tiles!r}")
+    rows, whole = math.prod(tiles), all(t >= g for t, g in zip(tiles, group_len))
+    if target == "tpu" and rows % TPU_SUBLANES and not whole:
+        raise ValueError(f"on TPU a tile must hold a multiple of {TPU_SUBLANES} tokens (or the whole group grid "
+                         f"{group_len}), got `{name}` {tiles}")
+    if target == "triton" and (any(t & (t - 1) for t in tiles) or rows < TRITON_ROWS):
+        raise ValueError(f"on GPU tile extents must be powers of two with >= {TRITON_ROWS} tokens, got `{name}` "
+                         f"{tiles}")
+    return tiles
+
+
+def _shapes(target: str, rows: int, group_len: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Per-axis powers of two with `rows` tokens, none longer than its axis needs. A grid of fewer tokens is one
+    tile: its exact extents on TPU (a full block), powers of two on GPU with the last axis grown to `rows`."""
+    caps = [common_blocks.next_power_of_2(g) for g in group_len]
+    if target in ("tpu", "tpu_interpret") and math.prod(group_len) <= rows:
+        return (tuple(group_len),)
+    if math.prod(caps) <= rows:
+        return (tuple(caps[:-1]) + (caps[-1] * rows // math.prod(caps),),)
+    options = [[1 << e for e in range(cap.bit_length())] for cap in caps]
+    return tuple(s for s in itertools.product(*options) if math.prod(s) == rows)
+
+
+@functools.lru_cache(maxsize=256)
+def _search(spatial, spec: windows.NASpec, query_options, key_options):
+    best = None
+    for tq in query_options:
+        for tk in key_options:
+            geo = Geometry(1, spatial, 1, 1, spec.kernel_size, spec.dilation, spec.stride, spec.is_causal, tq, tk)
+            walk, _ = geo.keys_of_queries()
+            cost = (geo.computed_logits, geo.num_query_tiles * walk.steps, tuple(-t for t in tq[::-1]))
+            if best is None or cost < best[0]:
+                best = (cost, tq, tk)
+    return best[1], best[2]

@@ -1,15 +1,15 @@
 """Fused neighborhood attention as Pallas kernels for TPU (Mosaic) and GPU (Pallas-Triton), forward and backward.
 
 `neighborhood_attention` moves the op's heads-last arrays into the kernels' layout (`geometry.py`: dilation groups
-into the batch, the group grid cut into boxes and flattened box-major, features padded for Triton; plain XLA that
-differentiates itself) and runs the kernels through a custom VJP:
+into the batch, queries cut into tiles and keys into boxes of their own sizes, each flattened tile-major, features
+padded for Triton; plain XLA that differentiates itself) and runs the kernels through a custom VJP:
 
-- forward (`pallas_fwd`): one query box per program against the key boxes of its halo; out + fp32 lse;
-- backward (`pallas_bwd`): dq (+ d rpb partials) per query box, dk/dv per key box over the query boxes that see
-  it (GQA heads accumulated in place), both recomputing probabilities from the lse.
+- forward (`pallas_fwd`): one query tile per program against the key boxes its windows touch; out + fp32 lse;
+- backward (`pallas_bwd`): dq (+ d rpb partials) per query tile, dk/dv per key box over the query tiles that
+  visit it (GQA heads accumulated in place), both recomputing probabilities from the lse.
 
 Supported: 1-D, 2-D and 3-D, any kernel size (odd or even), dilation, stride (GNA), causal per axis, relative
-position bias, GQA, any head dims. The bias enters as a few precomputed tiles (one per box offset); its gradient
+position bias, GQA, any head dims. The bias enters as a few precomputed tiles (one per tile offset); its gradient
 is summed in the dq kernel with one compare/select per table entry, so bias tables of more than
 `MAX_RPB_ENTRIES` entries (e.g. 3-D k = 7) are left to the XLA path (`supports`).
 Mosaic GPU is not targeted (the body uses `jnp.dot` on register values, as the flash-attention kernels do).
@@ -52,7 +52,7 @@ def supports(rpb=None, spec=None, **_) -> bool:
 
 
 def neighborhood_attention(query, key, value, rpb=None, *, spec, scale=None, target=None, tiles=None,
-                           reduction=None):
+                           key_tiles=None, reduction=None, generation=None):
     """Neighborhood attention with the Pallas kernels. Returns `(out [B, *spatial, N, Hv], lse [B, *spatial, N])`.
 
     Semantics and argument checks are those of `jaxattn.neighborhood_attention` (call it with
@@ -60,8 +60,11 @@ def neighborhood_attention(query, key, value, rpb=None, *, spec, scale=None, tar
       query `[B, *spatial, N, H]`, key `[B, *spatial, K, H]`, value `[B, *spatial, K, Hv]` (N % K == 0);
       rpb: `[N, 2k1-1, ...]` or None; scale: default `H ** -0.5`.
       target: 'tpu', 'triton', 'interpret' or 'tpu_interpret' (default from `jax.default_backend()`).
-      tiles: box extents per axis in dilation-group indices (default per target, `blocks.py`).
+      tiles, key_tiles: query tile and key box extents per axis in dilation-group indices (an int or a tuple;
+        default per target and problem, `blocks.fit`).
       reduction: 'grid' or 'fori' (default 'grid' on TPU, 'fori' elsewhere; Triton needs 'fori').
+      generation: the TPU generation for the default tiles ('v4', 'v5e', 'v5p', 'v6e'; default: the device the
+        program is lowered for when known, `blocks.tpu_generation`).
     """
     target = platform.resolve_target(target)
     mode = reduction or ("grid" if platform.tpu_like(target) else "fori")
@@ -70,12 +73,9 @@ def neighborhood_attention(query, key, value, rpb=None, *, spec, scale=None, tar
     if target == "tpu" and mode != "grid":
         raise ValueError("target='tpu' walks key boxes on the grid (reduction='grid')")
     b, *spatial, n, h = query.shape
-    nd = len(spatial)
-    group_len = tuple(-(-length // d) for length, d in zip(spatial, spec.dilation))
-    if tiles is not None and isinstance(tiles, int):
-        tiles = (tiles,) * nd
+    query_tiles, key_boxes = blocks.fit(target, tuple(spatial), spec, tiles, key_tiles, generation)
     geo = Geometry(b, tuple(spatial), n, key.shape[-2], spec.kernel_size, spec.dilation, spec.stride,
-                   spec.is_causal, blocks.fit(target, group_len, tiles))
+                   spec.is_causal, query_tiles, key_boxes)
     scale = float(h ** -0.5 if scale is None else scale)
     return _neighborhood(query, key, value, rpb, _Static(geo, scale, target, mode))
 
@@ -90,14 +90,15 @@ def _neighborhood(query, key, value, rpb, static: _Static):
     geo = static.geo
     h, hv = query.shape[-1], value.shape[-1]
     hp, hvp = (common_blocks.feature_dim(x, static.target) for x in (h, hv))
-    q, k, v = geo.to_kernel(query, hp), geo.to_kernel(key, hp), geo.to_kernel(value, hvp)
+    q = geo.to_kernel(query, hp, "query")
+    k, v = geo.to_kernel(key, hp, "key"), geo.to_kernel(value, hvp, "key")
     rows = None
     if rpb is not None:
         width = max(TPU_LANES, common_blocks.next_power_of_2(geo.rpb_size))
         rows = blocking.pad_axis(rpb.astype(jnp.float32).reshape(geo.heads, 1, geo.rpb_size), 2, width)
     out, lse = _attend(q, k, v, rows, static)
-    out = geo.from_kernel(out, hv)
-    lse = geo.from_kernel(lse, 1)[..., 0]
+    out = geo.from_kernel(out, hv, "query")
+    lse = geo.from_kernel(lse, 1, "query")[..., 0]
     return out, lse
 
 

@@ -1,9 +1,9 @@
-"""What one (query box, key box) tile computes, shared by the forward, dq and dk/dv kernel bodies.
+"""What one (query tile, key box) pair computes, shared by the forward, dq and dk/dv kernel bodies.
 
 Logits `q[bq, H] x k[bk, H]^T` in fp32, scaled, plus the relative position bias, with keys outside each query's
 window at `-inf`. The window test is per axis, `lo <= m < hi`, from the int32 tables of `geometry.py` (query
 bounds as columns `[bq, 1]`, key group indices as rows `[1, bk]`). The bias of a tile depends only on the offset
-between its key box and query box, so the kernels read one of a few precomputed `[bq, bk]` tiles
+between its key box and query tile, so the kernels read one of a few precomputed `[bq, bk]` tiles
 (`Geometry.bias_index`). Its gradient is summed in the dq kernel per table entry: the index of key `m` for query
 `ii` is `sum_a (m_a - ii_a + k_a - 1) * stride_a` into the flattened `(2k1-1) x ..` table, and each entry takes
 one compare/select/sum over the tile (no gather or scatter: Mosaic has neither on vectors).
