@@ -15,11 +15,12 @@ cost is linear in T, so it reports time and million tokens per second (B T / tim
 
 Neighborhood section (`benchmarks/kernels_neighborhood.py`; `--neighborhood-only` runs only it, `--no-neighborhood`
 skips it): the blocked XLA path against the fused Pallas kernel, 2-D NAT/DiNAT shapes and 1-D T = 8192, rows under
-"neighborhood".
+"neighborhood"; and, counted from the kernel plans on any machine, the logits each plan (TPU v4/v5e/v5p/v6e, GPU)
+computes against those the windows need, rows under "neighborhood_waste".
 
-Without a GPU or TPU the script says so and exits 0. Results: printed tables, results/kernels.json (attention
-rows under "rows", lightning rows under "lightning"), results/kernels.png (TFLOP/s against T) and
-results/kernels_lightning.png (Mtok/s against T).
+Without a GPU or TPU the script prints the counted tables, says so and exits 0. Results: printed tables,
+results/kernels.json (attention rows under "rows", lightning rows under "lightning"), results/kernels.png (TFLOP/s
+against T) and results/kernels_lightning.png (Mtok/s against T).
 """
 from __future__ import annotations
 
@@ -131,10 +132,16 @@ def main(argv=None):
     parser.add_argument("--no-neighborhood", action="store_true", help="skip the neighborhood-attention section")
     args = parser.parse_args(argv)
     platform = jax.default_backend()
+    waste = [] if args.no_neighborhood or args.lightning_only else kernels_neighborhood.waste_rows()
+    if waste:
+        print("neighborhood attention: logits computed / needed per kernel plan (counted, no hardware needed)")
+        print_table(waste, kernels_neighborhood.WASTE_COLUMNS)
     if platform == "cpu" and not args.interpret:
         print(f"No GPU or TPU here (jax backend: {platform}, devices: {jax.devices()}): the kernels only run in the "
               "Pallas interpreter on CPU, which measures nothing useful. Run this on a GPU or TPU machine "
               "(or pass --interpret for a smoke test of the script).")
+        if waste:
+            write_json("kernels", {"config": vars(args), "platform": platform, "neighborhood_waste": waste})
         return 0
     lengths = [1024, 2048] if args.quick else args.lengths
     modes = [True] if args.quick else [True, False]
@@ -176,7 +183,7 @@ def main(argv=None):
         print()
         print_table(neighborhood, kernels_neighborhood.COLUMNS)
     write_json("kernels", {"config": vars(args), "platform": platform, "rows": rows, "lightning": lightning,
-                           "neighborhood": neighborhood})
+                           "neighborhood": neighborhood, "neighborhood_waste": waste})
     return 0
 
 
