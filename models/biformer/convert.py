@@ -46,7 +46,8 @@ def load_biformer_state_dict(model: BiFormer, state_dict) -> BiFormer:
             if block.gamma1 is not None:
                 ld.set(block.gamma1, f"{p}.gamma1")
                 ld.set(block.gamma2, f"{p}.gamma2")
-    ld.batch_norm(model.norm, "norm")
+    if model.norm is not None:  # None once pruned to a backbone
+        ld.batch_norm(model.norm, "norm")
     if model.head is not None:
         ld.linear(model.head, "head")
     return ld.finish()

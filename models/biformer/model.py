@@ -25,6 +25,7 @@ from flax import nnx
 
 import jaxattn
 from jaxattn.core import validation
+from jaxattn.models.features import Backbone, FeatureSpec
 from jaxattn.models.layers import DepthwiseConv2d, DropPath, drop_path_rates
 
 LN_EPS = 1e-6  # the reference's LayerNorm ("important to avoid attention collapsing")
@@ -186,7 +187,7 @@ class Block(nnx.Module):
         return self.norm2(x + self.drop_path(self._scaled(self.gamma2, mlp(x))))
 
 
-class BiFormer(nnx.Module):
+class BiFormer(Backbone, nnx.Module):
     """BiFormer. NHWC images `[B, H, W, in_chans]` -> logits `[B, num_classes]` (pooled features when
     `num_classes == 0`).
 
@@ -200,6 +201,9 @@ class BiFormer(nnx.Module):
       pre_norm: pre-norm blocks (True, released) or post-norm.
       drop_path_rate: stochastic depth, linear in block index from 0 (training mode only).
       implementation: passed to `jaxattn.bilevel_routing_attention` (None picks per platform).
+
+    As a backbone (`jaxattn.models.features`): one feature per stage, the output of `stages.{i}` (strides 4, 8, 16,
+    32), as the official code's stages; `norm=True` applies the final BatchNorm to the last one.
     """
 
     def __init__(self, *, depths: Sequence[int] = (2, 2, 8, 2), embed_dims: Sequence[int] = (64, 128, 256, 512),
@@ -251,9 +255,11 @@ class BiFormer(nnx.Module):
         self.norm = _batch_norm(embed_dims[-1], dtype=dtype, rngs=rngs)
         self.head = (_linear(embed_dims[-1], num_classes, dtype=dtype, rngs=rngs) if num_classes > 0
                      else nnx.data(None))
+        self.feature_specs = tuple(FeatureSpec(d, 4 * 2 ** i, f"stages.{i}", i) for i, d in enumerate(embed_dims))
 
-    def forward_features(self, x):
-        """NHWC images -> pooled features `[B, embed_dims[-1]]` (after the final BatchNorm)."""
+    def check_images(self, x) -> None:
+        """NHWC float images with `in_chans` channels; without `auto_pad`, every routed stage's map a multiple of
+        `n_win`."""
         validation.check_rank("x", x, 4, "[batch, height, width, channels]")
         validation.check_floating("x", x)
         validation.check_dim("x", x, -1, self.in_chans, "channels", "`in_chans`")
@@ -264,11 +270,42 @@ class BiFormer(nnx.Module):
                     raise ValueError(f"`x` of shape {tuple(x.shape)} gives a {size[0]}x{size[1]} map in stage {i}, "
                                      f"not a multiple of `n_win` {self.n_win}; use images a multiple of "
                                      f"{self.n_win * 2 ** (i + 2)} px or build the model with auto_pad=True")
+
+    def forward_features(self, x):
+        """NHWC images -> pooled features `[B, embed_dims[-1]]` (after the final BatchNorm)."""
+        self.check_images(x)
         for down, blocks in zip(self.downsample_layers, self.stages):
             x = down(x)
             for block in blocks:
                 x = block(x)
         return self.norm(x).mean(axis=(1, 2))
+
+    @property
+    def final_norm(self):
+        return self.norm
+
+    def _taps(self):
+        def run(down, blocks):
+            def tap(x):
+                x = down(x)
+                for block in blocks:
+                    x = block(x)
+                return x, x
+            return tap
+        return [run(down, blocks) for down, blocks in zip(self.downsample_layers, self.stages)]
+
+    def _prune(self, num_taps: int, prune_norm: bool, prune_head: bool) -> list[str]:
+        removed = [p for i in range(num_taps, len(self.stages)) for p in (f"downsample_layers.{i}.", f"stages.{i}.")]
+        self.downsample_layers = nnx.List(list(self.downsample_layers)[:num_taps])
+        self.stages = nnx.List(list(self.stages)[:num_taps])
+        self.topks = self.topks[:num_taps]
+        if prune_norm and self.norm is not None:
+            self.norm = nnx.data(None)
+            removed.append("norm.")
+        if prune_head and self.head is not None:
+            self.head = nnx.data(None)
+            removed.append("head.")
+        return removed
 
     def __call__(self, x):
         x = self.forward_features(x)

@@ -40,7 +40,8 @@ def load_dinat_state_dict(model: DiNAT, state_dict) -> DiNAT:
         if level.downsample is not None:
             ld.conv(level.downsample.reduction, f"levels.{i}.downsample.reduction")
             ld.layer_norm(level.downsample.norm, f"levels.{i}.downsample.norm")
-    ld.layer_norm(model.norm, "norm")
+    if model.norm is not None:  # None once pruned to a backbone
+        ld.layer_norm(model.norm, "norm")
     if model.head is not None:
         ld.linear(model.head, "head")
     return ld.finish()

@@ -23,6 +23,7 @@ from flax import nnx
 import jaxattn
 from jaxattn.core import validation
 from jaxattn.models import context_parallel as cp
+from jaxattn.models.features import Backbone, FeatureSpec
 from jaxattn.models.layers import DropPath, drop_path_rates
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm default; flax's default is 1e-6
@@ -199,7 +200,7 @@ class NATLevel(nnx.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
-class DiNAT(nnx.Module):
+class DiNAT(Backbone, nnx.Module):
     """DiNAT (NAT when every dilation is 1). NHWC images `[B, H, W, in_chans]` -> logits `[B, num_classes]`
     (pooled features `[B, embed_dim * 2**(stages-1)]` when `num_classes == 0`).
 
@@ -216,6 +217,11 @@ class DiNAT(nnx.Module):
       context_parallel: 'halo' or None: context parallelism over image rows in training under a mesh with
         `'context'` > 1 (see `NeighborhoodAttention2D`; `jaxattn.models.context_parallel`).
       dtype: computation dtype of the layers (parameters stay float32).
+
+    As a backbone (`jaxattn.models.features`): one feature per stage, `levels.{i}.blocks`, the output of the
+    stage's blocks before its downsampler (strides 4, 8, 16, 32), where the official detection and segmentation
+    backbones tap it (they add a LayerNorm per output, `norm{i}`, trained with the detector: not part of this
+    model). `norm=True` applies the final LayerNorm to the last stage's feature.
     """
 
     def __init__(self, *, embed_dim: int = 64, depths: Sequence[int] = (3, 4, 6, 5),
@@ -237,7 +243,7 @@ class DiNAT(nnx.Module):
         if any(d < 1 for stage in dilations for d in stage):
             raise ValueError(f"`dilations` must be >= 1, got {dilations}")
         self.in_chans, self.num_classes, self.img_size = in_chans, num_classes, img_size
-        self.dilations = dilations
+        self.dilations, self.context_parallel = dilations, context_parallel
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
 
         self.patch_embed = ConvTokenizer(in_chans, embed_dim, dtype=dtype, rngs=rngs)
@@ -252,16 +258,52 @@ class DiNAT(nnx.Module):
         self.norm = _norm(self.num_features, dtype=dtype, rngs=rngs)
         self.head = (_linear(self.num_features, num_classes, dtype=dtype, rngs=rngs) if num_classes > 0
                      else nnx.data(None))
+        self.feature_specs = tuple(FeatureSpec(embed_dim * 2 ** i, 4 * 2 ** i, f"levels.{i}.blocks", i)
+                                   for i in range(len(depths)))
 
-    def forward_features(self, x):
-        """NHWC images -> pooled features `[B, num_features]` (after the final LayerNorm)."""
+    def check_images(self, x) -> None:
+        """Any NHWC float image with `in_chans` channels fits (small maps are padded up to the window)."""
         validation.check_rank("x", x, 4, "[batch, height, width, channels]")
         validation.check_floating("x", x)
         validation.check_dim("x", x, -1, self.in_chans, "channels", "`in_chans`")
+
+    def forward_features(self, x):
+        """NHWC images -> pooled features `[B, num_features]` (after the final LayerNorm)."""
+        self.check_images(x)
         x = self.pos_drop(self.patch_embed(x))
         for level in self.levels:
             x = level(x)
         return self.norm(x).mean(axis=(1, 2))
+
+    @property
+    def final_norm(self):
+        return self.norm
+
+    def _taps(self):
+        def run(i, level):
+            def tap(x):
+                if i == 0:
+                    x = self.pos_drop(self.patch_embed(x))
+                for block in level.blocks:
+                    x = block(x)
+                return (x if level.downsample is None else level.downsample(x)), x
+            return tap
+        return [run(i, level) for i, level in enumerate(self.levels)]
+
+    def _prune(self, num_taps: int, prune_norm: bool, prune_head: bool) -> list[str]:
+        removed = [f"levels.{i}." for i in range(num_taps, len(self.levels))]
+        self.levels = nnx.List(list(self.levels)[:num_taps])
+        last = self.levels[-1]
+        if last.downsample is not None:  # the last feature is taken before it
+            last.downsample = nnx.data(None)
+            removed.append(f"levels.{num_taps - 1}.downsample.")
+        if prune_norm and self.norm is not None:
+            self.norm = nnx.data(None)
+            removed.append("norm.")
+        if prune_head and self.head is not None:
+            self.head = nnx.data(None)
+            removed.append("head.")
+        return removed
 
     def __call__(self, x):
         x = self.forward_features(x)

@@ -77,11 +77,45 @@ class Stem(nnx.Module):
         self.pool = pool
         self.stride = 2 ** (sum(s == 2 for s in strides) + pool)
         self.out_chs = out_chs
+        self.features, self.tap_index = self._features(chs, strides)
+
+    def _features(self, chs, strides):
+        """timm's stem `feature_info` as `(num_chs, reduction, module)`, the stem output last, and the index of the
+        conv whose output `forward_intermediates` takes (the last one before the final stride; None: the output)."""
+        if self.single:
+            return ((chs[0], 2, "stem"),), None
+        features, reduction, tap = [], 1, None
+        for i, s in enumerate(strides):
+            if i > 0 and s > 1:
+                tap = i - 1
+                features.append((chs[i - 1], reduction, f"stem.conv{i}"))
+            reduction *= s
+        last = f"stem.conv{len(chs)}"
+        if self.pool:
+            tap = len(chs) - 1
+            features.append((chs[-1], reduction, last))
+            reduction, last = reduction * 2, "stem.pool"
+        return tuple(features) + ((chs[-1], reduction, last),), tap
 
     def __call__(self, x):
-        for conv in self.convs:
+        return self.forward_intermediates(x)[0]
+
+    def forward_intermediates(self, x):
+        """`(output, feature)`: the stem output and its tapped intermediate (the output itself without a tap)."""
+        feature = None
+        for i, conv in enumerate(self.convs):
             x = conv(x)
-        return max_pool_3x3_s2(x) if self.pool else x
+            if i == self.tap_index:
+                feature = x
+        if self.pool:
+            x = max_pool_3x3_s2(x)
+        return x, x if feature is None else feature
+
+    def prune_to_tap(self) -> None:
+        """Drops the layers after the tapped conv, so the stem outputs its feature (timm's `prune_to_tap`)."""
+        if self.tap_index is not None:
+            self.convs = nnx.List(list(self.convs)[:self.tap_index + 1])
+            self.pool, self.tap_index = False, None
 
 
 class SqueezeExcite(nnx.Module):

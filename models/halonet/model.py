@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxattn.models.features import Backbone, FeatureSpec
 from jaxattn.models.halonet.config import AttnCfg, BlockCfg, make_divisible
 from jaxattn.models.halonet.layers import ConvBnAct, HaloAttention, SqueezeExcite, Stem, activation, batch_norm
 from jaxattn.models.layers import DropPath, drop_path_rates
@@ -75,7 +76,7 @@ def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-class HaloNet(nnx.Module):
+class HaloNet(Backbone, nnx.Module):
     """timm `ByobNet` restricted to what the `halonet*` models use.
 
     Args:
@@ -92,6 +93,11 @@ class HaloNet(nnx.Module):
       drop_rate: dropout before the classifier; drop_path_rate: stochastic depth, linear over all blocks.
       zero_init_last: zero-init the last BN scale of every residual branch (timm's default).
       attn_implementation: `jaxattn.halo_attention` backend for every block (overrides `AttnCfg.implementation`).
+
+    As a backbone (`jaxattn.models.features`): timm's features, stem first: the stem's last conv before its final
+    stride (`stem.conv1` of a 7x7 stem, `stem.conv3` of a tiered one), the last stage at each further stride, and
+    `final_conv` (the last stage's output when there is no final conv) at the end. No final norm: `norm=True`
+    changes nothing. `forward_intermediates(..., exclude_final_conv=True)` takes the last stage before `final_conv`.
     """
 
     def __init__(self, stages: Sequence[Sequence[BlockCfg]], *, num_classes: int = 1000, img_size=256,
@@ -104,6 +110,7 @@ class HaloNet(nnx.Module):
         if not self.stage_cfgs or any(not s for s in self.stage_cfgs):
             raise ValueError(f"`stages` must be a non-empty sequence of non-empty stages, got {stages!r}")
         self.attn_cfg = attn
+        self.kept_stages = len(self.stage_cfgs)  # fewer once pruned to a backbone
         self.img_size = _pair(img_size)
         self.stem = Stem(in_chans, stem_chs, stem_type, stem_pool, act=act, rngs=rngs)
         self.check_image_size(self.img_size, name="img_size")
@@ -129,6 +136,24 @@ class HaloNet(nnx.Module):
         self.head_drop = nnx.Dropout(drop_rate, rngs=rngs if drop_rate > 0 else None)
         self.fc = (nnx.Linear(self.num_features, num_classes, kernel_init=nnx.initializers.normal(0.01), rngs=rngs)
                    if num_classes else None)
+        self.feature_specs = self._feature_specs()
+
+    @property
+    def context_parallel(self) -> str | None:
+        return self.attn_cfg.context_parallel
+
+    def _feature_specs(self) -> tuple[FeatureSpec, ...]:
+        """timm `ByobNet.feature_info`: the stem's features but its output; the previous stage's output before each
+        strided stage (the stem output before a strided first stage); `final_conv` at the last stage's stride."""
+        stem = self.stem.features
+        specs = [FeatureSpec(c, r, m, 0) for c, r, m in stem[:-1]]
+        prev, reduction = FeatureSpec(*stem[-1], 0), stem[-1][1]
+        for i, stage_cfg in enumerate(self.stage_cfgs):
+            if stage_cfg[0].stride != 1:
+                specs.append(prev)
+            reduction *= stage_cfg[0].stride
+            prev = FeatureSpec(stage_cfg[-1].out_chs, reduction, f"stages.{i}", i + 1)
+        return tuple(specs) + (FeatureSpec(self.num_features, reduction, "final_conv", len(self.stage_cfgs)),)
 
     def attention_layers(self, size) -> list[tuple[str, tuple[int, int], int, int]]:
         """`(name, input map size, input stride, block size)` of every halo attention layer for an image `size`
@@ -138,7 +163,7 @@ class HaloNet(nnx.Module):
         for _ in range(self.stem.stride.bit_length() - 1):
             h, w, stride = -(-h // 2), -(-w // 2), stride * 2
         layers = []
-        for i, stage_cfg in enumerate(self.stage_cfgs):
+        for i, stage_cfg in enumerate(self.stage_cfgs[:self.kept_stages]):
             for j, cfg in enumerate(stage_cfg):
                 if cfg.type == "self_attn":
                     block = (cfg.attn or self.attn_cfg).block_size
@@ -158,6 +183,11 @@ class HaloNet(nnx.Module):
                     f"(block size {block}, total stride {stride}) gets a {h}x{w} map, not a multiple of {block}. "
                     f"Image sides must be multiples of block size x total stride ({need} here).")
 
+    def check_images(self, images) -> None:
+        if images.ndim != 4:
+            raise ValueError(f"`images` must be NHWC (rank 4), got shape {tuple(images.shape)}")
+        self.check_image_size(images.shape[1:3])
+
     def forward_features(self, x):
         x = self.stem(x)
         for stage in self.stages:
@@ -167,9 +197,42 @@ class HaloNet(nnx.Module):
 
     def __call__(self, images):
         """`images [B, H, W, in_chans]` (NHWC, float) -> logits `[B, num_classes]`."""
-        if images.ndim != 4:
-            raise ValueError(f"`images` must be NHWC (rank 4), got shape {tuple(images.shape)}")
-        self.check_image_size(images.shape[1:3])
+        self.check_images(images)
         x = jnp.mean(self.forward_features(images), axis=(1, 2))
         x = self.head_drop(x)
         return x if self.fc is None else self.fc(x)
+
+    def forward_intermediates(self, x, indices=None, *, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NHWC", intermediates_only: bool = True,
+                              exclude_final_conv: bool = False):
+        return self._forward_intermediates(x, self._taps(final_conv=not exclude_final_conv), indices, norm=norm,
+                                           stop_early=stop_early, output_fmt=output_fmt,
+                                           intermediates_only=intermediates_only,
+                                           final=self.final_conv if exclude_final_conv else None)
+
+    def _taps(self, final_conv: bool = True):
+        """The stem (its tapped conv as the feature), then each stage; the last stage ends with `final_conv`."""
+        def run(i, stage):
+            def tap(x):
+                for block in stage:
+                    x = block(x)
+                if final_conv and self.final_conv is not None and i == len(self.stage_cfgs) - 1:
+                    x = self.final_conv(x)
+                return x, x
+            return tap
+        return [self.stem.forward_intermediates] + [run(i, stage) for i, stage in enumerate(self.stages)]
+
+    def _prune(self, num_taps: int, prune_norm: bool, prune_head: bool) -> list[str]:
+        removed = [f"stages.{i}." for i in range(num_taps - 1, len(self.stages))]
+        self.stages = nnx.List(list(self.stages)[:num_taps - 1])
+        self.kept_stages = len(self.stages)
+        if self.kept_stages < len(self.stage_cfgs) and self.final_conv is not None:
+            self.final_conv = None
+            removed.append("final_conv.")
+        if num_taps == 1 and self.stem.tap_index is not None:
+            removed += [f"stem.conv{i + 1}." for i in range(self.stem.tap_index + 1, len(self.stem.convs))]
+            self.stem.prune_to_tap()
+        if prune_head and self.fc is not None:
+            self.fc = None
+            removed.append("head.")
+        return removed

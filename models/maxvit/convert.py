@@ -80,9 +80,10 @@ def load_timm_maxvit(model: MaxViT, state_dict) -> MaxViT:
             _mbconv(loader, block.conv, f"{prefix}.conv")
             _partition_attention(loader, block.attn_block, f"{prefix}.attn_block")
             _partition_attention(loader, block.attn_grid, f"{prefix}.attn_grid")
-    loader.layer_norm(model.head.norm, "head.norm")
-    loader.linear(model.head.pre_logits, "head.pre_logits.fc")
-    loader.linear(model.head.fc, "head.fc")
+    if model.head is not None:  # None once pruned to a backbone
+        loader.layer_norm(model.head.norm, "head.norm")
+        loader.linear(model.head.pre_logits, "head.pre_logits.fc")
+        loader.linear(model.head.fc, "head.fc")
     return loader.finish()
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.core import validation
+from jaxattn.models.features import Backbone, FeatureSpec
 from jaxattn.models.layers import drop_path_rates
 from jaxattn.models.layers.dense import Dense
 from jaxattn.models.maxvit.attention import PartitionAttention, _pair, layer_norm
@@ -66,7 +67,7 @@ class NormMlpHead(nnx.Module):
         return x if pre_logits else self.fc(self.drop(x))
 
 
-class MaxViT(nnx.Module):
+class MaxViT(Backbone, nnx.Module):
     """MaxViT image classifier: NHWC float images `[B, H, W, in_chans]` -> logits `[B, num_classes]`.
 
     Args:
@@ -90,6 +91,9 @@ class MaxViT(nnx.Module):
       dtype, param_dtype: computation and parameter dtypes.
 
     `model.train()` / `model.eval()` switch BatchNorm statistics, stochastic depth and dropout.
+
+    As a backbone (`jaxattn.models.features`): features are timm's, stem first: `stem` (stride 2), then
+    `stages.0` .. `stages.3` (strides 4 .. 32). The final norm is the head's, so `norm=True` changes nothing.
     """
 
     def __init__(self, *, num_classes: int = 1000, img_size=224, in_chans: int = 3, stem_width=64,
@@ -133,17 +137,23 @@ class MaxViT(nnx.Module):
                 in_chs = out_chs
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)
+        self.feature_specs = (FeatureSpec(stem_width[1], 2, "stem", 0),) + tuple(
+            FeatureSpec(c, 2 ** (i + 2), f"stages.{i}", i + 1) for i, c in enumerate(embed_dim))
         self.head = NormMlpHead(embed_dim[-1], head_hidden_size or embed_dim[-1], num_classes,
                                 drop_rate=drop_rate, rngs=rngs, **kw)
 
-    def forward_features(self, images):
-        """`[B, H, W, in_chans]` -> last-stage features `[B, H/32, W/32, embed_dim[-1]]`."""
-        images = jnp.asarray(images)
+    def check_images(self, images) -> None:
+        """`ValueError` unless `images` is NHWC float with `in_chans` channels and a size the model fits."""
         validation.check_rank("images", images, 4, "[batch, height, width, channels] (NHWC)")
         validation.check_floating("images", images)
         if images.shape[-1] != self.in_chans:
             raise ValueError(f"`images` must have {self.in_chans} channels (NHWC), got shape {tuple(images.shape)}")
         check_image_size("images", images.shape[1:3], self.window_size, self.grid_size)
+
+    def forward_features(self, images):
+        """`[B, H, W, in_chans]` -> last-stage features `[B, H/32, W/32, embed_dim[-1]]`."""
+        images = jnp.asarray(images)
+        self.check_images(images)
         x = self.stem(images)
         for stage in self.stages:
             for block in stage:
@@ -152,3 +162,20 @@ class MaxViT(nnx.Module):
 
     def __call__(self, images, *, pre_logits: bool = False):
         return self.head(self.forward_features(images), pre_logits=pre_logits)
+
+    def _taps(self):
+        def run(stage):
+            def tap(x):
+                for block in stage:
+                    x = block(x)
+                return x, x
+            return tap
+        return [lambda x: (self.stem(x),) * 2] + [run(stage) for stage in self.stages]
+
+    def _prune(self, num_taps: int, prune_norm: bool, prune_head: bool) -> list[str]:
+        removed = [f"stages.{i}." for i in range(num_taps - 1, len(self.stages))]
+        self.stages = nnx.List(list(self.stages)[:num_taps - 1])
+        if prune_head and self.head is not None:
+            self.head = nnx.data(None)
+            removed.append("head.")
+        return removed
