@@ -69,15 +69,33 @@ def get_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-def create_model(name: str, *, num_classes: int = 1000, rngs: nnx.Rngs | None = None, **overrides) -> nnx.Module:
+def create_model(name: str, *, num_classes: int = 1000, rngs: nnx.Rngs | None = None, features_only: bool = False,
+                 out_indices=None, feature_cfg: dict | None = None, **overrides) -> nnx.Module:
     """Builds the registered model `name`.
 
     Vision models get `num_classes`; language models take their vocabulary from `overrides` (`vocab_size=`).
     `overrides` change any constructor argument (e.g. `img_size=`, `depths=`, `drop_path_rate=`), which is how
     reduced configurations and reference checkpoints with other settings are expressed.
+
+    `features_only=True` (vision models) returns the model as a backbone, a `features.FeatureModel` whose call
+    gives the features `out_indices` selects (None: all; an int n: the last n; indices, negative from the end, as
+    timm) and whose `feature_info` describes them; `num_classes` does not apply. `feature_cfg` may set `norm`
+    (the final norm on the last feature) and `output_fmt` ('NHWC' or 'NCHW').
     """
     entry = get_entry(name)
     rngs = nnx.Rngs(0) if rngs is None else rngs
+    if not features_only and (out_indices is not None or feature_cfg):
+        raise ValueError("`out_indices` and `feature_cfg` apply to feature models only: pass features_only=True")
+    if features_only:
+        if entry.kind != "vision":
+            raise ValueError(f"`features_only` applies to vision models; {name!r} is a language model")
+        from jaxattn.models.features import FeatureModel
+        feature_cfg = dict(feature_cfg or {})
+        unknown = set(feature_cfg) - {"norm", "output_fmt"}
+        if unknown:
+            raise ValueError(f"`feature_cfg` takes 'norm' and 'output_fmt', got {sorted(unknown)}")
+        model = entry.builder(rngs=rngs, num_classes=0, **overrides)  # no head to build and prune
+        return FeatureModel(model, out_indices, **feature_cfg)
     if entry.kind == "vision":
         overrides["num_classes"] = num_classes
     elif num_classes != 1000:

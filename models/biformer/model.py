@@ -299,10 +299,10 @@ class BiFormer(Backbone, nnx.Module):
         self.downsample_layers = nnx.List(list(self.downsample_layers)[:num_taps])
         self.stages = nnx.List(list(self.stages)[:num_taps])
         self.topks = self.topks[:num_taps]
-        if prune_norm and self.norm is not None:
+        if prune_norm:
             self.norm = nnx.data(None)
             removed.append("norm.")
-        if prune_head and self.head is not None:
+        if prune_head:  # also when built without one: a classifier checkpoint's head keys are then skipped
             self.head = nnx.data(None)
             removed.append("head.")
         return removed

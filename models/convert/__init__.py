@@ -2,17 +2,23 @@
 
 - `load_timm(model, state_dict)`, `load_dinat(...)`, `load_biformer(...)`: fill an existing model, strictly.
 - `from_timm(timm_name, state_dict)`, `from_dinat(name, ...)`, `from_biformer(name, ...)`: build the matching
-  registered model, then load it.
+  registered model, then load it (`features_only=True, out_indices=...` build the backbone instead).
+
+`state_dict` is a mapping or a file path (`files.read_state_dict`): `.safetensors`, `.npz`, or a torch pickle
+(`.pth`, `.bin`, ...) with `allow_pickle=True`, which imports torch. A backbone (`FeatureModel`, or any model after
+`prune_intermediate_layers`) loads from the full model's checkpoint: the keys of its pruned layers are skipped.
 
 Each family registers its loaders beside its model (`models/<family>/convert.py`) with `register_loader` and its
 reference checkpoint names with `register_checkpoint`; this module only dispatches. See `common.StrictLoader`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from jaxattn.models import registry
 from jaxattn.models.convert.common import StateDictError, StrictLoader, torch_conv, torch_linear
+from jaxattn.models.convert.files import read_state_dict
+from jaxattn.models.features import FeatureModel
 
 SOURCES = ("timm", "dinat", "biformer")
 _LOADERS: dict[tuple[str, type], Callable] = {}
@@ -34,18 +40,26 @@ def checkpoint_names(source: str) -> list[str]:
     return sorted(name for src, name in _CHECKPOINTS if src == source)
 
 
-def load(source: str, model, state_dict: Mapping):
+def load(source: str, model, state_dict, *, allow_pickle: bool = False):
+    """Fills `model` (in place, strictly) from a `source` checkpoint: a mapping or a file path. Returns `model`."""
     registry.list_models()
-    for klass in type(model).__mro__:
+    state_dict = read_state_dict(state_dict, allow_pickle=allow_pickle)
+    target = model.model if isinstance(model, FeatureModel) else model
+    pruned = tuple(getattr(target, "pruned_prefixes", ()))
+    if pruned:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(pruned)}
+    for klass in type(target).__mro__:
         if (source, klass) in _LOADERS:
-            return _LOADERS[(source, klass)](model, state_dict)
-    raise ValueError(f"no {source} loader for {type(model).__name__}")
+            _LOADERS[(source, klass)](target, state_dict)
+            return model
+    raise ValueError(f"no {source} loader for {type(target).__name__}")
 
 
-def build(source: str, checkpoint_name: str, state_dict: Mapping, *, rngs=None, **overrides):
+def build(source: str, checkpoint_name: str, state_dict, *, rngs=None, allow_pickle: bool = False, **overrides):
     registry.list_models()
     if (source, checkpoint_name) not in _CHECKPOINTS:
         raise ValueError(f"unknown {source} checkpoint {checkpoint_name!r}; known: {checkpoint_names(source)}")
+    state_dict = read_state_dict(state_dict, allow_pickle=allow_pickle)
     model_name, defaults = _CHECKPOINTS[(source, checkpoint_name)]
     kwargs = {**defaults, **overrides}
     num_classes = kwargs.pop("num_classes", None)
@@ -63,16 +77,16 @@ def _infer_num_classes(state_dict) -> int | None:
     return int(state_dict[heads[-1]].shape[0]) if heads else None
 
 
-def load_timm(model, state_dict):
-    return load("timm", model, state_dict)
+def load_timm(model, state_dict, *, allow_pickle: bool = False):
+    return load("timm", model, state_dict, allow_pickle=allow_pickle)
 
 
-def load_dinat(model, state_dict):
-    return load("dinat", model, state_dict)
+def load_dinat(model, state_dict, *, allow_pickle: bool = False):
+    return load("dinat", model, state_dict, allow_pickle=allow_pickle)
 
 
-def load_biformer(model, state_dict):
-    return load("biformer", model, state_dict)
+def load_biformer(model, state_dict, *, allow_pickle: bool = False):
+    return load("biformer", model, state_dict, allow_pickle=allow_pickle)
 
 
 def from_timm(timm_name: str, state_dict, **overrides):
@@ -88,6 +102,6 @@ def from_biformer(name: str, state_dict, **overrides):
 
 
 __all__ = [
-    "StateDictError", "StrictLoader", "torch_conv", "torch_linear", "register_loader", "register_checkpoint",
+    "StateDictError", "StrictLoader", "read_state_dict", "torch_conv", "torch_linear", "register_loader", "register_checkpoint",
     "checkpoint_names", "load_timm", "load_dinat", "load_biformer", "from_timm", "from_dinat", "from_biformer",
 ]

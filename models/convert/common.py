@@ -39,11 +39,23 @@ class StrictLoader:
     # -- primitives ---------------------------------------------------------------------------------------------
     def take(self, key: str) -> np.ndarray:
         if key not in self.state_dict:
-            near = [k for k in self.state_dict if k.rsplit(".", 1)[0] == key.rsplit(".", 1)[0]]
-            hint = f"; keys under that prefix: {near}" if near else ""
-            raise StateDictError(f"state dict has no key {key!r}{hint}")
+            raise StateDictError(f"the state dict does not fit {type(self.model).__name__}: it has no key {key!r}"
+                                 f"{self._hint(key)}")
         self.used.add(key)
         return self.state_dict[key]
+
+    def _hint(self, key: str) -> str:
+        """What the state dict has instead of `key`: its keys under the same module, or, when nothing shares the
+        key's top-level name, a sign of another model's checkpoint."""
+        near = [k for k in self.state_dict if k.rsplit(".", 1)[0] == key.rsplit(".", 1)[0]]
+        if near:
+            return f"; keys under that prefix: {near}"
+        top = key.split(".", 1)[0]
+        if not any(k.split(".", 1)[0] == top for k in self.state_dict):
+            firsts = list(self.state_dict)[:3]
+            return (f"; none of its {len(self.state_dict)} keys is under {top + '.'!r} (its first: {firsts}): a "
+                    f"checkpoint of another model?")
+        return ""
 
     def has(self, key: str) -> bool:
         return key in self.state_dict
@@ -56,7 +68,8 @@ class StrictLoader:
         current = variable[...]
         if tuple(value.shape) != tuple(current.shape):
             raise StateDictError(f"{key!r}: shape {tuple(value.shape)} after layout conversion does not match the "
-                                 f"model's {tuple(current.shape)}")
+                                 f"{type(self.model).__name__}'s {tuple(current.shape)} (a checkpoint of another "
+                                 f"size or configuration?)")
         variable[...] = jnp.asarray(value, dtype=current.dtype)
         self.assigned.add(id(variable))
 

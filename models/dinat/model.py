@@ -297,10 +297,10 @@ class DiNAT(Backbone, nnx.Module):
         if last.downsample is not None:  # the last feature is taken before it
             last.downsample = nnx.data(None)
             removed.append(f"levels.{num_taps - 1}.downsample.")
-        if prune_norm and self.norm is not None:
+        if prune_norm:
             self.norm = nnx.data(None)
             removed.append("norm.")
-        if prune_head and self.head is not None:
+        if prune_head:  # also when built without one: a classifier checkpoint's head keys are then skipped
             self.head = nnx.data(None)
             removed.append("head.")
         return removed

@@ -232,7 +232,7 @@ class HaloNet(Backbone, nnx.Module):
         if num_taps == 1 and self.stem.tap_index is not None:
             removed += [f"stem.conv{i + 1}." for i in range(self.stem.tap_index + 1, len(self.stem.convs))]
             self.stem.prune_to_tap()
-        if prune_head and self.fc is not None:
+        if prune_head:  # also when built without one: a classifier checkpoint's head keys are then skipped
             self.fc = None
             removed.append("head.")
         return removed

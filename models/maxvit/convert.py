@@ -83,7 +83,8 @@ def load_timm_maxvit(model: MaxViT, state_dict) -> MaxViT:
     if model.head is not None:  # None once pruned to a backbone
         loader.layer_norm(model.head.norm, "head.norm")
         loader.linear(model.head.pre_logits, "head.pre_logits.fc")
-        loader.linear(model.head.fc, "head.fc")
+        if model.head.fc is not None:
+            loader.linear(model.head.fc, "head.fc")
     return loader.finish()
 
 

@@ -52,7 +52,8 @@ class MaxViTBlock(nnx.Module):
 
 
 class NormMlpHead(nnx.Module):
-    """Global average pool -> LayerNorm -> Dense(hidden) + tanh (pre-logits) -> dropout -> Dense(classes)."""
+    """Global average pool -> LayerNorm -> Dense(hidden) + tanh (pre-logits) -> dropout -> Dense(classes).
+    With `num_classes=0` there is no classifier and the pre-logits come out (timm's `num_classes=0`)."""
 
     def __init__(self, dim: int, hidden: int, num_classes: int, *, drop_rate: float, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -60,11 +61,11 @@ class NormMlpHead(nnx.Module):
         self.norm = layer_norm(dim, **kw)
         self.pre_logits = Dense(dim, hidden, **kw)
         self.drop = nnx.Dropout(drop_rate, rngs=rngs)
-        self.fc = Dense(hidden, num_classes, **kw)
+        self.fc = Dense(hidden, num_classes, **kw) if num_classes else None
 
     def __call__(self, x, *, pre_logits: bool = False):
         x = jnp.tanh(self.pre_logits(self.norm(jnp.mean(x, axis=(1, 2)))))
-        return x if pre_logits else self.fc(self.drop(x))
+        return x if pre_logits or self.fc is None else self.fc(self.drop(x))
 
 
 class MaxViT(Backbone, nnx.Module):
@@ -175,7 +176,7 @@ class MaxViT(Backbone, nnx.Module):
     def _prune(self, num_taps: int, prune_norm: bool, prune_head: bool) -> list[str]:
         removed = [f"stages.{i}." for i in range(num_taps - 1, len(self.stages))]
         self.stages = nnx.List(list(self.stages)[:num_taps - 1])
-        if prune_head and self.head is not None:
+        if prune_head:  # also when built without one: a classifier checkpoint's head keys are then skipped
             self.head = nnx.data(None)
             removed.append("head.")
         return removed

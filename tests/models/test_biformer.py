@@ -7,6 +7,8 @@ import pytest
 from flax import nnx
 from hypothesis import example, given, settings, strategies as st
 
+import feature_checks
+
 from jaxattn import models
 from jaxattn.models import convert
 from jaxattn.models.biformer import BiFormer
@@ -44,7 +46,9 @@ def _abstract_zeros(name, **overrides):
 
 
 # -- the reference fixture and configuration ------------------------------------------------------------------------
-def test_fixture_parity():
+@pytest.fixture(scope="module")
+def reduced():
+    """The reduced reference model loaded from the fixture, and its logits and stage features (one compile)."""
     fx = load_model_fixture("biformer_reduced_official")
     if fx is None:
         pytest.skip("fixture biformer_reduced_official.npz not found under ../shared/fixtures")
@@ -56,7 +60,17 @@ def test_fixture_parity():
                             side_dwconv=c["side_dwconv"], before_attn_dwconv=c["before_attn_dwconv"],
                             img_size=c["img_size"])
     convert.load_biformer(model, fx.state_dict)
-    model_checks.assert_fixture_logits(model, fx)
+    return fx, model, feature_checks.fixture_outputs(model, fx.images_nhwc)
+
+
+def test_fixture_parity(reduced):
+    fx, _, outputs = reduced
+    model_checks.assert_fixture_logits(outputs["logits"], fx)
+
+
+def test_stage_features_match_official(reduced):
+    _, model, outputs = reduced
+    feature_checks.assert_features_match_reference(model, outputs, "biformer_reduced_official", final="normed_last")
 
 
 def test_exact_parameter_counts():

@@ -6,6 +6,8 @@ import pytest
 from flax import nnx
 from hypothesis import example, given, settings, strategies as st
 
+import feature_checks
+
 from jaxattn import models
 from jaxattn.models import convert
 from jaxattn.models.convert import StateDictError
@@ -39,7 +41,9 @@ def _images(seed, b, h, w, c=3):
 
 
 # -- the reference fixture ----------------------------------------------------------------------------------------
-def test_fixture_parity():
+@pytest.fixture(scope="module")
+def reduced():
+    """The reduced reference model loaded from the fixture, and its logits and stage features (one compile)."""
     fx = load_model_fixture("dinat_reduced_official")
     if fx is None:
         pytest.skip("fixture dinat_reduced_official.npz not found under ../shared/fixtures")
@@ -49,7 +53,18 @@ def test_fixture_parity():
         num_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"], kernel_size=c["kernel_size"], dilations=c["dilations"],
         img_size=c["img_size"], drop_path_rate=c["drop_path_rate"]), fill="zeros")
     convert.load_dinat(model, fx.state_dict)
-    model_checks.assert_fixture_logits(model, fx)
+    return fx, model, feature_checks.fixture_outputs(model, fx.images_nhwc)
+
+
+def test_fixture_parity(reduced):
+    fx, _, outputs = reduced
+    model_checks.assert_fixture_logits(outputs["logits"], fx)
+
+
+def test_stage_features_match_official_backbone(reduced):
+    """Each level's output before its downsampler, as the official detection backbone taps it (norm{i} aside)."""
+    _, model, outputs = reduced
+    feature_checks.assert_features_match_reference(model, outputs, "dinat_reduced_official", final="normed_last")
 
 
 # -- configuration --------------------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
-"""HaloNet: timm fixture parity, exact/paper parameter counts, pico forward/backward, train vs eval, config rules,
-image-size and state-dict errors."""
+"""HaloNet: timm fixture parity (logits and stage features), exact/paper parameter counts, pico forward/backward,
+train vs eval, config rules, image-size and state-dict errors."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+import feature_checks
 from jaxattn import models
 from jaxattn.models import convert
 from jaxattn.models.halonet import AttnCfg, BlockCfg, HaloNet, interleave, make_divisible, stage
@@ -47,14 +50,28 @@ def _param_count(name, **overrides):
     return count_params(nnx.eval_shape(lambda: models.create_model(name, **overrides)))
 
 
-@pytest.mark.parametrize("fixture_name", sorted(FIXTURES))
-def test_timm_fixture_parity(fixture_name):
+@functools.cache
+def _reduced(fixture_name):
+    """The reduced timm model loaded from the fixture, and its logits and stage features (one compile)."""
     fixture = _fixture(fixture_name)
     model_name, overrides = FIXTURES[fixture_name]
     assert fixture.config["num_classes"] == 10 and fixture.config["img_size"] == 256
     model = convert.load_timm(_zeros_model(model_name, num_classes=10, img_size=256, **overrides),
                               fixture.state_dict)
-    model_checks.assert_fixture_logits(model, fixture)
+    return fixture, model, feature_checks.fixture_outputs(model, fixture.images_nhwc)
+
+
+@pytest.mark.parametrize("fixture_name", sorted(FIXTURES))
+def test_timm_fixture_parity(fixture_name):
+    fixture, _, outputs = _reduced(fixture_name)
+    model_checks.assert_fixture_logits(outputs["logits"], fixture)
+
+
+@pytest.mark.parametrize("fixture_name", sorted(FIXTURES))
+def test_stage_features_match_timm(fixture_name):
+    """timm's `forward_intermediates` list (stem conv first, `final_conv` last), values and `feature_info`."""
+    _, model, outputs = _reduced(fixture_name)
+    feature_checks.assert_features_match_reference(model, outputs, fixture_name, final="final")
 
 
 def test_from_timm_builds_and_loads_reduced_checkpoint():

@@ -1,4 +1,4 @@
-"""MaxViT: timm fixture parity, exact parameter counts, pico train step, sizes, strict loading, bias tables."""
+"""MaxViT: timm fixture parity (logits and stage features), exact parameter counts, pico train step, sizes, strict loading, bias tables."""
 import pathlib
 
 import jax
@@ -9,10 +9,12 @@ from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 
+import feature_checks
 from jaxattn import models
 from jaxattn.models import convert
 from jaxattn.models import maxvit
 from jaxattn.models.layers.tracing import count_params, eval_shape_model
+from jaxattn.testing import model_checks
 from jaxattn.testing.model_init import abstract_model
 from jaxattn.testing.fixtures import load_model_fixture
 
@@ -80,12 +82,14 @@ class _LookupRelPosBias(nnx.Module):
         return b.reshape(b.shape[0], area, area)
 
 
-def test_fixture_parity(fixture, reduced):
-    """Logits within 1e-5 of the fixture (measured 3.6e-7) once the fixture's hidden lookups are restored.
+@pytest.fixture(scope="module")
+def with_lookups(fixture, reduced):
+    """A copy of the reduced model with the fixture's hidden perturbed lookups restored, and its logits and stage
+    features (one compile).
 
     The fixture generator also perturbed timm's non-persistent one-hot lookup buffers, which its state dict
     omits (`data/make_maxvit_fixture_lookups.py` explains and replays this): with exact one-hot lookups, ours and
-    timm alike are 1.73e-4 from the fixture logits. The test puts the replayed lookups into a copy of the model.
+    timm alike are 1.73e-4 from the fixture logits. The reference features were recorded with the same lookups.
     """
     with np.load(LOOKUPS) as z:
         lookups = dict(z)
@@ -97,11 +101,18 @@ def test_fixture_parity(fixture, reduced):
                 prefix = f"stages.{s}.blocks.{b}.attn_{kind}.attn.rel_pos"
                 layer.rel_pos = _LookupRelPosBias(layer.rel_pos.relative_position_bias_table[...],
                                                   lookups[f"{prefix}.height_lookup"], lookups[f"{prefix}.width_lookup"])
-    graph, state = nnx.split(model)
-    images = jnp.asarray(fixture.images_nhwc)
-    logits = np.asarray(_compile(lambda s, x: nnx.merge(graph, s)(x), state, images)(state, images))
-    assert logits.shape == fixture.logits.shape
-    np.testing.assert_allclose(logits, fixture.logits, atol=1e-5, rtol=0)  # issue: <= 1e-4
+    return model, feature_checks.fixture_outputs(model, jnp.asarray(fixture.images_nhwc))
+
+
+def test_fixture_parity(fixture, with_lookups):
+    """Logits within 1e-5 of the fixture (measured 3.6e-7) once the fixture's hidden lookups are restored."""
+    model_checks.assert_fixture_logits(with_lookups[1]["logits"], fixture, atol=1e-5)  # issue: <= 1e-4
+
+
+def test_stage_features_match_timm(with_lookups):
+    """timm's `forward_intermediates` list (stem, then the four stages), values and `feature_info`."""
+    model, outputs = with_lookups
+    feature_checks.assert_features_match_reference(model, outputs, "maxvit_reduced_timm", final="final")
 
 
 def test_parameter_counts_exact():

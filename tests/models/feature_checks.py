@@ -1,0 +1,74 @@
+"""Fixture checks of the vision models as backbones: logits and stage features from one compiled call, compared
+with the reference code's (features recorded by `data/make_fixture_features.py`, first image, float16)."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # small models: XLA:CPU compile time dominates
+# Tolerance per element: `FEATURE_RTOL` of the feature's largest magnitude for the computation (fp32 ports agree
+# to ~1e-6 of it), plus float16 storage rounding, at most 2^-11 of the stored value (and 2^-25 absolute where the
+# stored value is subnormal).
+FEATURE_RTOL = 1e-4
+FP16_ROUNDING = 2.0 ** -11
+
+
+def fixture_outputs(model, images) -> dict:
+    """`model` (loaded) in eval mode, one compiled call on `images`: `logits`, `final` and `features` of
+    `forward_intermediates(intermediates_only=False)`, and `normed`, the last feature with `norm=True`. XLA merges
+    the repeated forward passes, so this costs one compile of the model."""
+    model.eval()
+    graph, state = nnx.split(model)
+
+    def run(state, x):
+        m = nnx.merge(graph, state)
+        final, features = m.forward_intermediates(x, intermediates_only=False)
+        normed = m.forward_intermediates(x, indices=1, norm=True)[0]
+        return dict(logits=m(x), final=final, features=features, normed=normed)
+
+    out = jax.jit(run).lower(state, images).compile(FAST_COMPILE)(state, images)
+    return jax.tree.map(np.asarray, out)
+
+
+def recorded(fixture_name: str) -> dict:
+    with np.load(DATA / f"{fixture_name}_features.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def assert_close_to_recorded(what: str, ours, reference) -> float:
+    """`ours` (fp32) against a float16 record; returns the largest difference over the feature's largest
+    magnitude."""
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    assert ours.shape == reference.shape, (what, ours.shape, reference.shape)
+    scale = np.abs(reference).max()
+    bound = FEATURE_RTOL * scale + FP16_ROUNDING * np.abs(reference) + 2.0 ** -25
+    excess = np.abs(ours - reference) - bound
+    assert excess.max() <= 0, (f"{what}: {int((excess > 0).sum())} values off by up to "
+                               f"{np.abs(ours - reference).max() / scale:.2e} of the largest magnitude")
+    return float(np.abs(ours - reference).max() / scale)
+
+
+def assert_features_match_reference(model, outputs: dict, fixture_name: str, *, final: str) -> None:
+    """The first image's stage features (and `final`: 'final' for timm's `intermediates_only=False` output,
+    'normed_last' where it is the final norm of the last feature) equal the recorded reference ones; the
+    feature list matches the reference's (timm's `feature_info`, or the recorded tap modules)."""
+    ref = recorded(fixture_name)
+    count = len([k for k in ref if k[0] == "f" and k[1:].isdigit()])
+    assert len(outputs["features"]) == count
+    for i, feature in enumerate(outputs["features"]):
+        assert_close_to_recorded(f"{fixture_name} feature {i}", feature[0], ref[f"f{i}"])
+    assert_close_to_recorded(f"{fixture_name} final", outputs["final"][0], ref[final])
+    # norm=True: the final norm on the last feature (timm's MaxViT and HaloNet have none outside the head)
+    normed = ref.get("normed_last", ref[f"f{count - 1}"])
+    assert_close_to_recorded(f"{fixture_name} norm=True", outputs["normed"][0], normed)
+    info = [{k: f[k] for k in ("num_chs", "reduction", "module")} for f in model.feature_info]
+    if "feature_info" in ref:
+        assert info == json.loads(str(ref["feature_info"]))
+    else:
+        assert [f["module"] for f in info] == json.loads(str(ref["modules"]))
+    assert [f["num_chs"] for f in info] == [ref[f"f{i}"].shape[-1] for i in range(count)]
