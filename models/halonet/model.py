@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxattn.core import validation
 from jaxattn.models.features import Backbone, FeatureSpec
 from jaxattn.models.halonet.config import AttnCfg, BlockCfg, make_divisible
 from jaxattn.models.halonet.layers import ConvBnAct, HaloAttention, SqueezeExcite, Stem, activation, batch_norm
@@ -109,7 +110,7 @@ class HaloNet(Backbone, nnx.Module):
         self.stage_cfgs = tuple(tuple(s) for s in stages)
         if not self.stage_cfgs or any(not s for s in self.stage_cfgs):
             raise ValueError(f"`stages` must be a non-empty sequence of non-empty stages, got {stages!r}")
-        self.attn_cfg = attn
+        self.attn_cfg, self.in_chans = attn, in_chans
         self.kept_stages = len(self.stage_cfgs)  # fewer once pruned to a backbone
         self.img_size = _pair(img_size)
         self.stem = Stem(in_chans, stem_chs, stem_type, stem_pool, act=act, rngs=rngs)
@@ -184,8 +185,11 @@ class HaloNet(Backbone, nnx.Module):
                     f"Image sides must be multiples of block size x total stride ({need} here).")
 
     def check_images(self, images) -> None:
+        """`ValueError` unless `images` is NHWC float with `in_chans` channels and a size the blocks fit."""
         if images.ndim != 4:
             raise ValueError(f"`images` must be NHWC (rank 4), got shape {tuple(images.shape)}")
+        validation.check_floating("images", images)
+        validation.check_dim("images", images, -1, self.in_chans, "channels", "`in_chans`")
         self.check_image_size(images.shape[1:3])
 
     def forward_features(self, x):

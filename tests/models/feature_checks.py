@@ -35,6 +35,12 @@ def fixture_outputs(model, images) -> dict:
     return jax.tree.map(np.asarray, out)
 
 
+def assert_feature_info_equals_timm(model, timm_name: str) -> None:
+    """`model.feature_info` equals timm's for `timm_name` (recorded from timm by data/make_fixture_features.py)."""
+    timm = json.loads((DATA / "timm_feature_info.json").read_text())[timm_name]
+    assert [{k: f[k] for k in ("num_chs", "reduction", "module")} for f in model.feature_info] == timm, timm_name
+
+
 def recorded(fixture_name: str) -> dict:
     with np.load(DATA / f"{fixture_name}_features.npz") as z:
         return {k: z[k] for k in z.files}
@@ -72,3 +78,16 @@ def assert_features_match_reference(model, outputs: dict, fixture_name: str, *, 
     else:
         assert [f["module"] for f in info] == json.loads(str(ref["modules"]))
     assert [f["num_chs"] for f in info] == [ref[f"f{i}"].shape[-1] for i in range(count)]
+
+
+def write_safetensors(path, state_dict) -> None:
+    """A float32 `.safetensors` file, written from the format's specification (the reader is pinned to the official
+    writer's output by `test_convert_files.py`)."""
+    header, offset, blobs = {}, 0, []
+    for name, value in state_dict.items():
+        blob = np.ascontiguousarray(value, "<f4").tobytes()
+        header[name] = dict(dtype="F32", shape=list(np.shape(value)), data_offsets=[offset, offset + len(blob)])
+        offset += len(blob)
+        blobs.append(blob)
+    text = json.dumps(header).encode()
+    pathlib.Path(path).write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))

@@ -102,8 +102,10 @@ def test_loader_is_strict():
     ("halonet_h1", 8_100_056), ("halonet26t", 12_480_288), ("halonet50ts", 22_733_280),
     ("sehalonet33ts", 13_691_712),
 ])
-def test_exact_parameter_counts(name, count):
-    assert _param_count(name) == count
+def test_exact_parameter_counts_and_timm_feature_info(name, count):
+    model = nnx.eval_shape(lambda: models.create_model(name))
+    assert count_params(model) == count
+    feature_checks.assert_feature_info_equals_timm(model, name)  # stems with and without pool, final conv
 
 
 PAPER_PARAMS = {"halonet_h0": 5.5e6, "halonet_h1": 8.1e6, "halonet_h2": 9.4e6, "halonet_h3": 11.8e6,

@@ -119,6 +119,8 @@ def test_parameter_counts_exact():
     for name, expected in EXACT_PARAMS.items():
         model = eval_shape_model(lambda name=name: models.create_model(name, rngs=nnx.Rngs(0)))
         assert count_params(model) == expected, name
+        if name == "maxvit_tiny":
+            feature_checks.assert_feature_info_equals_timm(model, "maxvit_tiny_tf_224")
 
 
 def test_pico_train_step_and_modes():

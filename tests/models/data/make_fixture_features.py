@@ -8,6 +8,8 @@ model with the fixture's reduced configuration (`__config__`), loads `sd/`, chec
   final output of `intermediates_only=False`. The MaxViT reference gets the fixture's perturbed one-hot lookups
   (`maxvit_reduced_timm_lookups.npz`, see `make_maxvit_fixture_lookups.py`), without which no faithful port
   reproduces the fixture logits.
+- `timm_feature_info.json`: timm's `feature_info` of the full-size registered timm models we port (HaloNet
+  stems with and without pool, final convs; MaxViT).
 - DiNAT: the official detection/segmentation backbone (`detection/nat.py`): each level's output before its
   downsampler (`NATBlock.forward` returns it beside the downsampled map), with the per-output LayerNorms
   `norm{i}` replaced by identities so the raw taps come out; plus the classification model's final `norm` of the
@@ -138,6 +140,18 @@ def halonet(timm, args):
            interleave_blocks(types=("bottle", "self_attn"), d=2, c=128, s=2, gs=0, br=0.25),
            ByoBlockCfg(type="self_attn", d=1, c=128, s=2, gs=0, br=0.25))
     record_timm("halonet26t_reduced_timm", build("halonet26t_reduced_timm", t26, "tiered", 2), args)
+
+
+TIMM_MODELS = ("maxvit_tiny_tf_224", "halonet_h1", "halonet26t", "halonet50ts", "sehalonet33ts")
+
+
+def timm_feature_info(timm):
+    infos = {}
+    for name in TIMM_MODELS:
+        model = timm.create_model(name, pretrained=False)
+        infos[name] = [{k: fi[k] for k in ("num_chs", "reduction", "module")} for fi in model.feature_info]
+    (HERE / "timm_feature_info.json").write_text(json.dumps(infos, indent=1) + "\n")
+    print(f"saved the feature_info of {', '.join(TIMM_MODELS)}")
 
 
 # -- DiNAT: the official repository with a natten 0.14 stand-in -------------------------------------------------------
@@ -279,6 +293,8 @@ def main():
         maxvit(timm, args)
     if "halonet" in only:
         halonet(timm, args)
+    if only & {"maxvit", "halonet"}:
+        timm_feature_info(timm)
     if "dinat" in only:
         if not args.nat:
             raise SystemExit("--nat PATH is needed for DiNAT")
