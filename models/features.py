@@ -121,20 +121,26 @@ class Backbone:
 
     - `feature_specs`: a tuple of `FeatureSpec`, every feature of the unpruned model, in forward order;
     - `_taps()`: the current (possibly pruned) model as steps `tap(x) -> (x, feature)`;
-    - `final_norm`: the norm `norm=True` applies to the last feature (None where there is none);
     - `check_images(x)`: the input checks of its forward pass;
-    - `_prune(num_taps, prune_norm, prune_head)`: drops the layers after the first `num_taps` taps (and the head,
-      the final norm), returning the reference state-dict prefixes of what it removed (`pruned_prefixes`).
+    - `_prune(num_taps)`: drops the layers after the first `num_taps` taps, returning the reference state-dict
+      prefixes of what it removed (they accumulate in `pruned_prefixes`, whose keys the loaders skip);
+    - `norm_attr`, `head_attr`: `(attribute, state-dict prefix)` of the final norm that `norm=True` applies to the
+      last feature and of the classifier head, or None.
     """
-    final_norm = None
+    norm_attr: tuple[str, str] | None = None
+    head_attr: tuple[str, str] | None = None
     pruned_prefixes: tuple[str, ...] = ()
+
+    @property
+    def final_norm(self):
+        return None if self.norm_attr is None else getattr(self, self.norm_attr[0])
 
     @property
     def feature_info(self) -> FeatureInfo:
         """Every feature of the model (before any pruning), as timm's `model.feature_info`."""
         return feature_info(self.feature_specs)
 
-    def forward_intermediates(self, x, indices=None, *, norm: bool = False, stop_early: bool = False,
+    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NHWC", intermediates_only: bool = True):
         """`x [B, H, W, C]` -> the features `indices` selects (a list of `[B, h, w, c]`, or `[B, c, h, w]` for
         `output_fmt='NCHW'`), or `(final, features)` with `intermediates_only=False`. See the module docstring."""
@@ -164,7 +170,12 @@ class Backbone:
         take, max_index = take_indices(len(specs), indices)
         keep = specs[max_index].tap + 1
         end = keep < len(taps)
-        removed = self._prune(keep, prune_norm or end, prune_head or end)
+        removed = list(self._prune(keep))
+        # also when the model was built without a head: a classifier checkpoint's head keys are then skipped
+        for drop, attr in ((prune_norm or end, self.norm_attr), (prune_head or end, self.head_attr)):
+            if drop and attr is not None:
+                setattr(self, attr[0], nnx.data(None))
+                removed.append(attr[1])
         self.pruned_prefixes = tuple(self.pruned_prefixes) + tuple(removed)
         return take
 

@@ -1,5 +1,5 @@
 """Weight import from rayleizhu/BiFormer state dicts (`models/biformer.py` names; the released `.pth` files hold
-the state dict under `"model"`: pass `checkpoint["model"]`).
+the state dict under `"model"`: pass `checkpoint["model"]`, or the file's path with `allow_pickle=True`).
 
     downsample_layers.0.{0,3} conv, .0.{1,4} BatchNorm (the stem); downsample_layers.{i}.0 conv, .{i}.1 BatchNorm
     stages.{i}.{j}.pos_embed, .norm1, .norm2, .mlp.{0,3}, [.gamma1, .gamma2]

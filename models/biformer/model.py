@@ -205,6 +205,7 @@ class BiFormer(Backbone, nnx.Module):
     As a backbone (`jaxattn.models.features`): one feature per stage, the output of `stages.{i}` (strides 4, 8, 16,
     32), as the official code's stages; `norm=True` applies the final BatchNorm to the last one.
     """
+    norm_attr, head_attr = ("norm", "norm."), ("head", "head.")
 
     def __init__(self, *, depths: Sequence[int] = (2, 2, 8, 2), embed_dims: Sequence[int] = (64, 128, 256, 512),
                  mlp_ratios: Sequence[float] = (3, 3, 3, 3), qk_dims: Sequence[int] | None = None,
@@ -280,10 +281,6 @@ class BiFormer(Backbone, nnx.Module):
                 x = block(x)
         return self.norm(x).mean(axis=(1, 2))
 
-    @property
-    def final_norm(self):
-        return self.norm
-
     def _taps(self):
         def run(down, blocks):
             def tap(x):
@@ -294,17 +291,11 @@ class BiFormer(Backbone, nnx.Module):
             return tap
         return [run(down, blocks) for down, blocks in zip(self.downsample_layers, self.stages)]
 
-    def _prune(self, num_taps: int, prune_norm: bool, prune_head: bool) -> list[str]:
+    def _prune(self, num_taps: int) -> list[str]:
         removed = [p for i in range(num_taps, len(self.stages)) for p in (f"downsample_layers.{i}.", f"stages.{i}.")]
         self.downsample_layers = nnx.List(list(self.downsample_layers)[:num_taps])
         self.stages = nnx.List(list(self.stages)[:num_taps])
         self.topks = self.topks[:num_taps]
-        if prune_norm:
-            self.norm = nnx.data(None)
-            removed.append("norm.")
-        if prune_head:  # also when built without one: a classifier checkpoint's head keys are then skipped
-            self.head = nnx.data(None)
-            removed.append("head.")
         return removed
 
     def __call__(self, x):

@@ -223,6 +223,7 @@ class DiNAT(Backbone, nnx.Module):
     backbones tap it (they add a LayerNorm per output, `norm{i}`, trained with the detector: not part of this
     model). `norm=True` applies the final LayerNorm to the last stage's feature.
     """
+    norm_attr, head_attr = ("norm", "norm."), ("head", "head.")
 
     def __init__(self, *, embed_dim: int = 64, depths: Sequence[int] = (3, 4, 6, 5),
                  num_heads: Sequence[int] = (2, 4, 8, 16), mlp_ratio: float = 3.0, kernel_size: int = 7,
@@ -275,10 +276,6 @@ class DiNAT(Backbone, nnx.Module):
             x = level(x)
         return self.norm(x).mean(axis=(1, 2))
 
-    @property
-    def final_norm(self):
-        return self.norm
-
     def _taps(self):
         def run(i, level):
             def tap(x):
@@ -290,19 +287,13 @@ class DiNAT(Backbone, nnx.Module):
             return tap
         return [run(i, level) for i, level in enumerate(self.levels)]
 
-    def _prune(self, num_taps: int, prune_norm: bool, prune_head: bool) -> list[str]:
+    def _prune(self, num_taps: int) -> list[str]:
         removed = [f"levels.{i}." for i in range(num_taps, len(self.levels))]
         self.levels = nnx.List(list(self.levels)[:num_taps])
         last = self.levels[-1]
         if last.downsample is not None:  # the last feature is taken before it
             last.downsample = nnx.data(None)
             removed.append(f"levels.{num_taps - 1}.downsample.")
-        if prune_norm:
-            self.norm = nnx.data(None)
-            removed.append("norm.")
-        if prune_head:  # also when built without one: a classifier checkpoint's head keys are then skipped
-            self.head = nnx.data(None)
-            removed.append("head.")
         return removed
 
     def __call__(self, x):

@@ -100,6 +100,7 @@ class HaloNet(Backbone, nnx.Module):
     `final_conv` (the last stage's output when there is no final conv) at the end. No final norm: `norm=True`
     changes nothing. `forward_intermediates(..., exclude_final_conv=True)` takes the last stage before `final_conv`.
     """
+    head_attr = ("fc", "head.")
 
     def __init__(self, stages: Sequence[Sequence[BlockCfg]], *, num_classes: int = 1000, img_size=256,
                  in_chans: int = 3, stem_type: str = "7x7", stem_chs: int = 64, stem_pool: bool = True,
@@ -206,9 +207,11 @@ class HaloNet(Backbone, nnx.Module):
         x = self.head_drop(x)
         return x if self.fc is None else self.fc(x)
 
-    def forward_intermediates(self, x, indices=None, *, norm: bool = False, stop_early: bool = False,
+    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NHWC", intermediates_only: bool = True,
                               exclude_final_conv: bool = False):
+        """As `Backbone.forward_intermediates`; `exclude_final_conv=True` takes the last stage's output before
+        `final_conv` (which then applies to `final` only), as timm."""
         return self._forward_intermediates(x, self._taps(final_conv=not exclude_final_conv), indices, norm=norm,
                                            stop_early=stop_early, output_fmt=output_fmt,
                                            intermediates_only=intermediates_only,
@@ -226,7 +229,7 @@ class HaloNet(Backbone, nnx.Module):
             return tap
         return [self.stem.forward_intermediates] + [run(i, stage) for i, stage in enumerate(self.stages)]
 
-    def _prune(self, num_taps: int, prune_norm: bool, prune_head: bool) -> list[str]:
+    def _prune(self, num_taps: int) -> list[str]:
         removed = [f"stages.{i}." for i in range(num_taps - 1, len(self.stages))]
         self.stages = nnx.List(list(self.stages)[:num_taps - 1])
         self.kept_stages = len(self.stages)
@@ -236,7 +239,4 @@ class HaloNet(Backbone, nnx.Module):
         if num_taps == 1 and self.stem.tap_index is not None:
             removed += [f"stem.conv{i + 1}." for i in range(self.stem.tap_index + 1, len(self.stem.convs))]
             self.stem.prune_to_tap()
-        if prune_head:  # also when built without one: a classifier checkpoint's head keys are then skipped
-            self.fc = None
-            removed.append("head.")
         return removed

@@ -96,6 +96,7 @@ class MaxViT(Backbone, nnx.Module):
     As a backbone (`jaxattn.models.features`): features are timm's, stem first: `stem` (stride 2), then
     `stages.0` .. `stages.3` (strides 4 .. 32). The final norm is the head's, so `norm=True` changes nothing.
     """
+    head_attr = ("head", "head.")
 
     def __init__(self, *, num_classes: int = 1000, img_size=224, in_chans: int = 3, stem_width=64,
                  embed_dim=(64, 128, 256, 512), depths=(2, 2, 5, 2), head_dim: int = 32, window_size=None,
@@ -173,10 +174,7 @@ class MaxViT(Backbone, nnx.Module):
             return tap
         return [lambda x: (self.stem(x),) * 2] + [run(stage) for stage in self.stages]
 
-    def _prune(self, num_taps: int, prune_norm: bool, prune_head: bool) -> list[str]:
+    def _prune(self, num_taps: int) -> list[str]:
         removed = [f"stages.{i}." for i in range(num_taps - 1, len(self.stages))]
         self.stages = nnx.List(list(self.stages)[:num_taps - 1])
-        if prune_head:  # also when built without one: a classifier checkpoint's head keys are then skipped
-            self.head = nnx.data(None)
-            removed.append("head.")
         return removed

@@ -20,10 +20,11 @@ from jaxattn.testing.model_init import abstract_model
 class _Counting(Backbone):
     """Three features from three taps; tap `i` adds 1 to `x`, its feature is `x`; the final norm adds 100."""
     feature_specs = tuple(FeatureSpec(1, 2 ** (i + 1), f"stages.{i}", i) for i in range(3))
+    norm_attr = ("norm", "norm.")
 
     def __init__(self):
         self.ran = []
-        self.final_norm = lambda x: x + 100
+        self.norm = lambda x: x + 100
 
     def check_images(self, x):
         pass
@@ -115,6 +116,18 @@ def test_out_indices_prune_and_nchw():
     assert stem.model.stem.pool is False and _shapes(stem, 64, 64) == [(2, 32, 32, 16)]
 
 
+def test_halonet_exclude_final_conv():
+    model = nnx.eval_shape(lambda: models.create_model("halonet_pico", num_features=48, rngs=nnx.Rngs(0)))
+    assert model.feature_info[-1] == dict(num_chs=48, reduction=32, module="final_conv", index=4)
+    x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    run = lambda **kw: nnx.eval_shape(  # noqa: E731
+        lambda m, x: m.forward_intermediates(x, [-1], intermediates_only=False, **kw), model, x)
+    final, (last,) = run()
+    assert final.shape == last.shape == (1, 2, 2, 48)
+    final, (last,) = run(exclude_final_conv=True)
+    assert last.shape == (1, 2, 2, 128) and final.shape == (1, 2, 2, 48)
+
+
 def test_bad_feature_arguments():
     with pytest.raises(ValueError, match="features_only=True"):
         models.create_model("dinat_pico", out_indices=(1,))
@@ -170,14 +183,14 @@ def test_timm_backbone_from_file_matches_timm(tmp_path):
     path = tmp_path / "halonet_h1.safetensors"
     feature_checks.write_safetensors(path, fixture.state_dict)
     overrides = FIXTURES["halonet_h1_reduced_timm"][1]
-    model = abstract_model(lambda: models.create_model("halonet_h1", features_only=True, out_indices=(1, -2),
+    model = abstract_model(lambda: models.create_model("halonet_h1", features_only=True, out_indices=(0, -3),
                                                        **overrides), fill="zeros")
     convert.load_timm(model, path)
-    assert model.feature_info.module_name() == ["stages.0", "stages.2"] and len(model.model.stages) == 3
+    assert model.feature_info.module_name() == ["stem.conv1", "stages.1"] and len(model.model.stages) == 2
     model.eval()
     features = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(fixture.images_nhwc[:1]))
     reference = feature_checks.recorded("halonet_h1_reduced_timm")
-    for feature, key in zip(features, ("f1", "f3")):
+    for feature, key in zip(features, ("f0", "f2")):
         feature_checks.assert_close_to_recorded(key, feature[0], reference[key])
 
 
@@ -189,17 +202,17 @@ def test_feature_models_under_context_parallelism():
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jaxattn.models.halonet import AttnCfg, stage
     mesh = jax.make_mesh((2, 4), ("data", "context"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    builds = {
+    builds = {  # 48 px: maps of 12 rows (sharded), then 6 (DiNAT: the single-device op; not split over 4)
         "dinat": lambda: models.create_model(
-            "dinat_pico", features_only=True, context_parallel="halo", embed_dim=16, depths=(1, 1, 1),
-            num_heads=(2, 2, 2), kernel_size=3, dilations=((2,), (1,), (1,)), img_size=64),
+            "dinat_pico", features_only=True, context_parallel="halo", embed_dim=16, depths=(1, 1),
+            num_heads=(2, 2), kernel_size=3, dilations=((1,), (1,)), img_size=48),
         "halonet": lambda: models.create_model(
-            "halonet_pico", features_only=True, context_parallel="halo", img_size=32, stem_chs=8,
-            stages=[stage("self_attn", 1, c, 1 if i == 0 else 2) for i, c in enumerate((16, 16, 24))],
-            attn=AttnCfg(block_size=2, halo_size=1, num_heads=2)),
+            "halonet_pico", features_only=True, out_indices=(1, 2), context_parallel="halo", img_size=48,
+            stem_chs=8, stages=[stage("self_attn", 1, c, 1 if i == 0 else 2) for i, c in enumerate((16, 24))],
+            attn=AttnCfg(block_size=3, halo_size=1, num_heads=2)),
     }
-    images = {"dinat": jax.random.normal(jax.random.key(0), (2, 64, 64, 3)),
-              "halonet": jax.random.normal(jax.random.key(1), (2, 32, 32, 3))}
+    images = {"dinat": jax.random.normal(jax.random.key(0), (2, 48, 48, 3)),
+              "halonet": jax.random.normal(jax.random.key(1), (2, 48, 48, 3))}
     def run(model, x):  # traced afresh each time: under the mesh the halo strategy runs
         graph, state = nnx.split(model)
         forward = jax.jit(lambda state, x: nnx.merge(graph, state)(x))
