@@ -102,6 +102,6 @@ def from_biformer(name: str, state_dict, **overrides):
 
 
 __all__ = [
-    "StateDictError", "StrictLoader", "read_state_dict", "torch_conv", "torch_linear", "register_loader", "register_checkpoint",
-    "checkpoint_names", "load_timm", "load_dinat", "load_biformer", "from_timm", "from_dinat", "from_biformer",
+    "StateDictError", "StrictLoader", "read_state_dict", "torch_conv", "torch_linear", "register_loader",
+    "register_checkpoint", "checkpoint_names", "load_timm", "load_dinat", "load_biformer", "from_timm", "from_dinat", "from_biformer",
 ]

@@ -7,7 +7,10 @@ import pathlib
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
+
+from jaxattn.testing.fixtures import load_model_fixture
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # small models: XLA:CPU compile time dominates
@@ -16,6 +19,18 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}  # small models: XLA:CPU co
 # stored value is subnormal).
 FEATURE_RTOL = 1e-4
 FP16_ROUNDING = 2.0 ** -11
+
+
+def loaded_fixture(fixture_name: str, build, load):
+    """`(fixture, model, outputs)`: the fixture (skips when absent), `build(fixture.config)` filled by
+    `load(model, fixture.state_dict)`, and its `fixture_outputs`."""
+    fixture = load_model_fixture(fixture_name)
+    if fixture is None:
+        pytest.skip(f"fixture {fixture_name}.npz not found (../shared/fixtures beside the checkout or "
+                    f"$JAXATTN_FIXTURES)")
+    model = build(fixture.config)
+    load(model, fixture.state_dict)
+    return fixture, model, fixture_outputs(model, fixture.images_nhwc)
 
 
 def fixture_outputs(model, images) -> dict:

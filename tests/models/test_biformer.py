@@ -46,21 +46,19 @@ def _abstract_zeros(name, **overrides):
 
 
 # -- the reference fixture and configuration ------------------------------------------------------------------------
+def _reduced_model(c):
+    assert c["kv_downsample_mode"] == "identity" and c["pre_norm"] and c["layer_scale_init_value"] < 0
+    return _abstract_zeros("biformer_tiny", num_classes=c["num_classes"], depths=c["depth"],
+                           embed_dims=c["embed_dim"], mlp_ratios=c["mlp_ratios"], n_win=c["n_win"],
+                           topks=c["topks"], qk_dims=c["qk_dims"], head_dim=c["head_dim"],
+                           side_dwconv=c["side_dwconv"], before_attn_dwconv=c["before_attn_dwconv"],
+                           img_size=c["img_size"])
+
+
 @pytest.fixture(scope="module")
 def reduced():
     """The reduced reference model loaded from the fixture, and its logits and stage features (one compile)."""
-    fx = load_model_fixture("biformer_reduced_official")
-    if fx is None:
-        pytest.skip("fixture biformer_reduced_official.npz not found under ../shared/fixtures")
-    c = fx.config
-    assert c["kv_downsample_mode"] == "identity" and c["pre_norm"] and c["layer_scale_init_value"] < 0
-    model = _abstract_zeros("biformer_tiny", num_classes=c["num_classes"], depths=c["depth"],
-                            embed_dims=c["embed_dim"], mlp_ratios=c["mlp_ratios"], n_win=c["n_win"],
-                            topks=c["topks"], qk_dims=c["qk_dims"], head_dim=c["head_dim"],
-                            side_dwconv=c["side_dwconv"], before_attn_dwconv=c["before_attn_dwconv"],
-                            img_size=c["img_size"])
-    convert.load_biformer(model, fx.state_dict)
-    return fx, model, feature_checks.fixture_outputs(model, fx.images_nhwc)
+    return feature_checks.loaded_fixture("biformer_reduced_official", _reduced_model, convert.load_biformer)
 
 
 def test_fixture_parity(reduced):

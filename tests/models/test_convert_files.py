@@ -6,7 +6,6 @@ import sys
 import ml_dtypes
 import numpy as np
 import pytest
-from flax import nnx
 
 import feature_checks
 from jaxattn import models

@@ -15,7 +15,6 @@ from jaxattn.models.dinat import DiNAT, default_dilations
 from jaxattn.models.dinat.model import NATLayer, NeighborhoodAttention2D
 from jaxattn.models.layers.tracing import count_params
 from jaxattn.testing import model_checks
-from jaxattn.testing.fixtures import load_model_fixture
 from jaxattn.testing.model_init import abstract_model
 
 EXACT_PARAMS = {"dinat_mini": 19_984_174, "dinat_tiny": 27_901_582, "dinat_small": 50_719_681,
@@ -44,16 +43,11 @@ def _images(seed, b, h, w, c=3):
 @pytest.fixture(scope="module")
 def reduced():
     """The reduced reference model loaded from the fixture, and its logits and stage features (one compile)."""
-    fx = load_model_fixture("dinat_reduced_official")
-    if fx is None:
-        pytest.skip("fixture dinat_reduced_official.npz not found under ../shared/fixtures")
-    c = fx.config
-    model = abstract_model(lambda: models.create_model(
-        "dinat_mini", num_classes=c["num_classes"], embed_dim=c["embed_dim"], depths=c["depths"],
-        num_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"], kernel_size=c["kernel_size"], dilations=c["dilations"],
-        img_size=c["img_size"], drop_path_rate=c["drop_path_rate"]), fill="zeros")
-    convert.load_dinat(model, fx.state_dict)
-    return fx, model, feature_checks.fixture_outputs(model, fx.images_nhwc)
+    keys = ("num_classes", "embed_dim", "depths", "num_heads", "mlp_ratio", "kernel_size", "dilations", "img_size",
+            "drop_path_rate")
+    build = lambda c: abstract_model(lambda: models.create_model(  # noqa: E731
+        "dinat_mini", **{k: c[k] for k in keys}), fill="zeros")
+    return feature_checks.loaded_fixture("dinat_reduced_official", build, convert.load_dinat)
 
 
 def test_fixture_parity(reduced):

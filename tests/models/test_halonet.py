@@ -53,12 +53,11 @@ def _param_count(name, **overrides):
 @functools.cache
 def _reduced(fixture_name):
     """The reduced timm model loaded from the fixture, and its logits and stage features (one compile)."""
-    fixture = _fixture(fixture_name)
-    model_name, overrides = FIXTURES[fixture_name]
-    assert fixture.config["num_classes"] == 10 and fixture.config["img_size"] == 256
-    model = convert.load_timm(_zeros_model(model_name, num_classes=10, img_size=256, **overrides),
-                              fixture.state_dict)
-    return fixture, model, feature_checks.fixture_outputs(model, fixture.images_nhwc)
+    def build(config):
+        assert config["num_classes"] == 10 and config["img_size"] == 256
+        model_name, overrides = FIXTURES[fixture_name]
+        return _zeros_model(model_name, num_classes=10, img_size=256, **overrides)
+    return feature_checks.loaded_fixture(fixture_name, build, convert.load_timm)
 
 
 @pytest.mark.parametrize("fixture_name", sorted(FIXTURES))

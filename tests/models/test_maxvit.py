@@ -1,4 +1,5 @@
-"""MaxViT: timm fixture parity (logits and stage features), exact parameter counts, pico train step, sizes, strict loading, bias tables."""
+"""MaxViT: timm fixture parity (logits and stage features), exact parameter counts, pico train step, sizes, strict
+loading, bias tables."""
 import pathlib
 
 import jax
