@@ -49,9 +49,9 @@ def assert_lowers(fn: Callable, *args, targets: Sequence[str] = ("tpu",), static
     return texts
 
 
-def _pallas_calls(fn: Callable, *args):
-    """Every `pallas_call` equation in the jaxpr of `fn(*args)`, recursing into jit, custom_vjp and other nested
-    jaxprs, not into kernels."""
+def jaxpr_equations(fn: Callable, *args) -> list:
+    """Every equation of the jaxpr of `fn(*args)`, recursing into jit, scan, checkpoint, custom_vjp and other
+    nested jaxprs (not into Pallas kernels): how tests check which primitives and dtypes a program really uses."""
     def eqns(jaxpr):
         for eqn in jaxpr.eqns:
             yield eqn
@@ -60,7 +60,12 @@ def _pallas_calls(fn: Callable, *args):
                 if isinstance(inner, jax.extend.core.Jaxpr) and eqn.primitive.name != "pallas_call":
                     yield from eqns(inner)
 
-    return [e for e in eqns(jax.make_jaxpr(fn)(*args).jaxpr) if e.primitive.name == "pallas_call"]
+    return list(eqns(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+def _pallas_calls(fn: Callable, *args):
+    """Every `pallas_call` equation in the jaxpr of `fn(*args)` (nested jaxprs included, not kernels)."""
+    return [e for e in jaxpr_equations(fn, *args) if e.primitive.name == "pallas_call"]
 
 
 def pallas_call_outputs(fn: Callable, *args, name: str) -> list[int]:
