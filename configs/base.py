@@ -20,13 +20,20 @@ Every field, its meaning and its default (override any from the command line, `-
     num_epochs          epochs to train when num_train_steps is -1
     optimizer.*         AdamW: learning_rate, min_learning_rate, warmup_steps, schedule ('cosine' | 'constant'),
                         weight_decay, b1, b2, eps, grad_clip_norm (0 = off), ema_decay (0 = no EMA)
-    mesh                device mesh axes -> sizes (-1 = the remaining devices); data, fsdp and context required
+    mesh                device mesh axes -> sizes (-1 = the remaining devices): data (batch), fsdp (batch, and
+                        parameters / optimizer state sharded), tensor (Megatron: heads, MLP units and vocabulary
+                        split), context (sequences / image rows split); `tensor` may be omitted (size 1)
     context_parallel    attention strategy over the `context` mesh axis ('' = none: GSPMD shards the sequence
                         or image rows and gathers them for each attention layer); per family: softmax_lm 'ring' |
                         'allgather' | 'ulysses', transnormer 'lasp2', dinat / halonet 'halo'. With mesh.context 1
                         the single-device ops run, so the same config is the reference. Example:
                         `--config.mesh.context=4 --config.context_parallel=ring`
-    logical_axis_rules  logical parameter / activation axis name -> mesh axis (or None)
+    logical_axis_rules  overrides of the one logical-axis table (`jaxattn.models.layers.axes.RULES`): pairs
+                        (logical name, mesh axis | (mesh axes...) | None), e.g. (('activation_embed', 'tensor'),)
+    remat               rematerialisation per block: 'none' | 'full' | 'dots_saveable' |
+                        'dots_with_no_batch_dims_saveable' (jax.checkpoint policies; passed as the model's remat=)
+    dtype               compute dtype ('float32' | 'bfloat16'); softmax, norms, logits, losses stay float32
+    param_dtype         parameter (and so optimizer state) dtype, 'float32' 
     seed                initialisation, data order, augmentation and dropout all derive from it
     log_every, eval_every (0 = only at the end), checkpoint_every, keep_checkpoints, async_checkpointing
     compile_fast        compile the steps with XLA's backend optimisations off (faster compiles, slower steps)
@@ -72,12 +79,12 @@ def get_config() -> ml_collections.ConfigDict:
         b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0, ema_decay=0.0,
     ))
 
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "context": 1})
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "context": 1})
     c.context_parallel = ""
-    c.logical_axis_rules = (
-        ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vocab", None), ("mlp", None), ("heads", None),
-        ("kv", None), ("length", "context"), ("conv_in", None), ("conv_out", "fsdp"),
-    )
+    c.logical_axis_rules = ()
+    c.remat = "none"
+    c.dtype = "float32"
+    c.param_dtype = "float32"
     c.seed = 0
 
     c.log_every = 20

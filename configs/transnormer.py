@@ -26,9 +26,9 @@ from jaxattn.configs import base
 SIZES = ("385m", "1b", "7b")
 NAMED = tuple(f"{size}_lm1b" for size in SIZES)  # the `:arg` variants
 # Per size: peak learning rate and the mesh (the 7B model's parameters and optimiser state shard over fsdp).
-PUBLISHED = {"385m": (3e-4, {"data": -1, "fsdp": 1, "context": 1}),
-             "1b": (3e-4, {"data": -1, "fsdp": 1, "context": 1}),
-             "7b": (1.5e-4, {"data": 1, "fsdp": -1, "context": 1})}
+PUBLISHED = {"385m": (3e-4, {"data": -1, "fsdp": 1, "tensor": 1, "context": 1}),
+             "1b": (3e-4, {"data": -1, "fsdp": 1, "tensor": 1, "context": 1}),
+             "7b": (1.5e-4, {"data": 1, "fsdp": -1, "tensor": 1, "context": 1})}
 
 
 def lm_recipe(c: ml_collections.ConfigDict, *, model: str, **model_kwargs) -> ml_collections.ConfigDict:

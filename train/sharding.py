@@ -1,12 +1,13 @@
 """The device mesh, parameter and batch shardings, and host-local batches as global arrays.
 
-The mesh comes from the config (`{'data': -1, 'fsdp': 1, 'context': 1}`: -1 takes the remaining devices) with Auto
-axis types, so GSPMD propagates shardings through models written with logical annotations. Parameters take their
-`PartitionSpec` from NNX logical annotations (`nnx.with_partitioning(init, ('embed', 'mlp'))`) mapped through the
-config's logical axis rules; a parameter without annotations is sharded FSDP-style along its largest dimension that
+The mesh comes from the config (`{'data': -1, 'fsdp': 1, 'tensor': 1, 'context': 1}`: -1 takes the remaining
+devices) with Auto axis types, so GSPMD propagates shardings through models written with logical annotations.
+Parameters take their `PartitionSpec` from their logical axis names (`jaxattn.models.layers.axes`: every zoo model
+names every parameter's dims) mapped through the one rules table, `axes.RULES`, with `config.logical_axis_rules`
+as overrides; a parameter without names (a user's model) is sharded FSDP-style along its largest dimension that
 the `fsdp` axis divides (replicated if none does, or if it is small). Batches are split along the batch dimension
-over every data-parallel axis (`data`, `fsdp`) and, for sequences, along the length over `context` (for images,
-along their rows: context parallelism over image rows).
+over every data-parallel axis (`data`, `fsdp`; replicated over `tensor`) and, for sequences, along the length over
+`context` (for images, along their rows: context parallelism over image rows).
 """
 from __future__ import annotations
 
@@ -18,30 +19,40 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxattn.models.layers import axes as axes_lib
+
 BATCH_AXES = ("data", "fsdp")
 FSDP_AXIS = "fsdp"
+TENSOR_AXIS = "tensor"
 CONTEXT_AXIS = "context"
+# Logical dims that Megatron must split evenly over `tensor` (attention heads, MLP units).
+TENSOR_SPLIT_EVENLY = (axes_lib.HEADS, axes_lib.MLP)
 # Parameters smaller than this many elements stay replicated: sharding them saves nothing and costs collectives.
 FSDP_MIN_SIZE = 2 ** 14
 
-
-MESH_ORDER = ("data", "fsdp", "context")
+# The mesh axes, outermost first: data spans processes (slow links), tensor is innermost (the most traffic per
+# step, on the nearest devices).
+MESH_ORDER = ("data", "fsdp", "context", "tensor")
+REQUIRED_AXES = ("data", "fsdp", "context")  # `tensor` may be left out of older configs (size 1)
 
 
 def ordered_axes(axes: Mapping[str, int]) -> dict[str, int]:
-    """Mesh axes in a fixed order (ConfigDicts sort their keys): data, fsdp, context, then the rest by name.
-    Outer axes (data) span processes; inner ones stay within a host."""
+    """Mesh axes in `MESH_ORDER` (ConfigDicts sort their keys), `tensor` added with size 1 when absent;
+    `ValueError` for an axis that is not one of them."""
     axes = dict(axes)
-    return {**{a: axes[a] for a in MESH_ORDER if a in axes}, **{a: axes[a] for a in sorted(axes) if
-                                                                 a not in MESH_ORDER}}
+    unknown = sorted(set(axes) - set(MESH_ORDER))
+    if unknown:
+        raise ValueError(f"`mesh` axes must be among {MESH_ORDER}, got {unknown} in {axes}")
+    axes.setdefault(TENSOR_AXIS, 1)
+    return {a: axes[a] for a in MESH_ORDER if a in axes}
 
 
 def resolve_mesh_sizes(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
     """Axis sizes with the one -1 (if any) filled in; `ValueError` unless they multiply to `num_devices`."""
-    axes = ordered_axes(axes)
-    for required in (*BATCH_AXES, CONTEXT_AXIS):
+    for required in REQUIRED_AXES:
         if required not in axes:
-            raise ValueError(f"`mesh` needs a {required!r} axis (size 1 to leave it unused); got {axes}")
+            raise ValueError(f"`mesh` needs a {required!r} axis (size 1 to leave it unused); got {dict(axes)}")
+    axes = ordered_axes(axes)
     sizes = dict(axes)
     if (any(not isinstance(s, int) or s == 0 or s < -1 for s in sizes.values())
             or list(sizes.values()).count(-1) > 1):
@@ -66,20 +77,19 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
     return jax.make_mesh(tuple(sizes.values()), tuple(sizes), axis_types=auto, devices=devices)
 
 
+def logical_rules(config) -> dict[str, tuple[str, ...]]:
+    """The logical-axis table (`jaxattn.models.layers.axes.RULES`) with `config.logical_axis_rules` applied."""
+    return axes_lib.rules(config.logical_axis_rules)
+
+
+def logical_axis_scope(rules: Mapping | Sequence = ()):
+    """`nnx.logical_axis_rules` holding the whole table (`axes.RULES` updated by `rules`), so that the models'
+    activation constraints (`axes.constrain`) and flax's own resolve through it."""
+    return nnx.logical_axis_rules(tuple(axes_lib.rules(rules).items()))
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
-
-
-def _resolve(logical: Sequence, rules: Mapping[str, object], mesh: Mesh) -> tuple:
-    """Maps logical axis names to mesh axes; names without a rule, or rules naming absent axes, replicate."""
-    used, out = set(), []
-    for name in logical:
-        target = rules.get(name) if isinstance(name, str) else name
-        targets = (target,) if isinstance(target, str) else tuple(target or ())
-        targets = tuple(t for t in targets if t in mesh.shape and t not in used and mesh.shape[t] > 1)
-        used.update(targets)
-        out.append(targets[0] if len(targets) == 1 else (targets or None))
-    return tuple(out)
 
 
 def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh) -> tuple:
@@ -93,25 +103,34 @@ def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh) -> tuple:
     return tuple(spec)
 
 
-def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Mapping[str, object]) -> NamedSharding:
-    return NamedSharding(mesh, _variable_spec(variable, mesh, rules))
-
-
-def _variable_spec(variable, mesh: Mesh, rules: Mapping[str, object]) -> P:
+def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Mapping = ()) -> NamedSharding:
+    """A variable's sharding: its logical names through `axes.RULES` updated by `rules` (`axes.resolve`: dims
+    the mesh axes do not divide are replicated); without names (user models), FSDP along its largest dimension
+    that `fsdp` divides."""
     shape = tuple(variable.get_value().shape)
-    logical = variable.get_metadata().get("out_sharding")
-    if logical:
-        spec = list(_resolve(logical, rules, mesh))
-        for d, axes in enumerate(spec):  # an annotation the shape cannot honour replicates that dimension
-            size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
-            if shape[d] % size:
-                spec[d] = None
-        return P(*spec)
-    return P(*_fsdp_spec(shape, mesh))
+    names = axes_lib.logical_names(variable)
+    spec = axes_lib.resolve(names, shape, mesh, axes_lib.rules(rules)) if names else P(*_fsdp_spec(shape, mesh))
+    return NamedSharding(mesh, spec)
 
 
-def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Mapping[str, object]):
-    """The (abstract) `nnx.State` with each variable's value replaced by its `NamedSharding`."""
+def check_tensor_split(params: nnx.State, mesh: Mesh) -> None:
+    """`ValueError` naming `mesh.tensor` when it does not divide a dimension that Megatron must split evenly
+    (attention heads, MLP units). Key/value heads and vocabularies that it does not divide stay replicated."""
+    n = mesh.shape.get(TENSOR_AXIS, 1)
+    if n == 1:
+        return
+    for path, variable in nnx.to_flat_state(params):
+        for dim, (name, size) in enumerate(zip(axes_lib.logical_names(variable) or (), variable.get_value().shape)):
+            if name in TENSOR_SPLIT_EVENLY and size % n:
+                where = "/".join(map(str, path))
+                raise ValueError(f"`mesh.tensor` = {n} must divide every {name!r} dimension; parameter {where} "
+                                 f"{tuple(variable.get_value().shape)} has {size} along dim {dim}")
+
+
+def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Mapping = ()):
+    """The (abstract) `nnx.State` with each variable's value replaced by its `NamedSharding` (`rules`: overrides
+    of `axes.RULES`, as `variable_sharding`)."""
+    rules = axes_lib.rules(rules)
     return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh, rules)), abstract_state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -8,6 +8,7 @@ stream's path, so dropout and stochastic depth are reproducible, resumable and i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import zlib
 
@@ -16,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from jaxattn.models.layers import axes as axes_lib
 
 from . import sharding as shard_lib
 from .validate import ConfigError
@@ -37,21 +40,53 @@ class ModelDef:
     rng_state: nnx.State
 
 
+# Config keys every model takes as constructor overrides (the contract in WORKSPACE.md), with the value that
+# leaves the model's default: that value is not passed, so a model without the option still builds at defaults.
+MODEL_OPTIONS = {"remat": "none", "dtype": "float32", "param_dtype": "float32"}
+
+
+def _set_option(kwargs, key: str, value, default) -> None:
+    """`kwargs[key] = value` unless `value` is `default`; `ConfigError` if `config.model_kwargs` says otherwise."""
+    if value in (None, "", default):
+        return
+    if kwargs.get(key) not in (None, "", value):
+        raise ConfigError(f"config.{key} = {value!r} contradicts config.model_kwargs.{key} = {kwargs[key]!r}; "
+                          f"set only one")
+    kwargs[key] = value
+
+
+def _call_builder(builder, config, rngs, kwargs):
+    """`builder(rngs=rngs, **kwargs)`; a model that does not take one of the config's options is a ConfigError
+    naming it (never silently ignored)."""
+    try:
+        return builder(rngs=rngs, **kwargs)
+    except TypeError as e:
+        key = next((k for k in ("context_parallel", *MODEL_OPTIONS) if k in kwargs and
+                    f"unexpected keyword argument '{k}'" in str(e)), None)
+        if key is None:
+            raise
+        raise ConfigError(f"config.{key} = {config.get(key)!r}: model {config.model!r} does not take `{key}=` "
+                          f"(leave it at {MODEL_OPTIONS.get(key, '')!r})") from None
+
+
 def build_model(config, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
     """`config.model` is a registry name (`jaxattn.models.create_model`) or `'package.module:builder'`, a callable
     `builder(*, rngs, num_classes | vocab_size, **config.model_kwargs)`. Vision models get `num_classes`, language
-    models `vocab_size`. A non-empty `config.context_parallel` is passed as the builder's `context_parallel=`."""
+    models `vocab_size`. A non-empty `config.context_parallel` is passed as the builder's `context_parallel=`, and
+    `config.remat`, `config.dtype`, `config.param_dtype` as `remat=`, `dtype=`, `param_dtype=` when they differ
+    from `MODEL_OPTIONS` (a model that does not take them then fails with a `ConfigError` naming the key)."""
     kwargs = dict(config.model_kwargs)
     kwargs["num_classes" if config.task == "classification" else "vocab_size"] = num_outputs
     strategy = config.get("context_parallel", "") or None
-    if strategy is not None:
-        if kwargs.get("context_parallel") not in (None, "", strategy):
-            raise ConfigError(f"config.context_parallel = {strategy!r} contradicts config.model_kwargs."
-                              f"context_parallel = {kwargs['context_parallel']!r}; set only one")
-        kwargs["context_parallel"] = strategy
+    _set_option(kwargs, "context_parallel", strategy, None)
+    for key, default in MODEL_OPTIONS.items():
+        _set_option(kwargs, key, config.get(key, default), default)
+    for key in ("dtype", "param_dtype"):
+        if isinstance(kwargs.get(key), str):
+            kwargs[key] = jnp.dtype(kwargs[key])
     if ":" in config.model:
         module, _, attr = config.model.partition(":")
-        return getattr(importlib.import_module(module), attr)(rngs=rngs, **kwargs)
+        return _call_builder(getattr(importlib.import_module(module), attr), config, rngs, kwargs)
     from jaxattn.models import context_parallel, create_model, get_entry
     entry = get_entry(config.model)
     expected = "vision" if config.task == "classification" else "lm"
@@ -62,7 +97,7 @@ def build_model(config, num_outputs: int, rngs: nnx.Rngs) -> nnx.Module:
         raise ConfigError(f"config.context_parallel = {strategy!r}: the {entry.family} family (model "
                           f"{config.model!r}) supports " + (f"{', '.join(map(repr, options))} or ''" if options
                                                             else "no context-parallel strategy (leave it '')"))
-    return create_model(config.model, rngs=rngs, **kwargs)
+    return _call_builder(functools.partial(create_model, config.model), config, rngs, kwargs)
 
 
 def _rngs(config) -> nnx.Rngs:
@@ -86,8 +121,10 @@ def _init_fn(config, num_outputs, tx):
 
 
 def _shardings(abstract, mesh, rules):
-    """Variables (parameters, their optimizer moments, statistics) get their logical / FSDP sharding; everything
-    else (step counters, scalars) is replicated."""
+    """Variables (parameters, their optimizer moments, statistics) get their logical / FSDP sharding (`rules`:
+    overrides of `axes.RULES`); everything else (step counters, scalars) is replicated."""
+    rules = axes_lib.rules(rules)
+
     def leaf(x):
         if isinstance(x, nnx.Variable):
             return x.replace(shard_lib.variable_sharding(x, mesh, rules))
@@ -104,6 +141,10 @@ def create(config, num_outputs: int, tx, mesh, rules):
     init = _init_fn(config, num_outputs, tx)
     with jax.set_mesh(mesh):
         abstract_state, abstract_rngs = jax.eval_shape(init)
+    try:
+        shard_lib.check_tensor_split(abstract_state.params, mesh)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh = {dict(mesh.shape)!r}: {e}") from None
     state_shardings = _shardings(abstract_state, mesh, rules)
     rng_state = jax.tree.map(_placeholder, abstract_rngs)  # values never used: every step re-seeds
     with nnx.use_eager_sharding(False):  # outside the mesh: logical names are not mesh axes

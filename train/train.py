@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from . import checkpoint as ckpt_lib
 from . import datasets, input_pipeline, metrics, optimizer, sharding, tasks, validate
@@ -41,7 +40,7 @@ def train_step(state: state_lib.TrainState, batch, rng_state, *, model_def, task
 
     def loss_fn(params):
         model = state_lib.merge(model_def.train_graph, params, state.model_state, rng_state)
-        with nnx.logical_axis_rules(config.logical_axis_rules):  # for models that constrain activations
+        with sharding.logical_axis_scope(config.logical_axis_rules):  # the models' activation constraints
             loss, aux = task.train_loss(model, batch, jax.random.fold_in(key, 2))
         return loss, (aux, state_lib.split_model_state(model))
 
@@ -61,7 +60,7 @@ def train_step(state: state_lib.TrainState, batch, rng_state, *, model_def, task
 def eval_step(params, model_state, batch, rng_state, *, model_def, task, rules):
     """Sums of the task's evaluation metrics over a (masked) global batch."""
     model = state_lib.merge(model_def.eval_graph, params, model_state, rng_state)
-    with nnx.logical_axis_rules(rules):
+    with sharding.logical_axis_scope(rules):
         return task.eval_sums(model, batch)
 
 
@@ -140,7 +139,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     validate.validate(config)
     workdir = os.path.abspath(workdir)
     mesh = sharding.make_mesh(config.mesh)
-    rules = dict(config.logical_axis_rules)
+    rules = sharding.logical_rules(config)
     train_src, eval_src, train_prep, eval_prep, num_outputs = _datasets(config)
     total_steps = _total_steps(config, len(train_src))
     tx, schedule = optimizer.make_optimizer(config, total_steps)
@@ -166,7 +165,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step_fn = functools.partial(train_step, model_def=model_def, task=task, tx=tx, schedule=schedule,
                                 config=config)
     evaluator = _Evaluator(config, eval_src, eval_prep, mesh, jax.jit(
-        functools.partial(eval_step, model_def=model_def, task=task, rules=config.logical_axis_rules)),
+        functools.partial(eval_step, model_def=model_def, task=task, rules=rules)),
         task.sequence_keys)
     writer = metrics.MetricWriter(workdir, total_steps=total_steps, start_step=start)
     stop = ckpt_lib.StopRequest()

@@ -5,6 +5,8 @@ import math
 
 import jax
 
+from jaxattn.models.layers import axes, precision, remat
+
 from . import sharding
 
 
@@ -89,6 +91,27 @@ def validate(config, *, num_devices: int | None = None, process_count: int | Non
             _fail(field, config[field], f"must be divisible by the data-parallel mesh size {data_parallel} "
                                         f"(data x fsdp) and by the {process_count} processes")
     _check_context_split(config, sizes[sharding.CONTEXT_AXIS])
+    _check_model_options(config)
+
+
+def _check_model_options(config) -> None:
+    """Remat policy, dtypes and logical-axis overrides (the per-model checks happen when the model is built)."""
+    if config.get("remat", "none") not in remat.POLICIES:
+        _fail("remat", config.remat, f"must be one of {tuple(remat.POLICIES)}")
+    for field in ("dtype", "param_dtype"):
+        try:
+            precision.check_dtype(field, config.get(field, "float32"))
+        except ValueError:
+            _fail(field, config.get(field), "must be a floating-point dtype name such as 'float32' or 'bfloat16'")
+    try:
+        table = axes.rules(config.logical_axis_rules)
+    except ValueError as e:
+        _fail("logical_axis_rules", config.logical_axis_rules, str(e))
+    for name, targets in table.items():
+        unknown = [t for t in targets if t not in sharding.MESH_ORDER]
+        if unknown:
+            _fail("logical_axis_rules", config.logical_axis_rules,
+                  f"{name!r} maps to {unknown}, which are not mesh axes ({', '.join(sharding.MESH_ORDER)})")
 
 
 def _check_context_split(config, context: int) -> None:

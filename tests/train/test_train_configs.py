@@ -75,6 +75,12 @@ BAD_VALUES = [
     ("mesh.data", 3, "needs 3 devices, but there are 8"),
     ("mesh.fsdp", 0, "positive integers"),
     ("eval_every", -1, "must be >= 0"),
+    ("mesh.pipeline", 2, "axes must be among"),
+    ("remat", "most", "must be one of .*'dots_saveable'"),
+    ("dtype", "int8", "floating-point dtype"),
+    ("param_dtype", "half-ish", "floating-point dtype"),
+    ("logical_axis_rules", (("embed", "model"),), "'embed' maps to \\['model'\\]"),
+    ("logical_axis_rules", (("embed",),), "entries must be"),
 ]
 
 
