@@ -1,34 +1,62 @@
 """`CausalLM`: embedding * sqrt(d), L x [x + mixer(SRMSNorm(x)); x + SGLU(SRMSNorm(x))], SRMSNorm, untied head.
 
 The token mixer is what differs between families (lightning GLA, causal softmax). A mixer is an `nnx.Module` with
-`__call__(x [B, T, d], state, pos) -> (y [B, T, d], new_state)` (`state` None for a plain forward) and
-`init_state(batch, max_len, dtype)`.
+`__call__(x [B, T, d], state, pos, constants) -> (y [B, T, d], new_state)` (`state` None for a plain forward;
+`constants` the layer's entry of `mixer_constants`, or None) and `init_state(batch, max_len, dtype)`.
+
+Consecutive layers of one `mixer_group` form a segment: a `Stack` (`models/layers/stack.py`) scanned over
+parameters stacked on a leading layer axis, so a 30-layer model compiles one layer per segment (TransNormer: layer
+0 with LRPE, then layers 1-29; the softmax baseline: one segment). `scan_layers=False` unrolls them instead; both
+hold the same parameters (`models/lm/stacking.py` converts between them and per-layer names).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxattn.models.layers import axes
+from jaxattn.models.layers.precision import check_dtype
+from jaxattn.models.layers.remat import check_remat
+from jaxattn.models.layers.stack import Stack
 from jaxattn.models.lm.cache import DecodeCache
-from jaxattn.models.lm.layers import INIT_STD, SGLU, dense, srms_norm
+from jaxattn.models.lm.layers import INIT_STD, SGLU, Projection, srms_norm
 
 BYTE_VOCAB_SIZE = 256 + 4  # bytes plus specials (pad 256, bos 257, eos 258, sep 259) for the embedded default
+RESIDUAL = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)  # the residual stream's sharding at block boundaries
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, mixer: nnx.Module, d_model: int, glu_dim: int, *, rngs: nnx.Rngs, dtype=None):
+    def __init__(self, mixer: nnx.Module, d_model: int, glu_dim: int, *, rngs: nnx.Rngs, dtype=None,
+                 param_dtype=jnp.float32):
         self.mixer = mixer
-        self.mlp = SGLU(d_model, glu_dim, rngs=rngs, dtype=dtype)
+        self.mlp = SGLU(d_model, glu_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x, state, pos):
-        y, state = self.mixer(srms_norm(x), state, pos)
+    def __call__(self, x, state, pos, constants):
+        y, state = self.mixer(srms_norm(x), state, pos, constants)
         x = x + y
-        return x + self.mlp(srms_norm(x)), state
+        return axes.constrain(x + self.mlp(srms_norm(x)), RESIDUAL), state
+
+
+def _layer_step(layer, x, per_layer, pos):
+    """One layer inside a segment's scan: `per_layer` is `(state, constants)` of that layer."""
+    state, constants = per_layer
+    return layer(x, state, pos, constants)
+
+
+def segment_bounds(num_layers: int, group: Callable[[int], Hashable]) -> tuple[tuple[int, int], ...]:
+    """`(first_layer, num_layers)` of each run of consecutive layers with equal `group(i)`."""
+    bounds: list[list[int]] = []
+    for i in range(num_layers):
+        if bounds and group(i) == group(bounds[-1][0]):
+            bounds[-1][1] += 1
+        else:
+            bounds.append([i, 1])
+    return tuple((a, n) for a, n in bounds)
 
 
 class CausalLM(nnx.Module):
@@ -37,39 +65,67 @@ class CausalLM(nnx.Module):
     `model(tokens)` is the full-sequence forward. `cache = model.init_cache(batch, max_len)` then
     `logits, cache = model(tokens, cache=cache)` consumes `tokens` after the cached ones: a prompt in one or
     several chunks (prefill), then one token per step; the logits equal those of the full sequence.
+
+    `mixer_factory(i, rngs)` builds layer `i`'s mixer; it is called once per segment (under `nnx.vmap` when
+    scanned) with the segment's first `i`, so it must build one structure for every layer of a `mixer_group`.
+    `mixer_constants(i)`: per-layer arrays that are not parameters (decay slopes), passed to the mixer's call.
+    `remat`: rematerialisation policy per layer (`models/layers/remat.py`). `dtype`: compute dtype (None: fp32
+    parameters give fp32); `param_dtype`: storage. Logits, norms and softmax statistics stay fp32.
     """
 
     def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, glu_dim: int,
-                 mixer_factory: Callable[[int, nnx.Rngs], nnx.Module], rngs: nnx.Rngs, dtype=None):
+                 mixer_factory: Callable[[int, nnx.Rngs], nnx.Module], rngs: nnx.Rngs,
+                 mixer_group: Callable[[int], Hashable] | None = None,
+                 mixer_constants: Callable[[int], object] | None = None, scan_layers: bool = True,
+                 remat: str = "none", dtype=None, param_dtype=jnp.float32):
         for name, v in (("vocab_size", vocab_size), ("d_model", d_model), ("num_layers", num_layers),
                         ("glu_dim", glu_dim)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {v!r}")
+        dtype, param_dtype = check_dtype("dtype", dtype, allow_none=True), check_dtype("param_dtype", param_dtype)
         self.vocab_size, self.d_model, self.num_layers = int(vocab_size), int(d_model), int(num_layers)
+        self.scan_layers, self.remat = bool(scan_layers), check_remat(remat)
+        self.mixer_constants = mixer_constants
         self.embed = nnx.Embed(vocab_size, d_model, embedding_init=nnx.initializers.normal(INIT_STD),
-                               dtype=dtype, rngs=rngs)
+                               embedding_metadata=axes.param_metadata((axes.VOCAB, axes.EMBED)), dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
         self.embed_scale = math.sqrt(d_model)
-        self.layers = nnx.List([DecoderLayer(mixer_factory(i, rngs), d_model, glu_dim, rngs=rngs, dtype=dtype)
-                                for i in range(num_layers)])
-        self.head = dense(d_model, vocab_size, rngs=rngs, dtype=dtype)
+        self.segment_bounds = segment_bounds(self.num_layers, mixer_group or (lambda i: 0))
+
+        def layer_factory(first):
+            return lambda r: DecoderLayer(mixer_factory(first, r), d_model, glu_dim, rngs=r, dtype=dtype,
+                                          param_dtype=param_dtype)
+        self.segments = nnx.List([Stack(layer_factory(first), n, rngs=rngs, scan=self.scan_layers, remat=remat)
+                                  for first, n in self.segment_bounds])
+        self.head = Projection((d_model,), (vocab_size,), (axes.EMBED, axes.VOCAB), rngs=rngs, dtype=dtype,
+                               param_dtype=param_dtype, out_dtype=jnp.float32)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> DecodeCache:
         """An empty cache for `batch` sequences of at most `max_len` tokens."""
         for name, v in (("batch", batch), ("max_len", max_len)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {v!r}")
-        states = tuple(layer.mixer.init_state(int(batch), int(max_len), dtype) for layer in self.layers)
-        return DecodeCache(jnp.zeros((), jnp.int32), states, int(max_len))
+        states = []
+        for (_, n), segment in zip(self.segment_bounds, self.segments):
+            one = segment.template.mixer.init_state(int(batch), int(max_len), dtype)
+            states.append(jax.tree.map(lambda s: jnp.zeros((n, *s.shape), s.dtype), one))
+        return DecodeCache(jnp.zeros((), jnp.int32), tuple(states), int(max_len))
+
+    def _constants(self, first: int, n: int):
+        if self.mixer_constants is None:
+            return None
+        return jax.tree.map(lambda *c: jnp.stack(c), *(self.mixer_constants(i) for i in range(first, first + n)))
 
     def __call__(self, tokens, cache: DecodeCache | None = None):
         tokens = self.check_tokens(tokens, cache)
         pos = jnp.zeros((), jnp.int32) if cache is None else cache.pos
-        x = self.embed(tokens) * self.embed_scale
+        x = axes.constrain(self.embed(tokens) * self.embed_scale, RESIDUAL)
         new_states = []
-        for i, layer in enumerate(self.layers):
-            x, state = layer(x, None if cache is None else cache.layers[i], pos)
-            new_states.append(state)
-        logits = self.head(srms_norm(x)).astype(jnp.float32)
+        for s, ((first, n), segment) in enumerate(zip(self.segment_bounds, self.segments)):
+            states = None if cache is None else cache.layers[s]
+            x, states = segment.apply(_layer_step, x, (states, self._constants(first, n)), pos)
+            new_states.append(states)
+        logits = axes.constrain(self.head(srms_norm(x)), (axes.BATCH, axes.LENGTH, axes.VOCAB))
         if cache is None:
             return logits
         end = pos + tokens.shape[1]

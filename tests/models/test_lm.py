@@ -23,8 +23,8 @@ PARAM_COUNTS = {
     "softmax_lm_1b": 1_151_369_216,
     "softmax_lm_7b": 7_098_736_640,
 }
-# Small enough to compile fast; 2 layers so LRPE (layer 0) and a plain layer are both exercised.
-SMALL = dict(d_model=32, num_layers=2, num_heads=4, vocab_size=64)
+# Small enough to compile fast; 3 layers so LRPE (layer 0) and a scanned segment of two plain layers are exercised.
+SMALL = dict(d_model=32, num_layers=3, num_heads=4, vocab_size=64)
 FAMILIES = {
     "transnormer": ("transnormer_tiny", dict(block_size=4)),  # block 4: chunk borders inside every prefill
     "softmax": ("softmax_lm_tiny", {}),
@@ -80,16 +80,17 @@ def test_decode_matches_full_sequence(family):
 
 def test_transnormer_state_is_constant_size():
     model = small_model("transnormer")
+    assert model.segment_bounds == ((0, 1), (1, 2))  # layer 0 (LRPE) and the rest are separate scans
     for max_len in (8, 4096):
         shapes = [s.shape for s in model.init_cache(2, max_len).layers]
-        assert shapes == [(2, 4, 16, 8), (2, 4, 8, 8)]  # LRPE doubles layer 0's key dim
+        assert shapes == [(1, 2, 4, 16, 8), (2, 2, 4, 8, 8)]  # LRPE doubles layer 0's key dim
 
 
 def test_gqa_baseline():
     model = small_model("softmax_gqa")
-    attn = model.layers[0].mixer
-    assert attn.k_proj.kernel.shape == (32, 2 * 8) and attn.q_proj.kernel.shape == (32, 32)
-    assert model.init_cache(1, 10).layers[0][0].shape == (1, 10, 2, 8)
+    attn = model.segments[0].blocks.mixer  # the layers stacked: [layers, embed, heads, head_dim]
+    assert attn.k_proj.kernel.shape == (3, 32, 2, 8) and attn.q_proj.kernel.shape == (3, 32, 4, 8)
+    assert model.init_cache(1, 10).layers[0][0].shape == (3, 1, 10, 2, 8)
 
 
 @pytest.mark.parametrize("name", list(PARAM_COUNTS))

@@ -69,7 +69,7 @@ def _curves(config, mesh_axes, batches, num_outputs):
     """`(losses, grad_norms)` of `STEPS` train steps of the real train step on `batches` under `mesh_axes`."""
     from jaxattn.train import optimizer, sharding, tasks, train
     mesh = sharding.make_mesh(mesh_axes, devices=jax.devices()[:math.prod(mesh_axes.values())])
-    rules = dict(config.logical_axis_rules)
+    rules = sharding.logical_rules(config)
     tx, schedule = optimizer.make_optimizer(config, STEPS)
     task = tasks.make_task(config, num_outputs)
     model_def, init, _, state_shardings = state_lib.create(config, num_outputs, tx, mesh, rules)
@@ -181,7 +181,7 @@ def test_unsupported_strategy_names_the_key(model, strategy, options):
 def test_config_key_reaches_the_model_and_is_checked_per_family():
     config = _config("softmax_lm_tiny", strategy="ulysses", **LM)
     model = nnx.eval_shape(lambda: state_lib.build_model(config, 260, nnx.Rngs(0)))
-    assert {layer.mixer.context_parallel for layer in model.layers} == {"ulysses"}
+    assert {segment.template.mixer.context_parallel for segment in model.segments} == {"ulysses"}
     config.context_parallel = "lasp2"
     with pytest.raises(validate.ConfigError, match=r"config\.context_parallel = 'lasp2'.*softmax_lm.*'ring'"):
         state_lib.build_model(config, 260, nnx.Rngs(0))

@@ -6,6 +6,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -17,9 +18,10 @@ from jaxattn.train import state as state_lib
 
 
 @pytest.mark.parametrize("axes,devices,expected", [
-    ({"data": -1, "fsdp": 1, "context": 1}, 8, {"data": 8, "fsdp": 1, "context": 1}),
-    ({"context": 2, "data": -1, "fsdp": 2}, 8, {"data": 2, "fsdp": 2, "context": 2}),
+    ({"data": -1, "fsdp": 1, "context": 1}, 8, {"data": 8, "fsdp": 1, "context": 1, "tensor": 1}),
+    ({"context": 2, "data": -1, "fsdp": 2}, 8, {"data": 2, "fsdp": 2, "context": 2, "tensor": 1}),
     ({"tensor": 2, "data": 1, "fsdp": -1, "context": 1}, 8, {"data": 1, "fsdp": 4, "context": 1, "tensor": 2}),
+    ({"data": 2, "fsdp": -1, "context": 1}, 8, {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}),  # older configs
 ])
 def test_mesh_sizes(axes, devices, expected):
     sizes = sharding.resolve_mesh_sizes(axes, devices)
@@ -31,6 +33,7 @@ def test_mesh_sizes(axes, devices, expected):
     ({"data": 3, "fsdp": 1, "context": 1}, "needs 3 devices, but there are 8"),
     ({"data": -1, "fsdp": 3, "context": 1}, "not divisible by 3"),
     ({"data": -1, "context": 1}, "needs a 'fsdp' axis"),
+    ({"data": -1, "fsdp": 1, "context": 1, "model": 2}, "must be among"),
 ])
 def test_mesh_size_errors(axes, message):
     with pytest.raises(ValueError, match=message):
@@ -48,7 +51,7 @@ class _Annotated(nnx.Module):
 
 def test_parameter_shardings_follow_annotations_then_fsdp():
     mesh = AbstractMesh((2, 4, 1), ("data", "fsdp", "context"))
-    rules = dict(base.get_config().logical_axis_rules)
+    rules = sharding.logical_rules(base.get_config())
     with nnx.use_eager_sharding(False):
         params = nnx.state(nnx.eval_shape(lambda: _Annotated(nnx.Rngs(0))), nnx.Param)
     specs = jax.tree.map(lambda v: v.get_value().spec, sharding.state_shardings(params, mesh, rules),
@@ -119,3 +122,53 @@ def test_metric_writer_trims_lines_after_the_resumed_step(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / metrics.METRICS_FILE).read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4]
     assert (tmp_path / metrics.CURVES_FILE).stat().st_size > 1000
+
+
+def _lm_config(**model_kwargs):
+    config = base.get_config()
+    config.task, config.model = "lm", "softmax_lm_tiny"
+    config.model_kwargs = ml_collections.ConfigDict({**dict(d_model=32, num_layers=2, num_heads=4, glu_dim=48),
+                                                     **model_kwargs})
+    return config
+
+
+def test_remat_and_dtypes_reach_the_model_or_fail_naming_the_key():
+    config = _lm_config()
+    config.remat, config.dtype = "dots_saveable", "bfloat16"
+    model = nnx.eval_shape(lambda: state_lib.build_model(config, 260, nnx.Rngs(0)))
+    assert model.segments[0].remat == "dots_saveable" and model.head.dtype == jnp.bfloat16
+    assert model.head.kernel.dtype == jnp.float32  # param_dtype stays float32
+    config.model_kwargs.remat = "full"
+    with pytest.raises(state_lib.ConfigError, match="config.remat = 'dots_saveable' contradicts"):
+        state_lib.build_model(config, 260, nnx.Rngs(0))
+    user = base.get_config()  # a user's model that has no remat option: never silently ignored
+    user.model, user.remat = "tiny_train_models:classifier", "full"
+    with nnx.use_eager_sharding(False):  # as the training loop builds it
+        with pytest.raises(state_lib.ConfigError, match=r"config.remat = 'full': model .* does not take `remat=`"):
+            state_lib.build_model(user, 10, nnx.Rngs(0))
+        user.remat = "none"  # defaults are not passed: models without the options build as before
+        state_lib.build_model(user, 10, nnx.Rngs(0))
+
+
+def test_tensor_axis_must_split_heads_and_mlp_evenly():
+    params = nnx.state(nnx.eval_shape(lambda: state_lib.build_model(_lm_config(num_heads=2), 260, nnx.Rngs(0))),
+                       nnx.Param)
+    sharding.check_tensor_split(params, AbstractMesh((1, 2), ("data", "tensor")))
+    with pytest.raises(ValueError, match=r"mesh.tensor` = 4 must divide every 'heads' dimension; parameter "
+                                         r"segments/0/blocks/mixer/\w+/kernel .* has 2 along dim"):
+        sharding.check_tensor_split(params, AbstractMesh((1, 4), ("data", "tensor")))
+
+
+def test_lm_parameters_split_megatron_style_over_tensor_and_fsdp():
+    config = _lm_config(num_kv_heads=1)
+    mesh = AbstractMesh((1, 2, 1, 2), ("data", "fsdp", "context", "tensor"))
+    params = nnx.state(nnx.eval_shape(lambda: state_lib.build_model(config, 260, nnx.Rngs(0))), nnx.Param)
+    specs = nnx.to_pure_dict(jax.tree.map(lambda v: v.get_value().spec, sharding.state_shardings(params, mesh),
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    layer = specs["segments"][0]["blocks"]
+    assert layer["mixer"]["q_proj"]["kernel"] == P(None, "fsdp", "tensor", None)  # [layers, embed, heads, dim]
+    assert layer["mixer"]["k_proj"]["kernel"] == P(None, "fsdp", None, None)  # one kv head: replicated
+    assert layer["mixer"]["o_proj"]["kernel"] == P(None, "tensor", None, "fsdp")
+    assert layer["mlp"]["l1"]["kernel"] == P(None, "fsdp", "tensor") and layer["mlp"]["l3"]["kernel"] == P(
+        None, "tensor", "fsdp")
+    assert specs["embed"]["embedding"] == P("tensor", "fsdp") and specs["head"]["kernel"] == P("fsdp", "tensor")
