@@ -43,6 +43,23 @@ class Projection(nnx.Module):
                                    preferred_element_type=self.out_dtype)
 
 
+class Embedding(nnx.Module):
+    """Token ids `[B, T]` -> rows of a `[vocab_size, d_model]` table (N(0, 0.02), stored in `param_dtype`), in
+    `dtype`. The table's vocabulary splits over `tensor` and its width over `fsdp` like any weight; the lookup
+    first gathers the width (as FSDP gathers every weight before use), so that rows are looked up for the
+    batch-sharded tokens without moving the table's width onto the batch's devices."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        self.dtype = dtype
+        self.embedding = nnx.Param(_init(rngs.params(), (vocab_size, d_model), param_dtype),
+                                   **axes.param_metadata((axes.VOCAB, axes.EMBED)))
+
+    def __call__(self, tokens):
+        table = self.embedding[...]
+        table = axes.constrain(table.astype(self.dtype or table.dtype), (axes.VOCAB, None))
+        return jnp.take(table, tokens, axis=0)
+
+
 def srms_norm(x: jax.Array, eps: float = 1e-6, axis=-1) -> jax.Array:
     """SimpleRMSNorm: `x * rsqrt(mean(x^2) + eps)` over `axis` (an int or a tuple), no weight; computed in fp32,
     returned in `x.dtype`."""

@@ -24,7 +24,7 @@ from jaxattn.models.layers.precision import check_dtype
 from jaxattn.models.layers.remat import check_remat
 from jaxattn.models.layers.stack import Stack
 from jaxattn.models.lm.cache import DecodeCache
-from jaxattn.models.lm.layers import INIT_STD, SGLU, Projection, srms_norm
+from jaxattn.models.lm.layers import SGLU, Embedding, Projection, srms_norm
 
 BYTE_VOCAB_SIZE = 256 + 4  # bytes plus specials (pad 256, bos 257, eos 258, sep 259) for the embedded default
 RESIDUAL = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)  # the residual stream's sharding at block boundaries
@@ -86,9 +86,7 @@ class CausalLM(nnx.Module):
         self.vocab_size, self.d_model, self.num_layers = int(vocab_size), int(d_model), int(num_layers)
         self.scan_layers, self.remat = bool(scan_layers), check_remat(remat)
         self.mixer_constants = mixer_constants
-        self.embed = nnx.Embed(vocab_size, d_model, embedding_init=nnx.initializers.normal(INIT_STD),
-                               embedding_metadata=axes.param_metadata((axes.VOCAB, axes.EMBED)), dtype=dtype,
-                               param_dtype=param_dtype, rngs=rngs)
+        self.embed = Embedding(vocab_size, d_model, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.embed_scale = math.sqrt(d_model)
         self.segment_bounds = segment_bounds(self.num_layers, mixer_group or (lambda i: 0))
 

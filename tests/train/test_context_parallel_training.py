@@ -1,45 +1,28 @@
-"""Context parallelism in training: each family with its strategies on a `context > 1` mesh trains exactly like the
-same config on `context = 1` (loss and gradient-norm curves on the same fixed data), the config key reaches the
-models, and bad combinations fail naming the key.
+"""Context and tensor parallelism in training: each family with its strategies on a `context > 1` mesh, and the
+language models on a `tensor = 2` mesh (Megatron: heads, kv heads, MLP units and vocabulary split; alone and with
+ring attention over `context`), train exactly like the same config on `context = tensor = 1` (loss and
+gradient-norm curves on the same fixed data); the config key reaches the models, and bad combinations fail naming
+the key.
 
 The 8-device cases run in two child processes (`@pytest.mark.devices(8)`): language models, then vision models.
-Each family's `context = 1` reference curve is computed once and shared by its strategies.
+Each family's reference curve is computed once and shared by its strategies and meshes.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 
 import jax
-import ml_collections
+import mesh_curves
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxattn.configs import base
 from jaxattn.train import state as state_lib
 from jaxattn.train import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STEPS = 3
-RTOL = 1e-5  # fp32: only the order of reductions differs between the meshes
-REFERENCE_MESH = {"data": 2, "fsdp": 1, "context": 1}
-
-
-def _config(model, *, task="lm", strategy="", **model_kwargs):
-    c = base.get_config()
-    c.task, c.model, c.context_parallel = task, model, strategy
-    c.model_kwargs = ml_collections.ConfigDict(model_kwargs)
-    c.batch_size = c.eval_batch_size = 4
-    c.num_train_steps = STEPS
-    c.optimizer.update(warmup_steps=1, learning_rate=1e-2)
-    c.input.update(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0)
-    return c
-
-
-# Tiny members of each family (sizes chosen so the strategies' divisibility rules hold at context 4 / 2).
-LM = dict(vocab_size=260, d_model=32, num_layers=1, num_heads=4, glu_dim=48)
+LM = mesh_curves.LM
 # 64 px at context 4: maps of 16 rows (dilation 2) and 8 rows shard with halos, 4 rows run the single-device op.
 DINAT = dict(embed_dim=16, depths=(1, 1, 1), num_heads=(2, 2, 2), mlp_ratio=2.0, kernel_size=3,
              dilations=((2,), (1,), (1,)), img_size=64, drop_path_rate=0.0)
@@ -53,68 +36,44 @@ def _halonet_kwargs():
                 stem_chs=8, attn=AttnCfg(block_size=2, halo_size=1, num_heads=2), img_size=32, drop_path_rate=0.0)
 
 
-def _lm_batches(seq_len, batch=4):
-    rng = np.random.default_rng(0)
-    return [{"inputs": rng.integers(0, 260, (batch, seq_len), dtype=np.int32),
-             "targets": rng.integers(0, 260, (batch, seq_len), dtype=np.int32)} for _ in range(STEPS)]
+CONTEXT4 = {"data": 2, "fsdp": 1, "context": 4}
+TENSOR2 = {"data": 2, "fsdp": 2, "tensor": 2, "context": 1}
+TENSOR2_CONTEXT4 = {"data": 1, "fsdp": 1, "tensor": 2, "context": 4}
 
 
-def _image_batches(size, batch=4):
-    rng = np.random.default_rng(0)
-    return [{"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-             "label": rng.integers(0, 10, (batch,), dtype=np.int32)} for _ in range(STEPS)]
+def _compare_family(cases, batches, num_outputs):
+    """`cases`: `[(name, config, mesh)]` of one family. The reference is the first config on `context = tensor =
+    1`, where every layer runs its single-device op (strategies and meshes change how a layer runs, never the
+    model). Cases on a mesh with `tensor > 1` also check that the weights are really split over it."""
+    want = mesh_curves.curves(cases[0][1], mesh_curves.REFERENCE_MESH, batches, num_outputs)
+    for name, config, mesh in cases:
+        inspect = _assert_lm_split_over_tensor if mesh.get("tensor", 1) > 1 and config.task == "lm" else None
+        mesh_curves.assert_same_curves(name, mesh_curves.curves(config, mesh, batches, num_outputs,
+                                                                inspect=inspect), want)
 
 
-def _curves(config, mesh_axes, batches, num_outputs):
-    """`(losses, grad_norms)` of `STEPS` train steps of the real train step on `batches` under `mesh_axes`."""
-    from jaxattn.train import optimizer, sharding, tasks, train
-    mesh = sharding.make_mesh(mesh_axes, devices=jax.devices()[:math.prod(mesh_axes.values())])
-    rules = sharding.logical_rules(config)
-    tx, schedule = optimizer.make_optimizer(config, STEPS)
-    task = tasks.make_task(config, num_outputs)
-    model_def, init, _, state_shardings = state_lib.create(config, num_outputs, tx, mesh, rules)
-    step_fn = functools.partial(train.train_step, model_def=model_def, task=task, tx=tx, schedule=schedule,
-                                config=config)
-    batch_shardings = sharding.batch_shardings(mesh, batches[0], sequence_keys=task.sequence_keys)
-    rng_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), model_def.rng_state)
-    losses, norms, compiled = [], [], None
-    with jax.set_mesh(mesh):
-        state = init()
-        for batch in batches:
-            args = (state, sharding.to_global(batch, batch_shardings), model_def.rng_state)
-            if compiled is None:
-                jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, rng_sharding),
-                                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-                compiled = train.compile_step(jitted, args, fast=True)
-            state, metrics = compiled(*args)
-            losses.append(float(metrics["loss"]))
-            norms.append(float(metrics["grad_norm"]))
-    return np.array(losses), np.array(norms)
-
-
-def _assert_same_curves(name, got, want):
-    for what, g, w in zip(("loss", "grad_norm"), got, want):
-        assert np.all(np.isfinite(g)), (name, what, g)
-        np.testing.assert_allclose(g, w, rtol=RTOL, err_msg=f"{name}: {what} curve differs from context=1")
-
-
-def _compare_family(cases, batches, num_outputs, context_mesh):
-    """`cases`: `[(name, config)]` of one family. The reference is the first config on `context = 1`, where every
-    layer runs its single-device op (the strategy only changes how a layer runs, never the model)."""
-    want = _curves(cases[0][1], REFERENCE_MESH, batches, num_outputs)
-    for name, config in cases:
-        _assert_same_curves(name, _curves(config, context_mesh, batches, num_outputs), want)
+def _assert_lm_split_over_tensor(state_shardings):
+    params = nnx.to_pure_dict(state_shardings.params)
+    layer = params["segments"][len(params["segments"]) - 1]["blocks"]  # stacked: [layers, ...]
+    mixer = layer["mixer"]
+    heads = mixer["q_proj"]["kernel"].spec if "q_proj" in mixer else mixer["qkvu"]["kernel"].spec
+    assert heads[0] is None and "tensor" in heads, heads  # [layers, embed, (4,) heads, head_dim]
+    assert layer["mlp"]["l1"]["kernel"].spec[2] == "tensor" and params["head"]["kernel"].spec[1] == "tensor"
 
 
 @pytest.mark.devices(8)
-def test_language_models_train_alike_on_context_meshes(tmp_path, monkeypatch):
-    context4 = {"data": 2, "fsdp": 1, "context": 4}
-    batches = _lm_batches(32)
-    softmax = [(f"softmax_lm/{s}", _config("softmax_lm_tiny", strategy=s, **LM))
+def test_language_models_train_alike_on_context_and_tensor_meshes(tmp_path, monkeypatch):
+    batches = mesh_curves.lm_batches(32)
+    softmax = [(f"softmax_lm/{s}", mesh_curves.config("softmax_lm_tiny", strategy=s, **LM), CONTEXT4)
                for s in ("ring", "allgather", "ulysses")]
-    _compare_family(softmax, batches, 260, context4)
-    transnormer = [("transnormer/lasp2", _config("transnormer_tiny", strategy="lasp2", block_size=4, **LM))]
-    _compare_family(transnormer, batches, 260, context4)
+    softmax += [("softmax_lm tensor=2", mesh_curves.config("softmax_lm_tiny", **LM), TENSOR2),
+                ("softmax_lm/ring tensor=2 context=4", softmax[0][1], TENSOR2_CONTEXT4)]
+    _compare_family(softmax, batches, 260)
+    gqa = mesh_curves.config("softmax_lm_tiny", num_kv_heads=1, **LM)  # its one kv head replicated over tensor
+    _compare_family([("softmax_lm/gqa tensor=2", gqa, TENSOR2)], batches, 260)
+    transnormer = mesh_curves.config("transnormer_tiny", strategy="lasp2", block_size=4, **LM)
+    _compare_family([("transnormer/lasp2", transnormer, CONTEXT4), ("transnormer tensor=2", transnormer, TENSOR2)],
+                    batches, 260)
     _run_main_with_context(tmp_path, monkeypatch)
 
 
@@ -139,7 +98,7 @@ def _run_main_with_context(tmp_path, monkeypatch):
 
 
 def _vision_config(model, image_size, **model_kwargs):
-    c = _config(model, task="classification", strategy="halo", **model_kwargs)
+    c = mesh_curves.config(model, task="classification", strategy="halo", **model_kwargs)
     c.image_size = image_size
     return c
 
@@ -154,15 +113,14 @@ def _rows_sharded(config, layers, mesh_axes):
 
 @pytest.mark.devices(8)
 def test_vision_models_train_alike_on_context_meshes():
-    context4 = {"data": 2, "fsdp": 1, "context": 4}
     dinat = _vision_config("dinat_pico", 64, **DINAT)
     assert _rows_sharded(dinat, lambda m: [(lv.blocks[0].attn, r) for lv, r in zip(m.levels, (16, 8, 4))],
-                         context4) == [True, True, False]
-    _compare_family([("dinat/halo", dinat)], _image_batches(64), 10, context4)
+                         CONTEXT4) == [True, True, False]
+    _compare_family([("dinat/halo", dinat, CONTEXT4)], mesh_curves.image_batches(64), 10)
     halonet = _vision_config("halonet_pico", 32, **_halonet_kwargs())
     assert _rows_sharded(halonet, lambda m: [(s[0].self_attn, r) for s, r in zip(m.stages, (8, 8, 4))],
-                         context4) == [True, True, False]
-    _compare_family([("halonet/halo", halonet)], _image_batches(32), 10, context4)
+                         CONTEXT4) == [True, True, False]
+    _compare_family([("halonet/halo", halonet, CONTEXT4)], mesh_curves.image_batches(32), 10)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,16 +137,16 @@ def test_unsupported_strategy_names_the_key(model, strategy, options):
 
 
 def test_config_key_reaches_the_model_and_is_checked_per_family():
-    config = _config("softmax_lm_tiny", strategy="ulysses", **LM)
+    config = mesh_curves.config("softmax_lm_tiny", strategy="ulysses", **LM)
     model = nnx.eval_shape(lambda: state_lib.build_model(config, 260, nnx.Rngs(0)))
     assert {segment.template.mixer.context_parallel for segment in model.segments} == {"ulysses"}
     config.context_parallel = "lasp2"
     with pytest.raises(validate.ConfigError, match=r"config\.context_parallel = 'lasp2'.*softmax_lm.*'ring'"):
         state_lib.build_model(config, 260, nnx.Rngs(0))
-    config = _config("maxvit_pico", task="classification", strategy="halo")
+    config = mesh_curves.config("maxvit_pico", task="classification", strategy="halo")
     with pytest.raises(validate.ConfigError, match=r"config\.context_parallel = 'halo'.*maxvit.*no context"):
         state_lib.build_model(config, 10, nnx.Rngs(0))
-    config = _config("dinat_pico", task="classification", strategy="halo", context_parallel="ring")
+    config = mesh_curves.config("dinat_pico", task="classification", strategy="halo", context_parallel="ring")
     with pytest.raises(validate.ConfigError, match="contradicts config.model_kwargs.context_parallel"):
         state_lib.build_model(config, 10, nnx.Rngs(0))
 
@@ -198,13 +156,13 @@ def test_inputs_must_split_over_the_context_axis():
         config.mesh.update(data=1, fsdp=1, context=4)
         validate.validate(config, num_devices=4, process_count=1)
 
-    config = _config("dinat_pico", task="classification", strategy="halo")
+    config = mesh_curves.config("dinat_pico", task="classification", strategy="halo")
     config.image_size = 30
     with pytest.raises(validate.ConfigError, match=r"config\.image_size = 30.*divisible by its size 4"):
         check(config)
     config.image_size = 32
     check(config)
-    config = _config("softmax_lm_tiny", strategy="ring")
+    config = mesh_curves.config("softmax_lm_tiny", strategy="ring")
     config.seq_len = 36
     with pytest.raises(validate.ConfigError, match=r"config\.seq_len = 36.*'ring'.*divisible by 8"):
         check(config)
