@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxattn.models.layers.axes import LAYERS
+from jaxattn.models.layers.axes import LAYERS, constrain, logical_names
 from jaxattn.models.layers.remat import check_remat, checkpoint
 
 _AXIS_NAME = {nnx.PARTITION_NAME: LAYERS}
@@ -60,7 +60,7 @@ class Stack(nnx.Module):
         """`x, out_i = fn(block_i, x, per_block_i, *shared)` for `i` in order; returns `(x, stacked outs)`."""
         if self.scan:
             graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
-            step = _step(fn, graphdef, shared, self.remat, prevent_cse=False)
+            step = _step(fn, graphdef, shared, self.remat, prevent_cse=False, stacked=True)
 
             def body(carry, xs):
                 carry, out, new_rest = step(carry, *xs)
@@ -71,20 +71,34 @@ class Stack(nnx.Module):
         outs = []
         for i, block in enumerate(self.blocks):
             graphdef, params, rest = nnx.split(block, nnx.Param, ...)
-            step = _step(fn, graphdef, shared, self.remat, prevent_cse=True)
+            step = _step(fn, graphdef, shared, self.remat, prevent_cse=True, stacked=False)
             x, out, rest = step(x, params, rest, jax.tree.map(lambda a: a[i], per_block))
             _update(block, rest)
             outs.append(out)
         return x, jax.tree.map(lambda *o: jnp.stack(o), *outs)
 
 
-def _step(fn, graphdef, shared, remat: str, *, prevent_cse: bool):
-    """`(x, params, rest, per_block) -> (x, out, rest')`: one block merged from its arrays, under `remat`."""
+def _step(fn, graphdef, shared, remat: str, *, prevent_cse: bool, stacked: bool):
+    """`(x, params, rest, per_block) -> (x, out, rest')`: one block merged from its arrays, under `remat`.
+
+    Each parameter is constrained to its logical sharding (the stacking axis dropped from a scan's slices): so
+    inside the loop an FSDP-split weight is gathered where it is used, and its gradient is reduce-scattered back
+    onto its shards instead of all-reduced whole.
+    """
     def step(x, params, rest, per_block):
+        params = jax.tree.map(lambda v: _constrained(v, stacked), params,
+                              is_leaf=lambda v: isinstance(v, nnx.Variable))
         block = nnx.merge(graphdef, params, rest)
         x, out = fn(block, x, per_block, *shared)
         return x, out, nnx.state(block, nnx.Not(nnx.Param))
     return checkpoint(step, remat, prevent_cse=prevent_cse)
+
+
+def _constrained(variable: nnx.Variable, stacked: bool) -> nnx.Variable:
+    names = logical_names(variable)
+    if not names:
+        return variable
+    return variable.replace(constrain(variable.get_value(), names[1:] if stacked else names))
 
 
 def _update(blocks: nnx.Module, rest: nnx.State) -> None:

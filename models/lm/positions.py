@@ -17,7 +17,9 @@ def lrpe(x: jax.Array, theta: jax.Array, pos) -> jax.Array:
     Since `cos(a)cos(b) + sin(a)sin(b) = cos(a - b)`, `q_t . k_s` only sees the relative offset `t - s`.
     """
     t = positions(pos, x.shape[1]).astype(jnp.float32)
-    angle = t[:, None, None] * theta.astype(jnp.float32)[None]  # [T, N, H]
+    # theta broadcast to the whole batch first: its gradient is then one reduction over (batch, time), local on
+    # each device of a batch-sharded mesh before a [N, H] all-reduce (not a [T, N, H] all-reduce over batch).
+    angle = t[None, :, None, None] * jnp.broadcast_to(theta.astype(jnp.float32), x.shape)  # [B, T, N, H]
     x32 = x.astype(jnp.float32)
     return jnp.concatenate([x32 * jnp.cos(angle), x32 * jnp.sin(angle)], axis=-1).astype(x.dtype)
 
