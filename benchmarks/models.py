@@ -1,6 +1,7 @@
-"""Model-zoo throughput: forward (eval) and train-step images/s per family, fp32, with timm side by side.
+"""Model-zoo throughput: forward (eval) and train-step images/s per family, with timm side by side.
 
-    python benchmarks/models.py                          # the representatives, batch 8, timm where installed
+    python benchmarks/models.py                          # the representatives, batch 8, fp32, timm where installed
+    python benchmarks/models.py --dtype bfloat16         # ours with dtype=bfloat16, timm under torch.autocast
     python benchmarks/models.py --quick                  # pico variants, batch 2, no timm (smoke run)
     python benchmarks/models.py --models maxvit_tiny --repeats 5
     python benchmarks/models.py --models dinat_tiny --override implementation=reference
@@ -29,7 +30,10 @@ per-step page faults; `--no-malloc-tuning` to compare), and `--threads 1` gives 
 keeps CPU time honest on an oversubscribed machine (multi-threaded runtimes spin while waiting for descheduled
 threads). timm is imported through `benchmarks/timm_import.py` (a placeholder torchvision where the real one cannot load);
 without timm, the timm columns show the figures recorded in `../shared/reference/platform.md` (marked
-`recorded`). Output: a table and results/models[_quick].json.
+`recorded`). `--dtype bfloat16` builds ours with `dtype=bfloat16` (bf16 compute, fp32 parameters and optimizer
+state) and runs timm's forward and train step under `torch.autocast('cpu', torch.bfloat16)` (its recipe for the
+same thing); a family whose constructor takes no `dtype=` yet is skipped, named. Output: a table and
+results/models[_quick][_bfloat16].json.
 """
 from __future__ import annotations
 
@@ -67,7 +71,7 @@ REPRESENTATIVES = {
 }
 QUICK = ("maxvit_pico", "halonet_pico", "dinat_pico", "biformer_pico")
 NUM_CLASSES = 1000
-COLUMNS = ["model", "img", "batch", "fwd_img_s", "fwd_cpu_img_s", "train_img_s", "train_cpu_img_s",
+COLUMNS = ["model", "dtype", "img", "batch", "fwd_img_s", "fwd_cpu_img_s", "train_img_s", "train_cpu_img_s",
            "timm_fwd_img_s", "timm_fwd_cpu_img_s", "timm_train_img_s", "timm_train_cpu_img_s", "x_timm",
            "x_timm_cpu", "gflop_step", "train_gflop_s", "timm_train_gflop_s", "timm", "compile_train_s", "load"]
 
@@ -140,8 +144,11 @@ def ours_calls(model, images, labels) -> OursCalls:
     return OursCalls(lambda: jax.block_until_ready(forward(state, images)), train, compile_train, flops, step)
 
 
-def timm_calls(timm, timm_name: str, batch: int, img_size: int) -> tuple:
-    """timm's (forward call, train-step call) on the same batch shape, NCHW."""
+def timm_calls(timm, timm_name: str, batch: int, img_size: int, dtype: str = "float32") -> tuple:
+    """timm's (forward call, train-step call) on the same batch shape, NCHW; for bfloat16 both under
+    `torch.autocast('cpu', torch.bfloat16)` (fp32 parameters and optimizer, bf16 matmuls and convolutions)."""
+    import contextlib
+
     import torch
     model = timm.create_model(timm_name, pretrained=False, num_classes=NUM_CLASSES, img_size=img_size)
     images = torch.randn(batch, 3, img_size, img_size)
@@ -149,15 +156,22 @@ def timm_calls(timm, timm_name: str, batch: int, img_size: int) -> tuple:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     loss_fn = torch.nn.CrossEntropyLoss()
 
+    def precision():
+        if dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=getattr(torch, dtype))
+
     def forward():
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), precision():
             model(images)
 
     def train():
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(images), labels).backward()
+        with precision():
+            loss = loss_fn(model(images), labels)
+        loss.backward()
         optimizer.step()
 
     return forward, train
@@ -180,6 +194,7 @@ def timm_in_child(timm_name: str, batch: int, img_size: int, repeats: int, args)
     command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--timm-child", timm_name, "--batch",
                str(batch), "--img", str(img_size), "--repeats", str(repeats)]
     command += ["--threads", str(args.threads)] if args.threads is not None else []
+    command += ["--dtype", args.dtype]
     command += ["--no-malloc-tuning"] if args.no_malloc_tuning else []
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -189,9 +204,10 @@ def timm_in_child(timm_name: str, batch: int, img_size: int, repeats: int, args)
 
 
 def measure(name: str, img_size: int | None, batch: int, repeats: int, overrides: dict, timm=None,
-            timm_name: str | None = None, isolate_args=None) -> dict:
+            timm_name: str | None = None, isolate_args=None, dtype: str = "float32") -> dict:
     """One table row. With `isolate_args` (the parsed command line), timm runs after ours in its own process."""
-    model = build_ours(name, img_size, overrides)
+    precision = {} if dtype == "float32" else {"dtype": jnp.dtype(dtype)}
+    model = build_ours(name, img_size, {**precision, **overrides})
     if img_size is None:
         size = getattr(model, "img_size", 64)
         img_size = size[0] if isinstance(size, (tuple, list)) else int(size)
@@ -200,13 +216,13 @@ def measure(name: str, img_size: int | None, batch: int, repeats: int, overrides
     fwd, train, compile_train, flops, _ = ours_calls(model, images, labels)
     sides = {"ours": (fwd, train)}
     if timm is not None and timm_name and isolate_args is None:
-        sides["timm"] = timm_calls(timm, timm_name, batch, img_size)
+        sides["timm"] = timm_calls(timm, timm_name, batch, img_size, dtype)
     medians = time_sides(sides, repeats)
     if timm is not None and timm_name and isolate_args is not None:
         del model, fwd, train, sides  # free our buffers before the child runs
         medians.update(timm_in_child(timm_name, batch, img_size, repeats, isolate_args))
     cores = os.cpu_count() or 1
-    row = {"model": name, "img": img_size, "batch": batch, "compile_train_s": compile_train,
+    row = {"model": name, "dtype": dtype, "img": img_size, "batch": batch, "compile_train_s": compile_train,
            "gflop_step": flops / 1e9}
     for (side, kind), (wall, cpu) in medians.items():
         prefix = "" if side == "ours" else "timm_"
@@ -220,7 +236,8 @@ def measure(name: str, img_size: int | None, batch: int, repeats: int, overrides
 
 def _timm_child(args, timm) -> None:
     """`--timm-child NAME`: time timm alone and print `{kind: [wall, cpu]}` as the last line."""
-    medians = time_sides({"timm": timm_calls(timm, args.timm_child, args.batch, args.img)}, args.repeats)
+    medians = time_sides({"timm": timm_calls(timm, args.timm_child, args.batch, args.img, args.dtype)},
+                         args.repeats)
     print(json.dumps({kind: list(value) for (_, kind), value in medians.items()}))
 
 
@@ -261,6 +278,8 @@ def main(argv=None):
                         help="1: XLA and torch on one thread each (fair CPU time on a loaded machine)")
     parser.add_argument("--isolate", action="store_true",
                         help="timm in its own process, after ours (default: both interleaved in this process)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype: ours `dtype=`, timm under torch.autocast (parameters stay fp32)")
     parser.add_argument("--timm-child", help=argparse.SUPPRESS)
     parser.add_argument("--img", type=int, default=224, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -290,14 +309,20 @@ def main(argv=None):
             continue
         img_size, timm_name, rec_fwd, rec_train = REPRESENTATIVES.get(name, (None, None, None, None))
         load_before = os.getloadavg()[0]
-        row = measure(name, img_size, args.batch, args.repeats, overrides, timm, timm_name,
-                      isolate_args=args if args.isolate else None)
+        try:
+            row = measure(name, img_size, args.batch, args.repeats, overrides, timm, timm_name,
+                          isolate_args=args if args.isolate else None, dtype=args.dtype)
+        except TypeError as e:
+            if "unexpected keyword argument 'dtype'" not in str(e):
+                raise
+            print(f"skipping {name}: its family takes no dtype= yet ({e})")
+            continue
         row["load"] = round((load_before + os.getloadavg()[0]) / 2, 1)
         if "timm_train_img_s" in row:
             row["timm"] = "measured"
             row["x_timm"] = row["train_img_s"] / row["timm_train_img_s"]
             row["x_timm_cpu"] = row["train_cpu_img_s"] / row["timm_train_cpu_img_s"]
-        elif rec_train is not None and args.batch == 8:
+        elif rec_train is not None and args.batch == 8 and args.dtype == "float32":
             row.update(timm="recorded", timm_fwd_img_s=rec_fwd, timm_train_img_s=rec_train,
                        x_timm=row["train_img_s"] / rec_train)
         rows.append(row)
@@ -305,7 +330,7 @@ def main(argv=None):
     print(f"\n*_img_s: batch / wall s; *_cpu_img_s: {os.cpu_count()} * batch / CPU s; x_timm: our train step "
           f"over timm's; load: 1-min load average")
     print_table(rows, COLUMNS)
-    write_json("models" + ("_quick" if args.quick else ""),
+    write_json("models" + ("_quick" if args.quick else "") + ("" if args.dtype == "float32" else f"_{args.dtype}"),
                {"rows": rows, "args": vars(args), "timm": timm_note, "malloc_tuned": malloc_tuned})
 
 

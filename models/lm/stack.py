@@ -21,7 +21,6 @@ from flax import nnx
 
 from jaxattn.models.layers import axes
 from jaxattn.models.layers.precision import check_dtype
-from jaxattn.models.layers.remat import check_remat
 from jaxattn.models.layers.stack import Stack
 from jaxattn.models.lm.cache import DecodeCache
 from jaxattn.models.lm.layers import SGLU, Embedding, Projection, srms_norm
@@ -84,7 +83,7 @@ class CausalLM(nnx.Module):
                 raise ValueError(f"`{name}` must be a positive int, got {v!r}")
         dtype, param_dtype = check_dtype("dtype", dtype, allow_none=True), check_dtype("param_dtype", param_dtype)
         self.vocab_size, self.d_model, self.num_layers = int(vocab_size), int(d_model), int(num_layers)
-        self.scan_layers, self.remat = bool(scan_layers), check_remat(remat)
+        self.scan_layers = bool(scan_layers)
         self.mixer_constants = mixer_constants
         self.embed = Embedding(vocab_size, d_model, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.embed_scale = math.sqrt(d_model)
