@@ -8,7 +8,8 @@ through a `custom_vjp`:
 - backward (`pallas_bwd`): dk/dv per key block (GQA groups accumulated in place), dq per query block, and dbias
   (the dlogits of each visited tile) only when the bias is actually differentiated (`symbolic_zeros`).
 
-Blocks outside the causal / local-window band are never visited. Not supported: a general boolean `mask`
+Blocks outside the causal / local-window band are never visited; per-head windows, `kv_lengths` and block masks
+walk tables of the visited blocks (`walk.py`). Not supported: a general boolean `mask`
 (the op falls back to its XLA path), and Mosaic GPU: the shared kernel body is written with `jnp.dot` on
 register values, which Mosaic GPU's warpgroup lowering does not accept (it needs `wgmma`-specific code); GPUs
 run the Pallas-Triton lowering here, or the real Triton kernel (`triton.py`).
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from jaxattn.core import blocking, softmax
 from jaxattn.kernels.common import blocks as common_blocks
 from jaxattn.kernels.common import platform
-from jaxattn.kernels.flash_attention import blocks, pallas_bwd, pallas_fwd, vjp
+from jaxattn.kernels.flash_attention import blocks, pallas_bwd, pallas_fwd, vjp, walk
 from jaxattn.kernels.flash_attention.blocks import BlockSizes
 from jaxattn.kernels.flash_attention.tile import Problem
 from jaxattn.kernels.flash_attention.vjp import flash_vjp
@@ -39,7 +40,8 @@ class _Static:
 
 
 def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segment_ids=None, scale=None,
-                    is_causal=False, window=None, causal_offset=None, target=None,
+                    is_causal=False, window=None, causal_offset=None, sinks=None, logits_soft_cap=None,
+                    kv_lengths=None, block_mask=None, block_shape=None, target=None,
                     block_sizes: BlockSizes | None = None, reduction: str | None = None):
     """Softmax attention with the flash-attention kernels. Returns `(out [B, T, N, Hv], lse [B, N, T] fp32)`.
 
@@ -51,7 +53,16 @@ def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segme
       scale: logit scale (default `H ** -0.5`).
       is_causal / window `(left, right)` / causal_offset: key `j` is visible to query `i` iff
         `j - (i + causal_offset)` is `<= 0` (causal) and in `[-left, right]` (window); the offset defaults to
-        `S - T` (bottom-right alignment).
+        `S - T` (bottom-right alignment). `window` may also be a sequence of one `(left, right)` pair (or None:
+        global) per query head.
+      sinks: `[N]` logits, one per query head, added to the softmax denominator (a key without value); `lse`
+        includes them, and they are differentiated.
+      logits_soft_cap: `cap > 0`: logits `s <- cap * tanh(s / cap)` after scaling, before bias and masks.
+      kv_lengths: int `[B]`: keys `j >= kv_lengths[b]` are masked and the diagonal moves by `kv_lengths[b] - S`
+        (queries are the last `T` positions of each row's `kv_lengths[b]` keys); blocks past it are skipped.
+      block_mask, block_shape: bool `[B|1, N|1, ceil(T/bq), ceil(S/bk)]` and `(bq, bk)`: query `i` sees key `j`
+        only if `block_mask[b, n, i // bq, j // bk]`; False blocks are skipped (on TPU never fetched). The
+        kernel's tiles are fitted inside the mask's blocks.
       target: 'tpu', 'triton', 'interpret' or 'tpu_interpret' (default: from `jax.default_backend()`,
         'interpret' on CPU); see `kernels/common/platform.py`.
       block_sizes: tile sizes (default per target, see `blocks.py`); fitted to short lengths.
@@ -61,22 +72,41 @@ def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segme
     A query that sees no key gets output 0 and lse `-inf`.
     """
     vjp.check_segment_ids(q_segment_ids, k_segment_ids)
+    vjp.check_features(query, key, sinks=sinks, kv_lengths=kv_lengths, block_mask=block_mask,
+                       block_shape=block_shape, window=window)
     static = _static(query.shape[1], key.shape[1], query.shape[3], scale=scale, is_causal=is_causal, window=window,
-                     causal_offset=causal_offset, target=target, block_sizes=block_sizes, reduction=reduction)
-    return _flash_attention(query, key, value, bias, q_segment_ids, k_segment_ids, static)
+                     causal_offset=causal_offset, logits_soft_cap=logits_soft_cap, kv_lengths=kv_lengths,
+                     block_shape=None if block_mask is None else block_shape, target=target,
+                     block_sizes=block_sizes, reduction=reduction)
+    return _flash_attention(query, key, value, bias, q_segment_ids, k_segment_ids, sinks,
+                            _dynamic(kv_lengths, block_mask), static)
 
 
 attention = vjp.dot_product_backend(flash_attention, "Pallas")
 
 
-def _static(t, s, h, *, scale, is_causal, window, causal_offset, target, block_sizes, reduction) -> _Static:
+def _dynamic(kv_lengths, block_mask):
+    return None if kv_lengths is None and block_mask is None else (kv_lengths, block_mask)
+
+
+def _static(t, s, h, *, scale, is_causal, window, causal_offset, logits_soft_cap=None, kv_lengths=None,
+            block_shape=None, target, block_sizes, reduction) -> _Static:
     target = platform.resolve_target(target)
     mode = reduction or ("grid" if platform.tpu_like(target) else "fori")
     if target == "tpu" and mode != "grid":
         raise ValueError("target='tpu' walks key blocks on the grid (reduction='grid'); 'fori' would keep whole "
                          "key/value sequences in VMEM")
-    problem = Problem.of(t, s, h, scale=scale, is_causal=is_causal, window=window, causal_offset=causal_offset)
-    return _Static(problem, blocks.fit(target, t, s, block_sizes), target, mode)
+    problem = Problem.of(t, s, h, scale=scale, is_causal=is_causal, window=window, causal_offset=causal_offset,
+                         logits_soft_cap=logits_soft_cap, kv_lengths=kv_lengths is not None, block_shape=block_shape)
+    sizes = block_sizes
+    if block_shape is not None:
+        sizes = walk.fit_to_block_shape(block_sizes or blocks.DEFAULTS.get(target, blocks.DEFAULTS["interpret"]),
+                                        block_shape)
+    sizes = blocks.fit(target, t, s, sizes)
+    if block_shape is not None:
+        for bq, bk in zip(sizes.q_blocks, sizes.k_blocks):
+            walk.check_block_shape(block_shape, t, s, bq, bk, target)
+    return _Static(problem, sizes, target, mode)
 
 
 def _kernel_inputs(query, key, value, bias, q_segment_ids, k_segment_ids, static: _Static):
@@ -103,35 +133,48 @@ def _heads_last(x, length, dim):
     return jnp.swapaxes(x, 1, 2)[:, :length, :, :dim]
 
 
-@functools.partial(jax.jit, static_argnums=(6,))
-def _flash_attention(query, key, value, bias, q_segment_ids, k_segment_ids, static: _Static):
+def _kernel_sinks(sinks, num_heads: int, q_len_p: int):
+    """`[N]` sink logits -> `[1, N, Tp, 1]` fp32, the rows' layout (its broadcast differentiates itself)."""
+    return None if sinks is None else jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None, None],
+                                                       (1, num_heads, q_len_p, 1))
+
+
+@functools.partial(jax.jit, static_argnums=(8,))
+def _flash_attention(query, key, value, bias, q_segment_ids, k_segment_ids, sinks, dynamic, static: _Static):
     t, hv = query.shape[1], value.shape[-1]
-    out, lse = _flash(*_kernel_inputs(query, key, value, bias, q_segment_ids, k_segment_ids, static), static)
+    q, k, v, bias_k, q_seg, k_seg = _kernel_inputs(query, key, value, bias, q_segment_ids, k_segment_ids, static)
+    out, lse = _flash(q, k, v, bias_k, q_seg, k_seg, _kernel_sinks(sinks, q.shape[1], q.shape[2]), dynamic, static)
     return _heads_last(out, t, hv), lse[:, :, :t, 0]
 
 
 def flash_attention_backward(query, key, value, out, lse, d_out, bias=None, *, d_lse=None, q_segment_ids=None,
                              k_segment_ids=None, scale=None, is_causal=False, window=None, causal_offset=None,
+                             logits_soft_cap=None, kv_lengths=None, block_mask=None, block_shape=None,
                              want_dbias=None, target=None, block_sizes: BlockSizes | None = None,
                              reduction: str | None = None):
     """The backward kernels alone, from a saved `out [B, T, N, Hv]` and `lse [B, N, T]` (no forward kernel runs).
 
     `p = exp(s - lse)` is recomputed per tile from the given `lse` and `delta = rowsum(d_out * out) - d_lse` from
     the given `out`, so with the global `out`/`lse` of a softmax merged over key blocks (ring attention) each
-    block gets its exact share of the gradient. Returns `(dq, dk, dv, dlogits)`; `dlogits` (`[B, N, T, S]`
-    fp32, the bias's broadcast axes not yet summed) only when `want_dbias` (default: a bias is given).
+    block gets its exact share of the gradient (with sinks, `lse` includes them; their gradient is
+    `vjp.sink_gradient`). Returns `(dq, dk, dv, dlogits)`; `dlogits` (`[B, N, T, S]` fp32, the bias's broadcast
+    axes not yet summed) only when `want_dbias` (default: a bias is given).
     """
     vjp.check_segment_ids(q_segment_ids, k_segment_ids)
+    vjp.check_features(query, key, sinks=None, kv_lengths=kv_lengths, block_mask=block_mask, block_shape=block_shape,
+                       window=window)
     t, h, s, hv = query.shape[1], query.shape[3], key.shape[1], value.shape[-1]
     static = _static(t, s, h, scale=scale, is_causal=is_causal, window=window, causal_offset=causal_offset,
-                     target=target, block_sizes=block_sizes, reduction=reduction)
+                     logits_soft_cap=logits_soft_cap, kv_lengths=kv_lengths,
+                     block_shape=None if block_mask is None else block_shape, target=target,
+                     block_sizes=block_sizes, reduction=reduction)
     want_dbias = bias is not None if want_dbias is None else want_dbias
     q, k, v, bias_k, q_seg, k_seg = _kernel_inputs(query, key, value, bias, q_segment_ids, k_segment_ids, static)
     tp = q.shape[2]
     o, do = _kernel_layout(out, tp, v.shape[3]), _kernel_layout(d_out.astype(query.dtype), tp, v.shape[3])
     rows = lambda x: blocking.pad_axis(x.astype(jnp.float32), 2, tp)[..., None]  # noqa: E731  [B, N, Tp, 1]
-    dq, dk, dv, dlogits = _backward(static, q, k, v, bias_k, q_seg, k_seg, o, rows(lse), do,
-                                    None if d_lse is None else rows(d_lse), want_dbias)
+    dq, dk, dv, dlogits, _ = _backward(static, q, k, v, bias_k, q_seg, k_seg, None, _dynamic(kv_lengths, block_mask),
+                                       o, rows(lse), do, None if d_lse is None else rows(d_lse), want_dbias)
     dlogits = None if dlogits is None else dlogits[:, :, :t, :s]
     return _heads_last(dq, t, h), _heads_last(dk, s, h), _heads_last(dv, s, hv), dlogits
 
@@ -143,22 +186,38 @@ def _kernel_layout(x, length, dim):
     return blocking.pad_axis(blocking.pad_axis(x, 2, length), 3, dim)
 
 
-def _forward(q, k, v, bias, q_seg, k_seg, static: _Static):
-    return pallas_fwd.forward(q, k, v, bias, q_seg, k_seg, problem=static.problem, block_q=static.sizes.block_q,
-                              block_k=static.sizes.block_k, target=static.target, mode=static.mode)
+def _walk_table(static: _Static, dynamic, q, k, block_q: int, block_k: int, *, key_major: bool = False):
+    """The walk table of a kernel with these tiles (None when the band alone says which blocks are visited)."""
+    if not static.problem.dynamic:
+        return None
+    kv_lengths, block_mask = dynamic if dynamic is not None else (None, None)
+    return walk.build(static.problem, batch=q.shape[0], heads=q.shape[1], kv_lengths=kv_lengths,
+                      block_mask=block_mask, block_q=block_q, block_k=block_k, num_q=q.shape[2] // block_q,
+                      num_k=k.shape[2] // block_k, key_major=key_major)
 
 
-def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, out, lse, d_out, d_lse, want_dbias):
+def _forward(q, k, v, bias, q_seg, k_seg, sinks, dynamic, static: _Static):
+    sizes = static.sizes
+    return pallas_fwd.forward(q, k, v, bias, q_seg, k_seg, sinks,
+                              _walk_table(static, dynamic, q, k, sizes.block_q, sizes.block_k),
+                              problem=static.problem, block_q=sizes.block_q, block_k=sizes.block_k,
+                              target=static.target, mode=static.mode)
+
+
+def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, sinks, dynamic, out, lse, d_out, d_lse, want_dbias):
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     if d_lse is not None:
         delta = delta - d_lse
     args = (q, k, v, bias, q_seg, k_seg, d_out, softmax.finite_or_zero(lse), delta)
     common = dict(problem=static.problem, target=static.target, mode=static.mode)
     sizes = static.sizes
-    dq, dlogits = pallas_bwd.dq(*args, want_dbias=want_dbias, block_q=sizes.block_q_dq, block_k=sizes.block_k_dq,
-                                **common)
-    dk, dv = pallas_bwd.dkv(*args, block_q=sizes.block_q_dkv, block_k=sizes.block_k_dkv, **common)
-    return dq, dk, dv, dlogits
+    dq, dlogits = pallas_bwd.dq(*args, _walk_table(static, dynamic, q, k, sizes.block_q_dq, sizes.block_k_dq),
+                                want_dbias=want_dbias, block_q=sizes.block_q_dq, block_k=sizes.block_k_dq, **common)
+    dk, dv = pallas_bwd.dkv(*args, _walk_table(static, dynamic, q, k, sizes.block_q_dkv, sizes.block_k_dkv,
+                                               key_major=True),
+                            block_q=sizes.block_q_dkv, block_k=sizes.block_k_dkv, **common)
+    dsinks = None if sinks is None else vjp.sink_gradient(sinks, lse, delta, axis=0)
+    return dq, dk, dv, dlogits, dsinks
 
 
 _flash = flash_vjp(_forward, _backward)

@@ -1,9 +1,11 @@
 """What every flash-attention tile computes, shared by the forward, dq and dk/dv kernel bodies.
 
-A tile is `q[block_q, H] x k[block_k, H]^T`: fp32 logits, scaled, plus the bias tile, with masked entries at
-`-inf` (the masks come from positions through `jaxattn.core.masks`, exactly as the reference builds them).
-`Problem` is the static description of the masking; its bands give the blocks a tile row or column can see, so
-blocks wholly outside the causal/window band are never visited.
+A tile is `q[block_q, H] x k[block_k, H]^T`: fp32 logits, scaled, soft-capped (`cap * tanh(s / cap)`) when
+asked, plus the bias tile, with masked entries at `-inf` (the masks come from positions through
+`jaxattn.core.masks`, exactly as the reference builds them). `Problem` is the static description of the masking;
+its bands give the blocks a tile row or column can see, so blocks wholly outside the causal/window band are never
+visited. Per-head windows, per-batch key lengths and block masks are dynamic: `walk.py` turns them into tables of
+the blocks each tile visits, and `TileMask` carries the per-(batch, head) window, offset and length of one tile.
 """
 from __future__ import annotations
 
@@ -25,25 +27,56 @@ class Problem:
     is_causal: bool = False
     window: tuple[int, int] | None = None  # (left, right) around the diagonal
     causal_offset: int = 0  # S - T: the diagonal is aligned bottom-right
+    logits_soft_cap: float | None = None  # s <- cap * tanh(s / cap) on the scaled logits, before bias and masks
+    head_windows: tuple[tuple[int, int], ...] | None = None  # one (left, right) per query head (replaces window)
+    kv_lengths: bool = False  # per-batch valid key lengths (an operand): keys >= kv_lengths[b] are masked and
+    # the diagonal moves by kv_lengths[b] - S
+    block_shape: tuple[int, int] | None = None  # (bq, bk) of a block mask operand
 
     @classmethod
     def of(cls, q_len: int, kv_len: int, head_dim: int, *, scale=None, is_causal=False, window=None,
-           causal_offset=None) -> "Problem":
-        """From the op's arguments: default scale `head_dim ** -0.5`, default offset `S - T` (bottom-right)."""
+           causal_offset=None, logits_soft_cap=None, kv_lengths=False, block_shape=None) -> "Problem":
+        """From the op's arguments: default scale `head_dim ** -0.5`, default offset `S - T` (bottom-right).
+        `window` is None, one window for every head, or a sequence of per-query-head `(left, right)` pairs
+        (None entries: global heads)."""
+        head_windows = None
+        if window is not None and not isinstance(window, int) and len(window) and not isinstance(window[0], int):
+            wide = q_len + kv_len  # a global head's window reaches every key from every query
+            head_windows = tuple((wide, wide) if w is None else masks.normalize_window(w) for w in window)
+            window = None
+        if logits_soft_cap is not None and not float(logits_soft_cap) > 0:
+            raise ValueError(f"`logits_soft_cap` must be a positive float, got {logits_soft_cap!r}")
         return cls(scale=float(head_dim ** -0.5 if scale is None else scale), q_len=q_len, kv_len=kv_len,
                    is_causal=bool(is_causal), window=masks.normalize_window(window),
-                   causal_offset=kv_len - q_len if causal_offset is None else int(causal_offset))
+                   causal_offset=kv_len - q_len if causal_offset is None else int(causal_offset),
+                   logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+                   head_windows=head_windows, kv_lengths=bool(kv_lengths),
+                   block_shape=None if block_shape is None else tuple(int(x) for x in block_shape))
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the visited blocks depend on the head, the batch row or an operand (`walk.py` tables)."""
+        return self.head_windows is not None or self.kv_lengths or self.block_shape is not None
 
     @property
     def band(self) -> tuple[int | None, int | None]:
-        """Bounds on `key_pos - query_pos` of the visible keys (None: unbounded)."""
-        off = self.causal_offset
-        lower = None if self.window is None else off - self.window[0]
-        if self.is_causal:
-            upper = off if self.window is None else off + min(0, self.window[1])
-        else:
-            upper = None if self.window is None else off + self.window[1]
-        return lower, upper
+        """Bounds on `key_pos - query_pos` of the visible keys (None: unbounded); per-head windows: the widest."""
+        if self.head_windows is None:
+            return band(self.is_causal, self.window, self.causal_offset)
+        lowers, uppers = zip(*(band(self.is_causal, w, self.causal_offset) for w in self.head_windows))
+        return min(lowers), max(uppers)
+
+    def max_band_blocks(self, size: int, block: int, num: int, *, transpose: bool = False) -> int:
+        """Static bound on the blocks one tile of `size` sees across its band, for every head and key length
+        (a key length shifts the band without widening it)."""
+        windows = self.head_windows or (self.window,)
+        most = 0
+        for w in windows:
+            lower, upper = band(self.is_causal, w, self.causal_offset)
+            if transpose:
+                lower, upper = bands.transpose_band(lower, upper)
+            most = max(most, bands.max_blocks(size, lower, upper, block, num))
+        return most
 
     def kv_blocks(self, q_block, block_q: int, block_k: int, num_k: int):
         """Key blocks `[first, stop)` seen by query block `q_block`."""
@@ -60,24 +93,64 @@ class Problem:
         return bands.max_blocks(block_k, *bands.transpose_band(*self.band), block_q, num_q)
 
 
-def logits(q, k, bias, q_seg, k_seg, q_start, k_start, problem: Problem, *, mask_kv_tail: bool):
-    """Masked fp32 logits `[block_q, block_k]` of one tile.
+def band(is_causal: bool, window, offset):
+    """Bounds `(lower, upper)` on `key_pos - query_pos` of the visible keys for one window and diagonal offset
+    (ints, or int32 arrays for per-head windows and per-batch offsets); None: unbounded."""
+    if window is None:
+        return None, (offset if is_causal else None)
+    left, right = window
+    if is_causal:
+        right = min(0, right) if isinstance(right, int) else jnp.minimum(0, right)
+    return offset - left, offset + right
+
+
+@dataclasses.dataclass(frozen=True)
+class TileMask:
+    """The position mask of one (batch, head): window, diagonal offset and key length (traced scalars where
+    dynamic, the problem's static values otherwise; `kv_length` None: no padded keys to mask)."""
+    window: tuple | None
+    offset: object
+    kv_length: object
+
+    @classmethod
+    def static(cls, problem: Problem, *, mask_kv_tail: bool) -> "TileMask":
+        return cls(problem.window, problem.causal_offset, problem.kv_len if mask_kv_tail else None)
+
+
+def soft_cap(s, cap):
+    """Gemma 2's `cap * tanh(s / cap)` (cap None: `s`)."""
+    return s if cap is None else cap * jnp.tanh(s / cap)
+
+
+def soft_cap_derivative(capped, cap):
+    """`d capped / d s = 1 - tanh(s / cap)^2`, from the capped logits."""
+    t = capped / cap
+    return 1.0 - t * t
+
+
+def logits(q, k, bias, q_seg, k_seg, q_start, k_start, problem: Problem, *, mask: TileMask,
+           with_cap_derivative: bool = False):
+    """Masked fp32 logits `[block_q, block_k]` of one tile (and, if asked and soft-capped, the derivative of the
+    cap at each logit, which the backward multiplies into the gradient reaching q and k).
 
     q: `[block_q, H]`, k: `[block_k, H]`, bias: `[block_q, block_k]` or None; q_seg `[block_q, 1]` and k_seg
-    `[1, block_k]` int32 or None; q_start/k_start: positions of the tile's first row/column. `mask_kv_tail`
-    masks the padded keys (positions >= kv_len).
+    `[1, block_k]` int32 or None; q_start/k_start: positions of the tile's first row/column.
     """
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * problem.scale
+    s = soft_cap(lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+                 * problem.scale, problem.logits_soft_cap)
+    cap_derivative = None
+    if with_cap_derivative and problem.logits_soft_cap is not None:
+        cap_derivative = soft_cap_derivative(s, problem.logits_soft_cap)
     if bias is not None:
         s = s + bias.astype(jnp.float32)
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, s.shape, 0)
     k_pos = k_start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    keep = masks.position_mask(q_pos, k_pos, is_causal=problem.is_causal, window=problem.window,
-                               causal_offset=problem.causal_offset,
-                               kv_length=problem.kv_len if mask_kv_tail else None)
+    keep = masks.position_mask(q_pos, k_pos, is_causal=problem.is_causal, window=mask.window,
+                               causal_offset=mask.offset, kv_length=mask.kv_length)
     if q_seg is not None:
         keep = masks.combine(keep, q_seg == k_seg)
-    return softmax.masked_logits(s, keep)
+    s = softmax.masked_logits(s, keep)
+    return (s, cap_derivative) if with_cap_derivative else s
 
 
 def probabilities(s, lse):

@@ -31,7 +31,7 @@ def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segme
     `blocks` optionally overrides `triton_launch.BLOCKS` per kernel name. Returns `(out, lse)`."""
     static, bias, q_seg, k_seg = _prepare(query, key, bias, q_segment_ids, k_segment_ids, scale, is_causal, window,
                                           causal_offset, blocks)
-    return _attention(query, key, value, bias, q_seg, k_seg, static)
+    return _attention(query, key, value, bias, q_seg, k_seg, None, None, static)
 
 
 def flash_attention_backward(query, key, value, out, lse, d_out, bias=None, *, d_lse=None, q_segment_ids=None,
@@ -42,8 +42,8 @@ def flash_attention_backward(query, key, value, out, lse, d_out, bias=None, *, d
     static, bias4, q_seg, k_seg = _prepare(query, key, bias, q_segment_ids, k_segment_ids, scale, is_causal, window,
                                            causal_offset, blocks)
     want_dbias = bias is not None if want_dbias is None else want_dbias
-    return _backward(static, query, key, value, bias4, q_seg, k_seg, out, lse.astype(jnp.float32),
-                     d_out.astype(query.dtype), d_lse, want_dbias)
+    return _backward(static, query, key, value, bias4, q_seg, k_seg, None, None, out, lse.astype(jnp.float32),
+                     d_out.astype(query.dtype), d_lse, want_dbias)[:4]
 
 
 def _prepare(query, key, bias, q_segment_ids, k_segment_ids, scale, is_causal, window, causal_offset, blocks):
@@ -88,7 +88,7 @@ def _operands(q, k, v, bias, q_seg, k_seg):
             no_seg if k_seg is None else k_seg)
 
 
-def _forward(q, k, v, bias, q_seg, k_seg, static: _Static):
+def _forward(q, k, v, bias, q_seg, k_seg, sinks, dynamic, static: _Static):
     b, t, n, _ = q.shape
     launch = _plan("flash_fwd", static, q, k, v, bias, q_seg)
     out_shape = [jax.ShapeDtypeStruct((b, t, n, v.shape[-1]), q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)]
@@ -96,7 +96,7 @@ def _forward(q, k, v, bias, q_seg, k_seg, static: _Static):
     return out, lse
 
 
-def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, out, lse, d_out, d_lse, want_dbias):
+def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, sinks, dynamic, out, lse, d_out, d_lse, want_dbias):
     b, t, n, _ = q.shape
     delta = jnp.einsum("btnd,btnd->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
     if d_lse is not None:
@@ -109,7 +109,7 @@ def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, out, lse, d_out, d_l
     dq, ds = _launch(dq_launch, inputs, [jax.ShapeDtypeStruct(q.shape, q.dtype),
                                          jax.ShapeDtypeStruct(ds_shape, jnp.float32)],
                      zeroed_outputs=(1,) if want_dbias else ())
-    return dq, dk, dv, (ds if want_dbias else None)
+    return dq, dk, dv, (ds if want_dbias else None), None
 
 
-_attention = jax.jit(flash_vjp(_forward, _backward), static_argnums=(6,))
+_attention = jax.jit(flash_vjp(_forward, _backward), static_argnums=(8,))
