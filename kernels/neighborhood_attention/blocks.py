@@ -7,13 +7,13 @@ computes, against the `prod(k)` per query its windows need, depends on the tile 
 pair that computes the fewest logits (`Geometry.computed_logits`, counted exactly from the walk tables).
 
 The sizes are each target's hardware granule, no larger (small windows waste the least with the smallest tiles):
-- TPU: the MXU width (`TPU_GENERATIONS`). A logit tile feeds `q k^T` (`block_k` MXU columns) and `p v`
+- TPU: the MXU width (`kernels/common/tpu.py`). A logit tile feeds `q k^T` (`block_k` MXU columns) and `p v`
   (contracting over `block_k`) and is softmaxed over `block_k` lanes: a narrower tile still costs a whole MXU
   pass and whole 128-lane vregs, a wider one only adds logits outside the windows. So `block_q = block_k =` 128
   on v4, v5e and v5p (4 MXUs of 128 x 128 per TensorCore) and 256 on v6e (2 MXUs of 256 x 256). VMEM does not
   bind: a step holds double-buffered q/k/v/bias blocks, fp32 logits and accumulators, about 3 MiB at 256 x 256
-  and H = 128, against 16 MiB of VMEM per TensorCore on v4, 64 MiB on v5p and 128 MiB on v5e and v6e.
-  The generation is read from the device the program is lowered for (`pltpu.get_tpu_info()`: the abstract
+  and H = 128, within the 16 MiB every generation gives a kernel by default.
+  The generation is read from the device the program is lowered for (`tpu.current_generation()`: the abstract
   mesh's device kind, else the default device); without one (a CPU host with no TPU mesh) the 128 plan, which
   is v4/v5e/v5p's and legal on v6e. Each grid step also costs about 0.35 us, which favours larger tiles when
   head dims are small; that trade is for a TPU run of `benchmarks/kernels.py` to settle (`tiles=`,
@@ -22,8 +22,6 @@ The sizes are each target's hardware granule, no larger (small windows waste the
   per 16 query rows; the GPU runs the many small programs side by side, with no per-step cost to amortise.
 - interpret: as GPU; tests pass small tiles of their own.
 When the whole group grid holds no more tokens than a tile, one tile holds it (full extents are legal anywhere).
-Figures: `jax._src.pallas.mosaic.tpu_info` (jax 0.10.2: MXU column size, MXU count and VMEM per TensorCore per
-chip) and the Cloud TPU system-architecture pages (v5e: 4 MXUs per TensorCore; v6e: 256 x 256 MXUs).
 """
 from __future__ import annotations
 
@@ -33,33 +31,20 @@ import math
 
 from jaxattn.core import neighborhood_windows as windows
 from jaxattn.kernels.common import blocks as common_blocks
+from jaxattn.kernels.common import tpu
 from jaxattn.kernels.neighborhood_attention.geometry import Geometry
 
-# generation -> (MXU width, MXUs per TensorCore, VMEM MiB per TensorCore)
-TPU_GENERATIONS = {"v4": (128, 4, 16), "v5e": (128, 4, 128), "v5p": (128, 4, 64), "v6e": (256, 2, 128)}
-TPU_DEFAULT_WIDTH = 128
-TPU_SUBLANES = 8
+TPU_SUBLANES = tpu.SUBLANES
+tpu_generation = tpu.current_generation  # the generation the tiles follow (read by the compile tests)
 TRITON_ROWS = 16  # tl.dot's smallest M, N and K; one warp per 16 query rows
 TRITON_MAX_WARPS = 4
 TRITON_STAGES = 2
 
 
-def tpu_generation() -> str | None:
-    """The TPU generation the current trace is lowered for ('v4', 'v5e', ...), or None when it is not known."""
-    from jax.experimental.pallas import tpu as pltpu
-    try:
-        return str(pltpu.get_tpu_info().chip_version)
-    except (ValueError, RuntimeError):
-        return None
-
-
 def granule(target: str, generation: str | None = None) -> int:
     """Rows of a query tile and keys of a key box for `target` (and TPU `generation`, default detected)."""
     if target in ("tpu", "tpu_interpret"):
-        generation = generation or tpu_generation()
-        if generation is not None and generation not in TPU_GENERATIONS:
-            raise ValueError(f"`generation` must be one of {tuple(TPU_GENERATIONS)} or None, got {generation!r}")
-        return TPU_GENERATIONS[generation][0] if generation else TPU_DEFAULT_WIDTH
+        return tpu.plan(generation).mxu
     return TRITON_ROWS
 
 
