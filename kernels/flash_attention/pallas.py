@@ -73,9 +73,10 @@ def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segme
     """
     vjp.check_segment_ids(q_segment_ids, k_segment_ids)
     vjp.check_features(query, key, sinks=sinks, kv_lengths=kv_lengths, block_mask=block_mask,
-                       block_shape=block_shape, window=window)
-    static = _static(query.shape[1], key.shape[1], query.shape[3], scale=scale, is_causal=is_causal, window=window,
-                     causal_offset=causal_offset, logits_soft_cap=logits_soft_cap, kv_lengths=kv_lengths,
+                       block_shape=block_shape)
+    static = _static(query.shape[1], key.shape[1], query.shape[3], query.shape[2], scale=scale,
+                     is_causal=is_causal, window=window, causal_offset=causal_offset,
+                     logits_soft_cap=logits_soft_cap, kv_lengths=kv_lengths,
                      block_shape=None if block_mask is None else block_shape, target=target,
                      block_sizes=block_sizes, reduction=reduction)
     return _flash_attention(query, key, value, bias, q_segment_ids, k_segment_ids, sinks,
@@ -89,7 +90,7 @@ def _dynamic(kv_lengths, block_mask):
     return None if kv_lengths is None and block_mask is None else (kv_lengths, block_mask)
 
 
-def _static(t, s, h, *, scale, is_causal, window, causal_offset, logits_soft_cap=None, kv_lengths=None,
+def _static(t, s, h, n, *, scale, is_causal, window, causal_offset, logits_soft_cap=None, kv_lengths=None,
             block_shape=None, target, block_sizes, reduction) -> _Static:
     target = platform.resolve_target(target)
     mode = reduction or ("grid" if platform.tpu_like(target) else "fori")
@@ -97,7 +98,8 @@ def _static(t, s, h, *, scale, is_causal, window, causal_offset, logits_soft_cap
         raise ValueError("target='tpu' walks key blocks on the grid (reduction='grid'); 'fori' would keep whole "
                          "key/value sequences in VMEM")
     problem = Problem.of(t, s, h, scale=scale, is_causal=is_causal, window=window, causal_offset=causal_offset,
-                         logits_soft_cap=logits_soft_cap, kv_lengths=kv_lengths is not None, block_shape=block_shape)
+                         logits_soft_cap=logits_soft_cap, kv_lengths=kv_lengths is not None, block_shape=block_shape,
+                         num_heads=n)
     sizes = block_sizes
     if block_shape is not None:
         sizes = walk.fit_to_block_shape(block_sizes or blocks.DEFAULTS.get(target, blocks.DEFAULTS["interpret"]),
@@ -157,14 +159,14 @@ def flash_attention_backward(query, key, value, out, lse, d_out, bias=None, *, d
     `p = exp(s - lse)` is recomputed per tile from the given `lse` and `delta = rowsum(d_out * out) - d_lse` from
     the given `out`, so with the global `out`/`lse` of a softmax merged over key blocks (ring attention) each
     block gets its exact share of the gradient (with sinks, `lse` includes them; their gradient is
-    `vjp.sink_gradient`). Returns `(dq, dk, dv, dlogits)`; `dlogits` (`[B, N, T, S]` fp32, the bias's broadcast
+    `softmax.sink_gradient`). Returns `(dq, dk, dv, dlogits)`; `dlogits` (`[B, N, T, S]` fp32, the bias's broadcast
     axes not yet summed) only when `want_dbias` (default: a bias is given).
     """
     vjp.check_segment_ids(q_segment_ids, k_segment_ids)
-    vjp.check_features(query, key, sinks=None, kv_lengths=kv_lengths, block_mask=block_mask, block_shape=block_shape,
-                       window=window)
+    vjp.check_features(query, key, sinks=None, kv_lengths=kv_lengths, block_mask=block_mask, block_shape=block_shape)
     t, h, s, hv = query.shape[1], query.shape[3], key.shape[1], value.shape[-1]
-    static = _static(t, s, h, scale=scale, is_causal=is_causal, window=window, causal_offset=causal_offset,
+    static = _static(t, s, h, query.shape[2], scale=scale, is_causal=is_causal, window=window,
+                     causal_offset=causal_offset,
                      logits_soft_cap=logits_soft_cap, kv_lengths=kv_lengths,
                      block_shape=None if block_mask is None else block_shape, target=target,
                      block_sizes=block_sizes, reduction=reduction)
@@ -208,7 +210,8 @@ def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, sinks, dynamic, out,
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     if d_lse is not None:
         delta = delta - d_lse
-    args = (q, k, v, bias, q_seg, k_seg, d_out, softmax.finite_or_zero(lse), delta)
+    lse = softmax.finite_or_zero(lse)
+    args = (q, k, v, bias, q_seg, k_seg, d_out, lse, delta)
     common = dict(problem=static.problem, target=static.target, mode=static.mode)
     sizes = static.sizes
     dq, dlogits = pallas_bwd.dq(*args, _walk_table(static, dynamic, q, k, sizes.block_q_dq, sizes.block_k_dq),
@@ -216,7 +219,7 @@ def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, sinks, dynamic, out,
     dk, dv = pallas_bwd.dkv(*args, _walk_table(static, dynamic, q, k, sizes.block_q_dkv, sizes.block_k_dkv,
                                                key_major=True),
                             block_q=sizes.block_q_dkv, block_k=sizes.block_k_dkv, **common)
-    dsinks = None if sinks is None else vjp.sink_gradient(sinks, lse, delta, axis=0)
+    dsinks = None if sinks is None else softmax.sink_gradient(sinks, lse, delta, 0)[None]
     return dq, dk, dv, dlogits, dsinks
 
 

@@ -35,14 +35,14 @@ class Problem:
 
     @classmethod
     def of(cls, q_len: int, kv_len: int, head_dim: int, *, scale=None, is_causal=False, window=None,
-           causal_offset=None, logits_soft_cap=None, kv_lengths=False, block_shape=None) -> "Problem":
+           causal_offset=None, logits_soft_cap=None, kv_lengths=False, block_shape=None,
+           num_heads: int | None = None) -> "Problem":
         """From the op's arguments: default scale `head_dim ** -0.5`, default offset `S - T` (bottom-right).
-        `window` is None, one window for every head, or a sequence of per-query-head `(left, right)` pairs
-        (None entries: global heads)."""
+        `window` is None, one window for every head, or a sequence of `num_heads` per-query-head `(left, right)`
+        pairs (None entries: global heads; `masks.per_head_windows`)."""
         head_windows = None
-        if window is not None and not isinstance(window, int) and len(window) and not isinstance(window[0], int):
-            wide = q_len + kv_len  # a global head's window reaches every key from every query
-            head_windows = tuple((wide, wide) if w is None else masks.normalize_window(w) for w in window)
+        if is_per_head(window):
+            head_windows = masks.per_head_windows(window, num_heads, q_len, kv_len)
             window = None
         if logits_soft_cap is not None and not float(logits_soft_cap) > 0:
             raise ValueError(f"`logits_soft_cap` must be a positive float, got {logits_soft_cap!r}")
@@ -93,6 +93,11 @@ class Problem:
         return bands.max_blocks(block_k, *bands.transpose_band(*self.band), block_q, num_q)
 
 
+def is_per_head(window) -> bool:
+    """Whether a `window` argument is a sequence of per-head windows rather than one `w` or `(left, right)`."""
+    return isinstance(window, (tuple, list)) and any(w is None or isinstance(w, (tuple, list)) for w in window)
+
+
 def band(is_causal: bool, window, offset):
     """Bounds `(lower, upper)` on `key_pos - query_pos` of the visible keys for one window and diagonal offset
     (ints, or int32 arrays for per-head windows and per-batch offsets); None: unbounded."""
@@ -117,17 +122,6 @@ class TileMask:
         return cls(problem.window, problem.causal_offset, problem.kv_len if mask_kv_tail else None)
 
 
-def soft_cap(s, cap):
-    """Gemma 2's `cap * tanh(s / cap)` (cap None: `s`)."""
-    return s if cap is None else cap * jnp.tanh(s / cap)
-
-
-def soft_cap_derivative(capped, cap):
-    """`d capped / d s = 1 - tanh(s / cap)^2`, from the capped logits."""
-    t = capped / cap
-    return 1.0 - t * t
-
-
 def logits(q, k, bias, q_seg, k_seg, q_start, k_start, problem: Problem, *, mask: TileMask,
            with_cap_derivative: bool = False):
     """Masked fp32 logits `[block_q, block_k]` of one tile (and, if asked and soft-capped, the derivative of the
@@ -136,11 +130,11 @@ def logits(q, k, bias, q_seg, k_seg, q_start, k_start, problem: Problem, *, mask
     q: `[block_q, H]`, k: `[block_k, H]`, bias: `[block_q, block_k]` or None; q_seg `[block_q, 1]` and k_seg
     `[1, block_k]` int32 or None; q_start/k_start: positions of the tile's first row/column.
     """
-    s = soft_cap(lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-                 * problem.scale, problem.logits_soft_cap)
+    s = softmax.soft_cap(lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+                         * problem.scale, problem.logits_soft_cap)
     cap_derivative = None
     if with_cap_derivative and problem.logits_soft_cap is not None:
-        cap_derivative = soft_cap_derivative(s, problem.logits_soft_cap)
+        cap_derivative = softmax.soft_cap_derivative(s, problem.logits_soft_cap)
     if bias is not None:
         s = s + bias.astype(jnp.float32)
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, s.shape, 0)

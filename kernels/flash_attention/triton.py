@@ -4,7 +4,8 @@ The GPU path that does not depend on Pallas-Triton (deprecated in JAX 0.11). It 
 arrays in place (strides, no transposes or padding), GQA by index, a bias broadcast by zero strides (never
 materialised), and shares the custom VJP (`vjp.py`) and launch plans (`triton_launch.py`) with the tests.
 `jax_triton` is imported when a kernel is traced, so importing this module is free on machines without a GPU.
-Not supported: a boolean `mask` (the op falls back to XLA).
+Sinks, the soft cap, per-head windows, `kv_lengths` and block masks as in `pallas.py` (the walk tables of
+`walk.py`, built per kernel for its tiles). Not supported: a boolean `mask` (the op falls back to XLA).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.core import softmax
-from jaxattn.kernels.flash_attention import triton_launch, vjp
+from jaxattn.kernels.flash_attention import triton_launch, vjp, walk
 from jaxattn.kernels.flash_attention.tile import Problem
 from jaxattn.kernels.flash_attention.vjp import flash_vjp
 
@@ -26,30 +27,43 @@ class _Static:
 
 
 def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segment_ids=None, scale=None,
-                    is_causal=False, window=None, causal_offset=None, blocks: dict | None = None):
+                    is_causal=False, window=None, causal_offset=None, sinks=None, logits_soft_cap=None,
+                    kv_lengths=None, block_mask=None, block_shape=None, blocks: dict | None = None):
     """Same arguments and results as `pallas.flash_attention` (without target/block_sizes/reduction);
     `blocks` optionally overrides `triton_launch.BLOCKS` per kernel name. Returns `(out, lse)`."""
+    vjp.check_features(query, key, sinks=sinks, kv_lengths=kv_lengths, block_mask=block_mask,
+                       block_shape=block_shape)
     static, bias, q_seg, k_seg = _prepare(query, key, bias, q_segment_ids, k_segment_ids, scale, is_causal, window,
-                                          causal_offset, blocks)
-    return _attention(query, key, value, bias, q_seg, k_seg, None, None, static)
+                                          causal_offset, blocks, logits_soft_cap, kv_lengths, block_mask, block_shape)
+    return _attention(query, key, value, bias, q_seg, k_seg, sinks, _dynamic(kv_lengths, block_mask), static)
 
 
 def flash_attention_backward(query, key, value, out, lse, d_out, bias=None, *, d_lse=None, q_segment_ids=None,
                              k_segment_ids=None, scale=None, is_causal=False, window=None, causal_offset=None,
+                             logits_soft_cap=None, kv_lengths=None, block_mask=None, block_shape=None,
                              want_dbias=None, blocks: dict | None = None):
     """The backward kernels alone, from a saved `out` and `lse` (see `pallas.flash_attention_backward`); works on
     the heads-last arrays in place. Returns `(dq, dk, dv, dlogits or None)`."""
+    vjp.check_features(query, key, sinks=None, kv_lengths=kv_lengths, block_mask=block_mask, block_shape=block_shape)
     static, bias4, q_seg, k_seg = _prepare(query, key, bias, q_segment_ids, k_segment_ids, scale, is_causal, window,
-                                           causal_offset, blocks)
+                                           causal_offset, blocks, logits_soft_cap, kv_lengths, block_mask,
+                                           block_shape)
     want_dbias = bias is not None if want_dbias is None else want_dbias
-    return _backward(static, query, key, value, bias4, q_seg, k_seg, None, None, out, lse.astype(jnp.float32),
-                     d_out.astype(query.dtype), d_lse, want_dbias)[:4]
+    return _backward(static, query, key, value, bias4, q_seg, k_seg, None, _dynamic(kv_lengths, block_mask), out,
+                     lse.astype(jnp.float32), d_out.astype(query.dtype), d_lse, want_dbias)[:4]
 
 
-def _prepare(query, key, bias, q_segment_ids, k_segment_ids, scale, is_causal, window, causal_offset, blocks):
+def _dynamic(kv_lengths, block_mask):
+    return None if kv_lengths is None and block_mask is None else (kv_lengths, block_mask)
+
+
+def _prepare(query, key, bias, q_segment_ids, k_segment_ids, scale, is_causal, window, causal_offset, blocks,
+             logits_soft_cap=None, kv_lengths=None, block_mask=None, block_shape=None):
     vjp.check_segment_ids(q_segment_ids, k_segment_ids)
     problem = Problem.of(query.shape[1], key.shape[1], query.shape[3], scale=scale, is_causal=is_causal,
-                         window=window, causal_offset=causal_offset)
+                         window=window, causal_offset=causal_offset, logits_soft_cap=logits_soft_cap,
+                         kv_lengths=kv_lengths is not None, block_shape=None if block_mask is None else block_shape,
+                         num_heads=query.shape[2])
     static = _Static(problem, None if blocks is None else tuple(sorted(blocks.items())))
     if bias is not None:
         bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
@@ -66,12 +80,28 @@ def _triton_call():
     return jax_triton.triton_call
 
 
-def _plan(kernel, static: _Static, q, k, v, bias, q_seg, **extra):
+def _plan(kernel, static: _Static, q, k, v, bias, q_seg, sinks, dynamic, **extra):
     overrides = dict(static.blocks or ())
+    block_mask = None if dynamic is None else dynamic[1]
     return triton_launch.plan(kernel, q_shape=q.shape, k_shape=k.shape, v_shape=v.shape,
                               bias_shape=None if bias is None else bias.shape, segments=q_seg is not None,
                               band=static.problem.band, scale=static.problem.scale,
-                              fp32=q.dtype == jnp.float32, blocks=overrides.get(kernel), **extra)
+                              fp32=q.dtype == jnp.float32, blocks=overrides.get(kernel), problem=static.problem,
+                              sinks=sinks is not None,
+                              block_mask_shape=None if block_mask is None else block_mask.shape, **extra)
+
+
+def _walk_table(launch: triton_launch.Launch, static: _Static, q, k, dynamic):
+    """The walk table of `launch`'s tiles (a dummy when the band alone says which blocks are visited)."""
+    if launch.walk is None:
+        return jnp.zeros((1,), jnp.int32)
+    kv_lengths, block_mask = dynamic if dynamic is not None else (None, None)
+    bm, bn = launch.constexprs["BLOCK_M"], launch.constexprs["BLOCK_N"]
+    built, table = walk.build(static.problem, batch=q.shape[0], heads=q.shape[2], kv_lengths=kv_lengths,
+                              block_mask=block_mask, block_q=bm, block_k=bn, num_q=-(-q.shape[1] // bm),
+                              num_k=-(-k.shape[1] // bn), key_major=launch.kernel == "flash_bwd_dkv")
+    assert built == launch.walk, (built, launch.walk)
+    return table
 
 
 def _launch(launch: triton_launch.Launch, inputs, out_shape, **kwargs):
@@ -81,18 +111,20 @@ def _launch(launch: triton_launch.Launch, inputs, out_shape, **kwargs):
                           name=launch.kernel, **kwargs, **launch.constexprs)
 
 
-def _operands(q, k, v, bias, q_seg, k_seg):
+def _operands(q, k, v, bias, q_seg, k_seg, sinks, table):
     dummy = jnp.zeros((1,), q.dtype)
     no_seg = jnp.zeros((1,), jnp.int32)
     return (q, k, v, dummy if bias is None else bias, no_seg if q_seg is None else q_seg,
-            no_seg if k_seg is None else k_seg)
+            no_seg if k_seg is None else k_seg,
+            jnp.zeros((1,), jnp.float32) if sinks is None else sinks.astype(jnp.float32), table)
 
 
 def _forward(q, k, v, bias, q_seg, k_seg, sinks, dynamic, static: _Static):
     b, t, n, _ = q.shape
-    launch = _plan("flash_fwd", static, q, k, v, bias, q_seg)
+    launch = _plan("flash_fwd", static, q, k, v, bias, q_seg, sinks, dynamic)
     out_shape = [jax.ShapeDtypeStruct((b, t, n, v.shape[-1]), q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)]
-    out, lse = _launch(launch, _operands(q, k, v, bias, q_seg, k_seg), out_shape)
+    operands = _operands(q, k, v, bias, q_seg, k_seg, sinks, _walk_table(launch, static, q, k, dynamic))
+    out, lse = _launch(launch, operands, out_shape)
     return out, lse
 
 
@@ -101,15 +133,22 @@ def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, sinks, dynamic, out,
     delta = jnp.einsum("btnd,btnd->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
     if d_lse is not None:
         delta = delta - d_lse
-    inputs = (*_operands(q, k, v, bias, q_seg, k_seg), d_out, softmax.finite_or_zero(lse), delta)
-    dkv = _plan("flash_bwd_dkv", static, q, k, v, bias, q_seg)
-    dk, dv = _launch(dkv, inputs, [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)])
-    dq_launch = _plan("flash_bwd_dq", static, q, k, v, bias, q_seg, store_ds=want_dbias)
+    lse = softmax.finite_or_zero(lse)
+
+    def inputs(launch):
+        return (*_operands(q, k, v, bias, q_seg, k_seg, sinks, _walk_table(launch, static, q, k, dynamic)), d_out,
+                lse, delta)
+
+    dkv = _plan("flash_bwd_dkv", static, q, k, v, bias, q_seg, sinks, dynamic)
+    dk, dv = _launch(dkv, inputs(dkv), [jax.ShapeDtypeStruct(k.shape, k.dtype),
+                                        jax.ShapeDtypeStruct(v.shape, v.dtype)])
+    dq_launch = _plan("flash_bwd_dq", static, q, k, v, bias, q_seg, sinks, dynamic, store_ds=want_dbias)
     ds_shape = (b, n, t, k.shape[1]) if want_dbias else (1,)
-    dq, ds = _launch(dq_launch, inputs, [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                                         jax.ShapeDtypeStruct(ds_shape, jnp.float32)],
+    dq, ds = _launch(dq_launch, inputs(dq_launch), [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                                                    jax.ShapeDtypeStruct(ds_shape, jnp.float32)],
                      zeroed_outputs=(1,) if want_dbias else ())
-    return dq, dk, dv, (ds if want_dbias else None), None
+    dsinks = None if sinks is None else softmax.sink_gradient(sinks[None, :, None], lse, delta, (0, 2))
+    return dq, dk, dv, (ds if want_dbias else None), dsinks
 
 
 _attention = jax.jit(flash_vjp(_forward, _backward), static_argnums=(8,))

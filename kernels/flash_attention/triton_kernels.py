@@ -6,7 +6,11 @@ run them under `TRITON_INTERPRET=1` with torch tensors; `triton.py` launches the
 
 Semantics are those of `pallas.py`: key `j` is visible to query `i` iff `LOWER <= j - i <= UPPER` (each bound
 optional; causal and local windows, aligned bottom-right, are such bands), it is a real key (`j < S`), and the
-segment ids match. Blocks outside the band are never loaded. Shapes and strides are compile-time constants (JAX
+segment ids match. Blocks outside the band are never loaded. Attention sinks (`Sinks [N]` fp32) start each row's
+online softmax as a key without value; a soft cap applies `CAP * tanh(s / CAP)` to the scaled logits before the
+bias (the backward multiplies `1 - tanh^2` into the gradient reaching q and k). With `HAS_WALK`, the int32 table
+of `walk.py` (`Walk`) gives each tile its blocks (per-head windows, `kv_lengths`, block masks) and the
+per-(batch, head) band of its mask. Shapes and strides are compile-time constants (JAX
 shapes are static, so nothing recompiles per call); batch/head offsets are computed in int64. Pointer arguments
 that a call does not use (no bias, no segments) receive a dummy 1-element array.
 """
@@ -14,6 +18,67 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+BIG = tl.constexpr(1 << 30)  # an unbounded side of a dynamic band
+
+
+@triton.jit
+def _soft_cap(s, HAS_CAP: tl.constexpr, CAP: tl.constexpr):
+    """`CAP * tanh(s / CAP)` (tanh through exp: exact at both tails, where exp over/underflows)."""
+    if HAS_CAP:
+        s = CAP * (1.0 - 2.0 / (tl.exp(s * (2.0 / CAP)) + 1.0))
+    return s
+
+
+@triton.jit
+def _walk_row(b, n, t, W_BATCH: tl.constexpr, W_HEADS: tl.constexpr, W_TILES: tl.constexpr):
+    """Row of tile `t` of (batch row `b`, query head `n`) in the walk table's count/index arrays."""
+    row = t
+    if W_HEADS > 1:
+        row += n * W_TILES
+    if W_BATCH > 1:
+        row += b * (W_HEADS * W_TILES)
+    return row
+
+
+@triton.jit
+def _walk_block(Walk, row, r, W_BATCH: tl.constexpr, W_HEADS: tl.constexpr, W_TILES: tl.constexpr,
+                W_STEPS: tl.constexpr, W_COUNTS: tl.constexpr):
+    """Block index of step `r` of the walk of `row`."""
+    return tl.load(Walk + W_COUNTS + W_BATCH * W_HEADS * W_TILES + row * W_STEPS + r)
+
+
+@triton.jit
+def _dynamic_band(Walk, b, n, N: tl.constexpr, NB: tl.constexpr, S: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                  WINDOWED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, OFFSET: tl.constexpr,
+                  HAS_WINDOWS: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """`(lower, upper, kv_len)` of (batch row `b`, head `n`): bounds on `key_pos - query_pos` and the valid keys,
+    from the table's per-head windows and per-row offsets/lengths (else the static ones)."""
+    left = tl.full([], LEFT, tl.int32)
+    right = tl.full([], RIGHT, tl.int32)
+    offset = tl.full([], OFFSET, tl.int32)
+    kv_len = tl.full([], S, tl.int32)
+    if HAS_WINDOWS:
+        left = tl.load(Walk + n)
+        right = tl.load(Walk + N + n)
+    if HAS_LENGTHS:
+        offset = tl.load(Walk + 2 * N * HAS_WINDOWS + b)
+        kv_len = tl.load(Walk + 2 * N * HAS_WINDOWS + NB + b)
+    lower = tl.full([], -BIG, tl.int32)
+    upper = tl.full([], BIG, tl.int32)
+    if WINDOWED:
+        lower = offset - left
+        upper = offset + right
+    if IS_CAUSAL:
+        upper = tl.minimum(upper, offset)
+    return lower, upper, kv_len
+
+
+@triton.jit
+def _visible_dynamic(rows, cols, T: tl.constexpr, kv_len, lower, upper):
+    """`_visible` with a band and key length known at run time."""
+    return (cols < kv_len) & (rows < T) & (cols - rows >= lower) & (cols - rows <= upper)
 
 
 @triton.jit
@@ -43,7 +108,7 @@ def _visible(rows, cols, T: tl.constexpr, S: tl.constexpr, HAS_LOWER: tl.constex
 
 
 @triton.jit
-def flash_fwd(Q, K, V, Bias, QSeg, KSeg, Out, Lse,
+def flash_fwd(Q, K, V, Bias, QSeg, KSeg, Sinks, Walk, Out, Lse,
               T: tl.constexpr, S: tl.constexpr, N: tl.constexpr, GROUPS: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
               SQB: tl.constexpr, SQT: tl.constexpr, SQN: tl.constexpr,
@@ -52,6 +117,11 @@ def flash_fwd(Q, K, V, Bias, QSeg, KSeg, Out, Lse,
               SBB: tl.constexpr, SBN: tl.constexpr, SBT: tl.constexpr, SBS: tl.constexpr,
               SCALE: tl.constexpr, HAS_LOWER: tl.constexpr, LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
               UPPER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
+              HAS_SINKS: tl.constexpr, HAS_CAP: tl.constexpr, CAP: tl.constexpr,
+              HAS_WALK: tl.constexpr, IS_CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, LEFT: tl.constexpr,
+              RIGHT: tl.constexpr, OFFSET: tl.constexpr, W_BATCH: tl.constexpr, W_HEADS: tl.constexpr,
+              W_TILES: tl.constexpr, W_STEPS: tl.constexpr, W_COUNTS: tl.constexpr, HAS_WINDOWS: tl.constexpr,
+              HAS_LENGTHS: tl.constexpr, NB: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head). Out is `[B, T, N, DV]`, Lse `[B, N, T]` fp32."""
     pid_m = tl.program_id(0)
@@ -72,17 +142,33 @@ def flash_fwd(Q, K, V, Bias, QSeg, KSeg, Out, Lse,
     bias_base = Bias + b * SBB + n * SBN
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:  # the sink: a key with no value, already in the running max and sum
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(Sinks + n)
+        l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
     acc = tl.zeros([BLOCK_M, DVP], tl.float32)
     lo, hi = _band_range(pid_m * BLOCK_M, BLOCK_M, HAS_LOWER, LOWER, HAS_UPPER, UPPER, S, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
+    steps = tl.cdiv(hi - lo, BLOCK_N)
+    if HAS_WALK:
+        lower, upper, kv_len = _dynamic_band(Walk, b, n, N, NB, S, IS_CAUSAL, WINDOWED, LEFT, RIGHT, OFFSET,
+                                             HAS_WINDOWS, HAS_LENGTHS)
+        row = _walk_row(b, n, pid_m, W_BATCH, W_HEADS, W_TILES)
+        steps = tl.load(Walk + W_COUNTS + row)
+    for r in range(0, steps):
+        if HAS_WALK:
+            start = _walk_block(Walk, row, r, W_BATCH, W_HEADS, W_TILES, W_STEPS, W_COUNTS) * BLOCK_N
+        else:
+            start = lo + r * BLOCK_N
         cols = start + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + cols[:, None] * SKS + d[None, :], mask=(cols[:, None] < S) & (d[None, :] < D),
                     other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE
+        s = _soft_cap(tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE, HAS_CAP, CAP)
         if HAS_BIAS:
             s += tl.load(bias_base + rows[:, None] * SBT + cols[None, :] * SBS,
                          mask=(rows[:, None] < T) & (cols[None, :] < S), other=0.0).to(tl.float32)
-        keep = _visible(rows[:, None], cols[None, :], T, S, HAS_LOWER, LOWER, HAS_UPPER, UPPER)
+        if HAS_WALK:
+            keep = _visible_dynamic(rows[:, None], cols[None, :], T, kv_len, lower, upper)
+        else:
+            keep = _visible(rows[:, None], cols[None, :], T, S, HAS_LOWER, LOWER, HAS_UPPER, UPPER)
         if HAS_SEG:
             k_seg = tl.load(KSeg + b * S + cols, mask=cols < S, other=-2)
             keep = keep & (q_seg[:, None] == k_seg[None, :])
@@ -107,7 +193,7 @@ def flash_fwd(Q, K, V, Bias, QSeg, KSeg, Out, Lse,
 
 
 @triton.jit
-def flash_bwd_dkv(Q, K, V, Bias, QSeg, KSeg, DO, Lse, Delta, DK, DV_,
+def flash_bwd_dkv(Q, K, V, Bias, QSeg, KSeg, Sinks, Walk, DO, Lse, Delta, DK, DV_,
                   T: tl.constexpr, S: tl.constexpr, N: tl.constexpr, GROUPS: tl.constexpr,
                   D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
                   SQB: tl.constexpr, SQT: tl.constexpr, SQN: tl.constexpr,
@@ -116,6 +202,11 @@ def flash_bwd_dkv(Q, K, V, Bias, QSeg, KSeg, DO, Lse, Delta, DK, DV_,
                   SBB: tl.constexpr, SBN: tl.constexpr, SBT: tl.constexpr, SBS: tl.constexpr,
                   SCALE: tl.constexpr, HAS_LOWER: tl.constexpr, LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
                   UPPER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
+                  HAS_SINKS: tl.constexpr, HAS_CAP: tl.constexpr, CAP: tl.constexpr,
+                  HAS_WALK: tl.constexpr, IS_CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, LEFT: tl.constexpr,
+                  RIGHT: tl.constexpr, OFFSET: tl.constexpr, W_BATCH: tl.constexpr, W_HEADS: tl.constexpr,
+                  W_TILES: tl.constexpr, W_STEPS: tl.constexpr, W_COUNTS: tl.constexpr, HAS_WINDOWS: tl.constexpr,
+                  HAS_LENGTHS: tl.constexpr, NB: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, kv head), summing over the GROUPS query heads that share it.
     Works on transposed tiles (`[keys, queries]`) so dk/dv accumulate without transposes. DO is `[B, T, N, DV]`,
@@ -140,16 +231,31 @@ def flash_bwd_dkv(Q, K, V, Bias, QSeg, KSeg, DO, Lse, Delta, DK, DV_,
     lo, hi = _band_range(pid_n * BLOCK_N, BLOCK_N, HAS_UPPER, -UPPER, HAS_LOWER, -LOWER, T, BLOCK_M)
     for g in range(GROUPS):
         n = kh * GROUPS + g
-        for start in range(lo, hi, BLOCK_M):
+        steps = tl.cdiv(hi - lo, BLOCK_M)
+        if HAS_WALK:
+            lower, upper, kv_len = _dynamic_band(Walk, b, n, N, NB, S, IS_CAUSAL, WINDOWED, LEFT, RIGHT, OFFSET,
+                                                 HAS_WINDOWS, HAS_LENGTHS)
+            row = _walk_row(b, n, pid_n, W_BATCH, W_HEADS, W_TILES)
+            steps = tl.load(Walk + W_COUNTS + row)
+        for r in range(0, steps):
+            if HAS_WALK:
+                start = _walk_block(Walk, row, r, W_BATCH, W_HEADS, W_TILES, W_STEPS, W_COUNTS) * BLOCK_M
+            else:
+                start = lo + r * BLOCK_M
             rows = start + tl.arange(0, BLOCK_M)
             rmask = rows[None, :] < T
             qT = tl.load(Q + b * SQB + n * SQN + rows[None, :] * SQT + d[:, None], mask=rmask & (d[:, None] < D),
                          other=0.0)
-            sT = tl.dot(k, qT, input_precision=PRECISION) * SCALE
+            sT = _soft_cap(tl.dot(k, qT, input_precision=PRECISION) * SCALE, HAS_CAP, CAP)
+            if HAS_CAP:
+                cap_derivative = 1.0 - (sT / CAP) * (sT / CAP)
             if HAS_BIAS:
                 sT += tl.load(Bias + b * SBB + n * SBN + rows[None, :] * SBT + cols[:, None] * SBS,
                               mask=rmask & kmask, other=0.0).to(tl.float32)
-            keep = _visible(rows[None, :], cols[:, None], T, S, HAS_LOWER, LOWER, HAS_UPPER, UPPER)
+            if HAS_WALK:
+                keep = _visible_dynamic(rows[None, :], cols[:, None], T, kv_len, lower, upper)
+            else:
+                keep = _visible(rows[None, :], cols[:, None], T, S, HAS_LOWER, LOWER, HAS_UPPER, UPPER)
             if HAS_SEG:
                 q_seg = tl.load(QSeg + b * T + rows, mask=rows < T, other=-1)
                 keep = keep & (k_seg[:, None] == q_seg[None, :])
@@ -161,6 +267,8 @@ def flash_bwd_dkv(Q, K, V, Bias, QSeg, KSeg, DO, Lse, Delta, DK, DV_,
             dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             delta = tl.load(Delta + (b * N + n) * T + rows, mask=rows < T, other=0.0)
             dsT = pT * (dpT - delta[None, :])
+            if HAS_CAP:
+                dsT = dsT * cap_derivative
             dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
     tl.store(DK + b * SKB + kh * SKN + cols[:, None] * SKS + d[None, :], (dk * SCALE).to(DK.dtype.element_ty),
              mask=kmask & (d[None, :] < D))
@@ -169,7 +277,7 @@ def flash_bwd_dkv(Q, K, V, Bias, QSeg, KSeg, DO, Lse, Delta, DK, DV_,
 
 
 @triton.jit
-def flash_bwd_dq(Q, K, V, Bias, QSeg, KSeg, DO, Lse, Delta, DQ, DS,
+def flash_bwd_dq(Q, K, V, Bias, QSeg, KSeg, Sinks, Walk, DO, Lse, Delta, DQ, DS,
                  T: tl.constexpr, S: tl.constexpr, N: tl.constexpr, GROUPS: tl.constexpr,
                  D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
                  SQB: tl.constexpr, SQT: tl.constexpr, SQN: tl.constexpr,
@@ -178,6 +286,11 @@ def flash_bwd_dq(Q, K, V, Bias, QSeg, KSeg, DO, Lse, Delta, DQ, DS,
                  SBB: tl.constexpr, SBN: tl.constexpr, SBT: tl.constexpr, SBS: tl.constexpr,
                  SCALE: tl.constexpr, HAS_LOWER: tl.constexpr, LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
                  UPPER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEG: tl.constexpr, PRECISION: tl.constexpr,
+                 HAS_SINKS: tl.constexpr, HAS_CAP: tl.constexpr, CAP: tl.constexpr,
+                 HAS_WALK: tl.constexpr, IS_CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, LEFT: tl.constexpr,
+                 RIGHT: tl.constexpr, OFFSET: tl.constexpr, W_BATCH: tl.constexpr, W_HEADS: tl.constexpr,
+                 W_TILES: tl.constexpr, W_STEPS: tl.constexpr, W_COUNTS: tl.constexpr, HAS_WINDOWS: tl.constexpr,
+                 HAS_LENGTHS: tl.constexpr, NB: tl.constexpr,
                  STORE_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head). DQ has the query layout; with STORE_DS the logits'
     gradient of each visited tile goes to DS `[B, N, T, S]` fp32 (zeroed before the launch)."""
@@ -200,16 +313,31 @@ def flash_bwd_dq(Q, K, V, Bias, QSeg, KSeg, DO, Lse, Delta, DQ, DS,
         q_seg = tl.load(QSeg + b * T + rows, mask=rows < T, other=-1)
     dq = tl.zeros([BLOCK_M, DP], tl.float32)
     lo, hi = _band_range(pid_m * BLOCK_M, BLOCK_M, HAS_LOWER, LOWER, HAS_UPPER, UPPER, S, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
+    steps = tl.cdiv(hi - lo, BLOCK_N)
+    if HAS_WALK:
+        lower, upper, kv_len = _dynamic_band(Walk, b, n, N, NB, S, IS_CAUSAL, WINDOWED, LEFT, RIGHT, OFFSET,
+                                             HAS_WINDOWS, HAS_LENGTHS)
+        row = _walk_row(b, n, pid_m, W_BATCH, W_HEADS, W_TILES)
+        steps = tl.load(Walk + W_COUNTS + row)
+    for r in range(0, steps):
+        if HAS_WALK:
+            start = _walk_block(Walk, row, r, W_BATCH, W_HEADS, W_TILES, W_STEPS, W_COUNTS) * BLOCK_N
+        else:
+            start = lo + r * BLOCK_N
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols[None, :] < S
         kT = tl.load(K + b * SKB + kh * SKN + cols[None, :] * SKS + d[:, None], mask=cmask & (d[:, None] < D),
                      other=0.0)
-        s = tl.dot(q, kT, input_precision=PRECISION) * SCALE
+        s = _soft_cap(tl.dot(q, kT, input_precision=PRECISION) * SCALE, HAS_CAP, CAP)
+        if HAS_CAP:
+            cap_derivative = 1.0 - (s / CAP) * (s / CAP)
         if HAS_BIAS:
             s += tl.load(Bias + b * SBB + n * SBN + rows[:, None] * SBT + cols[None, :] * SBS,
                          mask=rmask & cmask, other=0.0).to(tl.float32)
-        keep = _visible(rows[:, None], cols[None, :], T, S, HAS_LOWER, LOWER, HAS_UPPER, UPPER)
+        if HAS_WALK:
+            keep = _visible_dynamic(rows[:, None], cols[None, :], T, kv_len, lower, upper)
+        else:
+            keep = _visible(rows[:, None], cols[None, :], T, S, HAS_LOWER, LOWER, HAS_UPPER, UPPER)
         if HAS_SEG:
             k_seg = tl.load(KSeg + b * S + cols, mask=cols < S, other=-2)
             keep = keep & (q_seg[:, None] == k_seg[None, :])
@@ -220,6 +348,8 @@ def flash_bwd_dq(Q, K, V, Bias, QSeg, KSeg, DO, Lse, Delta, DQ, DS,
         ds = p * (dp - delta[:, None])
         if STORE_DS:
             tl.store(DS + ((b * N + n) * T + rows[:, None]) * S + cols[None, :], ds, mask=rmask & cmask)
+        if HAS_CAP:
+            ds = ds * cap_derivative
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
     tl.store(DQ + b * SQB + n * SQN + rows[:, None] * SQT + d[None, :], (dq * SCALE).to(DQ.dtype.element_ty),
              mask=rmask & (d[None, :] < D))

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from jaxattn.core import block_sparse
+
 
 def reduce_to(x, shape):
     """Sums `x` over the axes where `shape` has 1 (the broadcast axes of a bias), keeping dims."""
@@ -61,15 +63,22 @@ def flash_vjp(forward: Callable, backward: Callable) -> Callable:
 
 def dot_product_backend(flash_attention: Callable, kernel_name: str) -> Callable:
     """Adapts a kernel's `flash_attention(q, k, v, bias, *, q_segment_ids, k_segment_ids, scale, is_causal, window,
-    causal_offset)` to the `dot_product_attention` backend signature (`spec`: is_causal, window, causal_offset)."""
+    causal_offset, sinks, logits_soft_cap, kv_lengths, block_mask, block_shape)` to the `dot_product_attention`
+    backend signature (`spec`: is_causal, window, causal_offset and, where the op has them, head_windows,
+    logits_soft_cap, block_shape; the arrays `sinks`, `kv_lengths`, `block_mask` as keyword arguments)."""
 
-    def attention(query, key, value, bias, mask, q_segment_ids, k_segment_ids, *, scale, spec):
+    def attention(query, key, value, bias, mask, q_segment_ids, k_segment_ids, *, scale, spec, sinks=None,
+                  kv_lengths=None, block_mask=None):
         if mask is not None:
             raise ValueError(f"the {kernel_name} flash-attention kernel does not take a boolean `mask`; use `bias` "
                              "or implementation='xla'")
+        head_windows = getattr(spec, "head_windows", None)
         return flash_attention(query, key, value, bias, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
-                               scale=scale, is_causal=spec.is_causal, window=spec.window,
-                               causal_offset=spec.causal_offset)
+                               scale=scale, is_causal=spec.is_causal,
+                               window=spec.window if head_windows is None else head_windows,
+                               causal_offset=spec.causal_offset, sinks=sinks,
+                               logits_soft_cap=getattr(spec, "logits_soft_cap", None), kv_lengths=kv_lengths,
+                               block_mask=block_mask, block_shape=getattr(spec, "block_shape", None))
 
     attention.__doc__ = f"The `dot_product_attention` backend of the {kernel_name} flash-attention kernel."
     return attention
@@ -80,34 +89,15 @@ def check_segment_ids(q_segment_ids, k_segment_ids):
         raise ValueError("give both `q_segment_ids` and `k_segment_ids`, or neither")
 
 
-def sink_gradient(sinks, lse, delta, axis):
-    """`d sink = -sum p_sink * delta` over `axis`, `p_sink = exp(sink - lse)` with the lse that includes the sink
-    and `delta = rowsum(d_out * out) - d_lse` (rows that see nothing, sink -inf included, add 0)."""
-    p_sink = jnp.exp(sinks.astype(jnp.float32) - jnp.where(jnp.isfinite(lse), lse, 0.0))
-    return -jnp.sum(p_sink * delta, axis=axis, keepdims=True)
-
-
-def check_features(query, key, *, sinks, kv_lengths, block_mask, block_shape, window):
-    """ValueErrors naming the argument and the shapes for the kernels' optional features."""
+def check_features(query, key, *, sinks, kv_lengths, block_mask, block_shape):
+    """ValueErrors naming the argument and the shapes for the kernels' array features (per-head windows are
+    checked by `masks.per_head_windows`, the cap by `tile.Problem.of`)."""
     b, t, n = query.shape[:3]
-    s = key.shape[1]
     if sinks is not None and tuple(sinks.shape) != (n,):
-        raise ValueError(f"`sinks` must be [num_heads] = [{n}] (one logit per query head), got {tuple(sinks.shape)}")
+        raise ValueError(f"`sinks` must have shape ({n},) (one logit per query head), got {tuple(sinks.shape)}")
     if kv_lengths is not None and (tuple(kv_lengths.shape) != (b,) or not jnp.issubdtype(kv_lengths.dtype,
                                                                                            jnp.integer)):
-        raise ValueError(f"`kv_lengths` must be an integer [batch] = [{b}] array, got {kv_lengths.dtype}"
-                         f"{list(kv_lengths.shape)}")
-    if (block_mask is None) != (block_shape is None):
-        raise ValueError("give both `block_mask` and `block_shape`, or neither")
+        raise ValueError(f"`kv_lengths` must be an integer array of shape ({b},), got shape "
+                         f"{tuple(kv_lengths.shape)} dtype {kv_lengths.dtype}")
     if block_mask is not None:
-        bq, bk = block_shape
-        grid = (-(-t // bq), -(-s // bk))
-        if (block_mask.ndim != 4 or block_mask.shape[0] not in (1, b) or block_mask.shape[1] not in (1, n)
-                or tuple(block_mask.shape[2:]) != grid or block_mask.dtype != jnp.bool_):
-            raise ValueError(f"`block_mask` must be bool [1|{b}, 1|{n}, {grid[0]}, {grid[1]}] for q_len {t}, kv_len "
-                             f"{s} and block_shape {tuple(block_shape)}, got {block_mask.dtype}"
-                             f"{list(block_mask.shape)}")
-    if window is not None and not isinstance(window, int) and len(window) and not isinstance(window[0], int):
-        if len(window) != n:
-            raise ValueError(f"a per-head `window` needs one (left, right) pair per query head: got {len(window)} "
-                             f"for {n} heads")
+        block_sparse.check_block_mask(block_mask, block_shape, b, n, t, key.shape[1])

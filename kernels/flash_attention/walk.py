@@ -23,6 +23,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from jaxattn.core import block_sparse
 from jaxattn.kernels.common import bands
 from jaxattn.kernels.flash_attention import tile
 
@@ -56,6 +57,11 @@ class Walk:
         """Block index of step `r < steps` of that walk."""
         at = self._counts_at + self.batch * self.heads * self.tiles
         return table[at + self._row(b, n, t) * self.steps + r]
+
+    def constexprs(self) -> dict:
+        """The Triton kernels' compile-time constants of this walk (`triton_kernels._walk_*` read the table)."""
+        return dict(W_BATCH=self.batch, W_HEADS=self.heads, W_TILES=self.tiles, W_STEPS=self.steps,
+                    W_COUNTS=self._counts_at, HAS_WINDOWS=self.windows, HAS_LENGTHS=self.lengths, NB=self.num_batch)
 
     def tile_mask(self, table, problem: tile.Problem, b, n) -> tile.TileMask:
         """The position mask of batch row `b`, query head `n` (the key length is always masked: padded keys lie
@@ -134,23 +140,30 @@ def build(problem: tile.Problem, *, batch: int, heads: int, kv_lengths, block_ma
     if block_mask is not None:
         kernel_mask = _kernel_block_mask(block_mask, problem, block_q, block_k, num_q, num_k)
         visible = visible & (jnp.swapaxes(kernel_mask, 2, 3) if key_major else kernel_mask)
-    bt = batch if visible.shape[0] > 1 else 1
-    nt = heads if visible.shape[1] > 1 else 1
-    visible = jnp.broadcast_to(visible, (bt, nt, *visible.shape[2:]))
-    if block_mask is not None:
-        steps = len(other)
-    else:
-        steps = problem.max_band_blocks(block_k if key_major else block_q, block_q if key_major else block_k,
-                                        len(other), transpose=key_major)
-    steps = max(1, steps)
-    count = jnp.sum(visible, axis=-1, dtype=jnp.int32)
-    order = jnp.argsort(~visible, axis=-1, stable=True).astype(jnp.int32)  # visible blocks first, ascending
-    r = jnp.minimum(jnp.arange(steps, dtype=jnp.int32), jnp.maximum(count - 1, 0)[..., None])
+    walk = layout(problem, batch=batch, heads=heads, block_mask_shape=None if block_mask is None else block_mask.shape,
+                  block_q=block_q, block_k=block_k, num_q=num_q, num_k=num_k, key_major=key_major)
+    visible = jnp.broadcast_to(visible, (walk.batch, walk.heads, *visible.shape[2:]))
+    order, count = block_sparse.visit_lists(visible)  # visible blocks first, ascending
+    r = jnp.minimum(jnp.arange(walk.steps, dtype=jnp.int32), jnp.maximum(count - 1, 0)[..., None])
     index = jnp.take_along_axis(order, r, axis=-1)
     parts += [count.reshape(-1), index.reshape(-1)]
-    walk = Walk(batch=bt, heads=nt, tiles=len(walking), steps=steps, num_batch=batch, num_heads=heads,
-                windows=windows, lengths=lengths)
     return walk, jnp.concatenate([jnp.asarray(p, jnp.int32).reshape(-1) for p in parts])
+
+
+def layout(problem: tile.Problem, *, batch: int, heads: int, block_mask_shape, block_q: int, block_k: int,
+           num_q: int, num_k: int, key_major: bool = False) -> Walk:
+    """The `Walk` that `build` returns, from shapes alone (what a compiled kernel's constants depend on)."""
+    per_batch = problem.kv_lengths or (block_mask_shape is not None and block_mask_shape[0] > 1)
+    per_head = problem.head_windows is not None or (block_mask_shape is not None and block_mask_shape[1] > 1)
+    num_other = num_q if key_major else num_k
+    if block_mask_shape is not None:
+        steps = num_other
+    else:
+        steps = problem.max_band_blocks(block_k if key_major else block_q, block_q if key_major else block_k,
+                                        num_other, transpose=key_major)
+    return Walk(batch=batch if per_batch else 1, heads=heads if per_head else 1, tiles=num_k if key_major else num_q,
+                steps=max(1, steps), num_batch=batch, num_heads=heads, windows=problem.head_windows is not None,
+                lengths=problem.kv_lengths)
 
 
 def fit_to_block_shape(sizes, block_shape):

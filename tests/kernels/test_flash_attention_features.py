@@ -76,7 +76,8 @@ def _visible(problem, kv_lengths, block_mask):
 def test_walk_visits_exactly_the_needed_blocks(key_major):
     """Each tile's table lists exactly the blocks with at least one visible logit, ascending: the kernels fetch and
     compute nothing else (the 'grid' walk repeats the last listed block, which costs no copy)."""
-    problem = Problem.of(T, S, H, is_causal=True, window=HEAD_WINDOWS, kv_lengths=True, block_shape=(16, 16))
+    problem = Problem.of(T, S, H, is_causal=True, window=HEAD_WINDOWS, kv_lengths=True, block_shape=(16, 16),
+                         num_heads=N)
     kv_lengths = jnp.asarray(KV_LENGTHS, jnp.int32)
     nq, nk = 3, 4  # T = 37 and S = 50 padded to 48 and 64
     walk_, table = walk.build(problem, batch=B, heads=N, kv_lengths=kv_lengths, block_mask=BLOCK_MASK, block_q=16,
@@ -94,7 +95,7 @@ def test_walk_visits_exactly_the_needed_blocks(key_major):
         assert listed[:count] == list(np.flatnonzero(tiles[b, n, t])), (b, n, t)
         assert all(x == listed[max(count - 1, 0)] for x in listed[count:])
     # The static bound of a band walk: a window of 8 + 1 + 0 keys per 16-row tile touches at most 3 key blocks.
-    banded = Problem.of(64, 64, H, is_causal=True, window=[(8, 0), (2, 0)], kv_lengths=True)
+    banded = Problem.of(64, 64, H, is_causal=True, window=[(8, 0), (2, 0)], kv_lengths=True, num_heads=2)
     walk_, _ = walk.build(banded, batch=B, heads=2, kv_lengths=kv_lengths, block_mask=None, block_q=16, block_k=16,
                           num_q=4, num_k=4)
     assert walk_.steps == 3
@@ -102,11 +103,11 @@ def test_walk_visits_exactly_the_needed_blocks(key_major):
 
 def test_block_mask_fits_the_tiles():
     """The tiles shrink to divide the mask's blocks; a tile that cannot is refused by name."""
-    static = pallas._static(64, 64, 16, scale=None, is_causal=False, window=None, causal_offset=None,
+    static = pallas._static(64, 64, 16, 2, scale=None, is_causal=False, window=None, causal_offset=None,
                             block_shape=(32, 64), target="interpret", block_sizes=None, reduction=None)
     assert static.sizes.q_blocks == (32,) * 3 and static.sizes.k_blocks == (64,) * 3
     with pytest.raises(ValueError, match="block_shape"):
-        pallas._static(64, 512, 16, scale=None, is_causal=False, window=None, causal_offset=None,
+        pallas._static(64, 512, 16, 2, scale=None, is_causal=False, window=None, causal_offset=None,
                        block_shape=(32, 64), target="tpu", block_sizes=None, reduction=None)
 
 
