@@ -76,6 +76,36 @@ def _dynamic_band(Walk, b, n, N: tl.constexpr, NB: tl.constexpr, S: tl.constexpr
 
 
 @triton.jit
+def _walk_setup(Walk, b, n, t, lo, hi, BLOCK: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, S: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+                OFFSET: tl.constexpr, HAS_WALK: tl.constexpr, W_BATCH: tl.constexpr, W_HEADS: tl.constexpr,
+                W_TILES: tl.constexpr, W_COUNTS: tl.constexpr, HAS_WINDOWS: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """`(steps, row, lower, upper, kv_len)` of tile `t` of (batch row `b`, head `n`): the walk table's count, row
+    and dynamic band with `HAS_WALK`, else the static band `[lo, hi)`'s block count (the rest unused)."""
+    steps = tl.cdiv(hi - lo, BLOCK) + tl.zeros([], tl.int32)
+    row = t + tl.zeros([], tl.int64)
+    lower = tl.zeros([], tl.int32)
+    upper = tl.zeros([], tl.int32)
+    kv_len = tl.zeros([], tl.int32)
+    if HAS_WALK:
+        lower, upper, kv_len = _dynamic_band(Walk, b, n, N, NB, S, IS_CAUSAL, WINDOWED, LEFT, RIGHT, OFFSET,
+                                             HAS_WINDOWS, HAS_LENGTHS)
+        row = _walk_row(b, n, t, W_BATCH, W_HEADS, W_TILES).to(tl.int64)
+        steps = tl.load(Walk + W_COUNTS + row)
+    return steps, row, lower, upper, kv_len
+
+
+@triton.jit
+def _step_start(Walk, row, r, lo, BLOCK: tl.constexpr, HAS_WALK: tl.constexpr, W_BATCH: tl.constexpr,
+                W_HEADS: tl.constexpr, W_TILES: tl.constexpr, W_STEPS: tl.constexpr, W_COUNTS: tl.constexpr):
+    """First position of the block of step `r`: listed in the walk table, or the band's `lo + r * BLOCK`."""
+    start = lo + r * BLOCK
+    if HAS_WALK:
+        start = _walk_block(Walk, row, r, W_BATCH, W_HEADS, W_TILES, W_STEPS, W_COUNTS) * BLOCK
+    return start
+
+
+@triton.jit
 def _visible_dynamic(rows, cols, T: tl.constexpr, kv_len, lower, upper):
     """`_visible` with a band and key length known at run time."""
     return (cols < kv_len) & (rows < T) & (cols - rows >= lower) & (cols - rows <= upper)
@@ -147,17 +177,11 @@ def flash_fwd(Q, K, V, Bias, QSeg, KSeg, Sinks, Walk, Out, Lse,
         l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
     acc = tl.zeros([BLOCK_M, DVP], tl.float32)
     lo, hi = _band_range(pid_m * BLOCK_M, BLOCK_M, HAS_LOWER, LOWER, HAS_UPPER, UPPER, S, BLOCK_N)
-    steps = tl.cdiv(hi - lo, BLOCK_N)
-    if HAS_WALK:
-        lower, upper, kv_len = _dynamic_band(Walk, b, n, N, NB, S, IS_CAUSAL, WINDOWED, LEFT, RIGHT, OFFSET,
-                                             HAS_WINDOWS, HAS_LENGTHS)
-        row = _walk_row(b, n, pid_m, W_BATCH, W_HEADS, W_TILES)
-        steps = tl.load(Walk + W_COUNTS + row)
+    steps, row, lower, upper, kv_len = _walk_setup(Walk, b, n, pid_m, lo, hi, BLOCK_N, N, NB, S, IS_CAUSAL, WINDOWED,
+                                                   LEFT, RIGHT, OFFSET, HAS_WALK, W_BATCH, W_HEADS, W_TILES,
+                                                   W_COUNTS, HAS_WINDOWS, HAS_LENGTHS)
     for r in range(0, steps):
-        if HAS_WALK:
-            start = _walk_block(Walk, row, r, W_BATCH, W_HEADS, W_TILES, W_STEPS, W_COUNTS) * BLOCK_N
-        else:
-            start = lo + r * BLOCK_N
+        start = _step_start(Walk, row, r, lo, BLOCK_N, HAS_WALK, W_BATCH, W_HEADS, W_TILES, W_STEPS, W_COUNTS)
         cols = start + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + cols[:, None] * SKS + d[None, :], mask=(cols[:, None] < S) & (d[None, :] < D),
                     other=0.0)
@@ -231,17 +255,11 @@ def flash_bwd_dkv(Q, K, V, Bias, QSeg, KSeg, Sinks, Walk, DO, Lse, Delta, DK, DV
     lo, hi = _band_range(pid_n * BLOCK_N, BLOCK_N, HAS_UPPER, -UPPER, HAS_LOWER, -LOWER, T, BLOCK_M)
     for g in range(GROUPS):
         n = kh * GROUPS + g
-        steps = tl.cdiv(hi - lo, BLOCK_M)
-        if HAS_WALK:
-            lower, upper, kv_len = _dynamic_band(Walk, b, n, N, NB, S, IS_CAUSAL, WINDOWED, LEFT, RIGHT, OFFSET,
-                                                 HAS_WINDOWS, HAS_LENGTHS)
-            row = _walk_row(b, n, pid_n, W_BATCH, W_HEADS, W_TILES)
-            steps = tl.load(Walk + W_COUNTS + row)
+        steps, row, lower, upper, kv_len = _walk_setup(Walk, b, n, pid_n, lo, hi, BLOCK_M, N, NB, S, IS_CAUSAL,
+                                                       WINDOWED, LEFT, RIGHT, OFFSET, HAS_WALK, W_BATCH, W_HEADS,
+                                                       W_TILES, W_COUNTS, HAS_WINDOWS, HAS_LENGTHS)
         for r in range(0, steps):
-            if HAS_WALK:
-                start = _walk_block(Walk, row, r, W_BATCH, W_HEADS, W_TILES, W_STEPS, W_COUNTS) * BLOCK_M
-            else:
-                start = lo + r * BLOCK_M
+            start = _step_start(Walk, row, r, lo, BLOCK_M, HAS_WALK, W_BATCH, W_HEADS, W_TILES, W_STEPS, W_COUNTS)
             rows = start + tl.arange(0, BLOCK_M)
             rmask = rows[None, :] < T
             qT = tl.load(Q + b * SQB + n * SQN + rows[None, :] * SQT + d[:, None], mask=rmask & (d[:, None] < D),
@@ -313,17 +331,11 @@ def flash_bwd_dq(Q, K, V, Bias, QSeg, KSeg, Sinks, Walk, DO, Lse, Delta, DQ, DS,
         q_seg = tl.load(QSeg + b * T + rows, mask=rows < T, other=-1)
     dq = tl.zeros([BLOCK_M, DP], tl.float32)
     lo, hi = _band_range(pid_m * BLOCK_M, BLOCK_M, HAS_LOWER, LOWER, HAS_UPPER, UPPER, S, BLOCK_N)
-    steps = tl.cdiv(hi - lo, BLOCK_N)
-    if HAS_WALK:
-        lower, upper, kv_len = _dynamic_band(Walk, b, n, N, NB, S, IS_CAUSAL, WINDOWED, LEFT, RIGHT, OFFSET,
-                                             HAS_WINDOWS, HAS_LENGTHS)
-        row = _walk_row(b, n, pid_m, W_BATCH, W_HEADS, W_TILES)
-        steps = tl.load(Walk + W_COUNTS + row)
+    steps, row, lower, upper, kv_len = _walk_setup(Walk, b, n, pid_m, lo, hi, BLOCK_N, N, NB, S, IS_CAUSAL, WINDOWED,
+                                                   LEFT, RIGHT, OFFSET, HAS_WALK, W_BATCH, W_HEADS, W_TILES,
+                                                   W_COUNTS, HAS_WINDOWS, HAS_LENGTHS)
     for r in range(0, steps):
-        if HAS_WALK:
-            start = _walk_block(Walk, row, r, W_BATCH, W_HEADS, W_TILES, W_STEPS, W_COUNTS) * BLOCK_N
-        else:
-            start = lo + r * BLOCK_N
+        start = _step_start(Walk, row, r, lo, BLOCK_N, HAS_WALK, W_BATCH, W_HEADS, W_TILES, W_STEPS, W_COUNTS)
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols[None, :] < S
         kT = tl.load(K + b * SKB + kh * SKN + cols[None, :] * SKS + d[:, None], mask=cmask & (d[:, None] < D),

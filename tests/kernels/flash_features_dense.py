@@ -45,3 +45,29 @@ def dense_attention(q, k, v, sinks=None, *, scale, causal=False, window=None, so
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)[..., 0]
     out = jnp.einsum("bnts,bsnh->btnh", p[..., :s], v)
     return out, lse
+
+
+def feature_case(kernel, opts, shapes, *, seed=0):
+    """`(impl, reference, inputs)` for `assert_matches_reference`: `kernel(q, k, v, sinks=..., **opts)` against
+    `dense_attention` with the same options (`sinks=True` adds `[N]` sink logits to the differentiated inputs,
+    `kv_lengths` may be a tuple)."""
+    from jaxattn.testing import random_inputs
+    opts = dict(opts)
+    with_sinks = opts.pop("sinks", False)
+    if "kv_lengths" in opts:
+        opts["kv_lengths"] = jnp.asarray(opts["kv_lengths"], jnp.int32)
+    inputs = list(random_inputs(seed, shapes))
+    heads, head_dim = shapes[0][2], shapes[0][3]
+    if with_sinks:
+        inputs.append(jnp.linspace(-1.0, 2.0, heads))
+
+    def impl(q, k, v, *sinks):
+        return kernel(q, k, v, sinks=sinks[0] if sinks else None, **opts)
+
+    def reference(q, k, v, *sinks):
+        dense = dict(opts)
+        return dense_attention(q, k, v, sinks[0] if sinks else None, scale=head_dim ** -0.5,
+                               causal=dense.pop("is_causal", False), soft_cap=dense.pop("logits_soft_cap", None),
+                               **dense)
+
+    return impl, reference, inputs

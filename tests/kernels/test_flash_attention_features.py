@@ -1,18 +1,19 @@
 """Pallas flash attention's issue-16 features (attention sinks, logit soft-cap, per-head windows, kv_lengths, block
 masks) against a dense formula (`flash_features_dense.py`), forward and gradients (sinks included), in both
 reduction walks; the walk tables visit exactly the blocks that hold a visible logit; bad arguments raise."""
+import functools
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flash_features_dense import dense_attention
+from flash_features_dense import dense_attention, feature_case
 
 from jaxattn.kernels.flash_attention import pallas, walk
 from jaxattn.kernels.flash_attention.blocks import BlockSizes
 from jaxattn.kernels.flash_attention.tile import Problem
-from jaxattn.testing import assert_matches_reference, random_inputs
+from jaxattn.testing import assert_matches_reference
 
 SMALL = BlockSizes.uniform(16, 16)
 B, T, S, N, K, H = 2, 37, 50, 4, 2, 16  # odd lengths, T != S, GQA
@@ -31,25 +32,8 @@ CASES = {
 
 def _case(opts, reduction):
     target = "tpu_interpret" if reduction == "grid" else "interpret"
-    opts = dict(opts)
-    with_sinks = opts.pop("sinks", False)
-    if "kv_lengths" in opts:
-        opts["kv_lengths"] = jnp.asarray(opts["kv_lengths"], jnp.int32)
-    inputs = list(random_inputs(0, [(B, T, N, H), (B, S, K, H), (B, S, K, H)]))
-    if with_sinks:
-        inputs.append(jnp.linspace(-1.0, 2.0, N))
-
-    def impl(q, k, v, *sinks):
-        return pallas.flash_attention(q, k, v, sinks=sinks[0] if sinks else None, target=target, block_sizes=SMALL,
-                                      reduction=reduction, **opts)
-
-    def ref(q, k, v, *sinks):
-        dense = dict(opts)
-        return dense_attention(q, k, v, sinks[0] if sinks else None, scale=H ** -0.5,
-                               causal=dense.pop("is_causal", False), soft_cap=dense.pop("logits_soft_cap", None),
-                               **dense)
-
-    return impl, ref, inputs
+    kernel = functools.partial(pallas.flash_attention, target=target, block_sizes=SMALL, reduction=reduction)
+    return feature_case(kernel, opts, [(B, T, N, H), (B, S, K, H), (B, S, K, H)])
 
 
 @pytest.mark.parametrize("reduction,name,dtype", [("fori", "sinks_cap_causal", jnp.float32),

@@ -35,31 +35,20 @@ def test_compiles_to_cubin_with_every_feature(kernel, monkeypatch):
 
 
 _CHILD = r"""
-import sys
+import functools, sys
 sys.path.insert(0, "tests/kernels")
 import jax, jax.numpy as jnp
 from jaxattn.kernels.common.verify import install_interpreted_jax_triton
 install_interpreted_jax_triton()
-from flash_features_dense import dense_attention
+from flash_features_dense import feature_case
 from jaxattn.kernels.flash_attention import triton as flash_triton
-from jaxattn.testing import assert_matches_reference, random_inputs
+from jaxattn.testing import assert_matches_reference
 
 B, T, S, N, K, H = 2, 37, 70, 4, 2, 16  # odd lengths, T != S, GQA
 
 def check(name, dtype=jnp.float32, blocks=None, **opts):
-    with_sinks = opts.pop("sinks", False)
-    if "kv_lengths" in opts:
-        opts["kv_lengths"] = jnp.asarray(opts["kv_lengths"], jnp.int32)
-    inputs = list(random_inputs(1, [(B, T, N, H), (B, S, K, H), (B, S, K, H)]))
-    if with_sinks:
-        inputs.append(jnp.linspace(-1.0, 2.0, N))
-    def impl(q, k, v, *sinks):
-        return flash_triton.flash_attention(q, k, v, sinks=sinks[0] if sinks else None, blocks=blocks, **opts)
-    def ref(q, k, v, *sinks):
-        dense = dict(opts)
-        return dense_attention(q, k, v, sinks[0] if sinks else None, scale=H ** -0.5,
-                               causal=dense.pop("is_causal", False), soft_cap=dense.pop("logits_soft_cap", None),
-                               **dense)
+    kernel = functools.partial(flash_triton.flash_attention, blocks=blocks)
+    impl, ref, inputs = feature_case(kernel, opts, [(B, T, N, H), (B, S, K, H), (B, S, K, H)], seed=1)
     assert_matches_reference(impl, ref, inputs, dtype=dtype, names=["query", "key", "value", "sinks"])
     print("ok", name, flush=True)
 
