@@ -76,7 +76,7 @@ def _static(t, s, h, *, scale, is_causal, window, causal_offset, target, block_s
         raise ValueError("target='tpu' walks key blocks on the grid (reduction='grid'); 'fori' would keep whole "
                          "key/value sequences in VMEM")
     problem = Problem.of(t, s, h, scale=scale, is_causal=is_causal, window=window, causal_offset=causal_offset)
-    return _Static(problem, blocks.fit(target, t, s, block_sizes), target, mode)
+    return _Static(problem, blocks.fit(target, t, s, block_sizes, head_dim=h), target, mode)
 
 
 def _kernel_inputs(query, key, value, bias, q_segment_ids, k_segment_ids, static: _Static):

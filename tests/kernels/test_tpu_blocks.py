@@ -18,7 +18,7 @@ def test_plans():
     assert tpu.plan("v6e").mxu == 256 and {tpu.plan(g).mxu for g in ("v4", "v5e", "v5p")} == {128}
     assert tpu.plan().name == "unknown"  # CPU host, no TPU mesh in context
     for g in (*tpu.GENERATIONS.values(), tpu.UNKNOWN):
-        assert g.scoped_vmem_bytes <= g.vmem_limit_bytes <= g.vmem_bytes and g.vmem_budget_bytes < g.vmem_limit_bytes
+        assert g.vmem_budget_bytes < g.scoped_vmem_bytes <= g.vmem_limit_bytes <= g.vmem_bytes
     assert tpu.UNKNOWN.vmem_limit_bytes <= min(g.scoped_vmem_bytes for g in tpu.GENERATIONS.values())
     with pytest.raises(ValueError, match="generation"):
         tpu.plan("v7")
