@@ -4,8 +4,9 @@ One program holds every kernel, forward and backward (`verify.with_vjp`): flash 
 segment ids, lightning attention causal with decay, bf16, at the models' production shape (T = 8192, d = 128),
 so one compile covers all of them. `quick=True` compiles with XLA's least execution-time optimisation effort
 (`exec_time_optimization_effort=-1`): Mosaic still compiles every kernel and still refuses a plan that overflows
-VMEM (`CompileTimeScopedVmemOom`, checked), at about a quarter of the compile time. Used by `tests/kernels/test_kernel_blocks_tpu_compile.py` (v5e, v6e) and
-`benchmarks/kernels.py --tpu-compile` (all four generations). Needs `jax[tpu]` (libtpu) installed and
+VMEM (`CompileTimeScopedVmemOom`, checked), at about a quarter of the compile time.
+Used by `tests/kernels/test_kernel_blocks_tpu_compile.py` (v5e, v6e) and `benchmarks/kernels.py --tpu-compile`
+(all four generations). Needs `jax[tpu]` (libtpu) installed and
 `ALLOW_MULTIPLE_LIBTPU_LOAD=1` where several processes load it.
 """
 from __future__ import annotations
