@@ -14,7 +14,8 @@ FLOPs per HBM byte (`kernels/common/cost.py` counts the same work).
   `L` exponentials per row on the vector units, as much as the MXU work it would feed. A grid step also has a
   fixed cost (the Pallas TPU pipelining guide), which the larger blocks amortise. The whole value width per
   program (the state lives in VMEM scratch). VMEM does not bind: `vmem_bytes` at 512 rows and d = 256 in fp32
-  is under 10 MiB, within every generation's default scoped limit; `fit` halves the block if it would not.
+  is under 10 MiB, within every generation's default scoped limit; `fit` halves the block if it would not
+  (and, at 128 rows, splits the state's value columns).
   Without a TPU mesh in context (generation unknown): 256, which compiles everywhere.
 - GPU (Triton): 64 rows and 32 state columns per program, 8 warps: the `[Da, 32]` fp32 state stays in
   registers and splitting the value columns multiplies the programs by `Dc / 32` (columns of the state are
@@ -65,12 +66,18 @@ def vmem_bytes(block: int, da: int, dc: int, itemsize: int = 4) -> int:
 
 
 def tpu_plan(generation: str | None = None, head_dim: int = 128) -> BlockSizes:
-    """The TPU block for `generation` (default: the mesh in context's), halved until it fits the VMEM budget."""
+    """The TPU block for `generation` (default: the mesh in context's), halved until it fits the VMEM budget;
+    past 128 rows the state's value columns are split instead (`value_tile`, multiples of 128 lanes)."""
     plan = tpu.plan(generation)
-    block = TPU_PLANS[plan.name].block
-    while vmem_bytes(block, head_dim, head_dim) > plan.vmem_budget_bytes and block > tpu.LANES:
-        block //= 2
-    return BlockSizes(block)
+    block, width = TPU_PLANS[plan.name].block, head_dim
+    while vmem_bytes(block, head_dim, width) > plan.vmem_budget_bytes:
+        if block > tpu.LANES:
+            block //= 2
+        elif width > tpu.LANES and width % (2 * tpu.LANES) == 0:
+            width //= 2
+        else:
+            break
+    return BlockSizes(block, None if width == head_dim else width)
 
 
 def fit(target: str, length: int, requested: BlockSizes | None = None, *, head_dim: int = 128,
