@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxattn.core import blocking, softmax
 from jaxattn.kernels.common import blocks as common_blocks
 from jaxattn.kernels.common import platform
-from jaxattn.kernels.flash_attention import blocks, pallas_bwd, pallas_fwd, vjp
+from jaxattn.kernels.flash_attention import blocks, cost, pallas_bwd, pallas_fwd, vjp
 from jaxattn.kernels.flash_attention.blocks import BlockSizes
 from jaxattn.kernels.flash_attention.tile import Problem
 from jaxattn.kernels.flash_attention.vjp import flash_vjp
@@ -76,7 +76,7 @@ def _static(t, s, h, *, scale, is_causal, window, causal_offset, target, block_s
         raise ValueError("target='tpu' walks key blocks on the grid (reduction='grid'); 'fori' would keep whole "
                          "key/value sequences in VMEM")
     problem = Problem.of(t, s, h, scale=scale, is_causal=is_causal, window=window, causal_offset=causal_offset)
-    return _Static(problem, blocks.fit(target, t, s, block_sizes), target, mode)
+    return _Static(problem, blocks.fit(target, t, s, block_sizes, head_dim=h), target, mode)
 
 
 def _kernel_inputs(query, key, value, bias, q_segment_ids, k_segment_ids, static: _Static):
@@ -144,8 +144,11 @@ def _kernel_layout(x, length, dim):
 
 
 def _forward(q, k, v, bias, q_seg, k_seg, static: _Static):
-    return pallas_fwd.forward(q, k, v, bias, q_seg, k_seg, problem=static.problem, block_q=static.sizes.block_q,
-                              block_k=static.sizes.block_k, target=static.target, mode=static.mode)
+    sizes = static.sizes
+    estimate = cost.kernel_cost("fwd", static.problem, q, k, v, bias, q_seg, block_q=sizes.block_q,
+                                block_k=sizes.block_k)
+    return pallas_fwd.forward(q, k, v, bias, q_seg, k_seg, problem=static.problem, block_q=sizes.block_q,
+                              block_k=sizes.block_k, target=static.target, mode=static.mode, cost_estimate=estimate)
 
 
 def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, out, lse, d_out, d_lse, want_dbias):
@@ -155,9 +158,14 @@ def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, out, lse, d_out, d_l
     args = (q, k, v, bias, q_seg, k_seg, d_out, softmax.finite_or_zero(lse), delta)
     common = dict(problem=static.problem, target=static.target, mode=static.mode)
     sizes = static.sizes
+    dq_cost = cost.kernel_cost("dq", static.problem, q, k, v, bias, q_seg, block_q=sizes.block_q_dq,
+                               block_k=sizes.block_k_dq, dlogits=want_dbias)
+    dkv_cost = cost.kernel_cost("dkv", static.problem, q, k, v, bias, q_seg, block_q=sizes.block_q_dkv,
+                                block_k=sizes.block_k_dkv)
     dq, dlogits = pallas_bwd.dq(*args, want_dbias=want_dbias, block_q=sizes.block_q_dq, block_k=sizes.block_k_dq,
-                                **common)
-    dk, dv = pallas_bwd.dkv(*args, block_q=sizes.block_q_dkv, block_k=sizes.block_k_dkv, **common)
+                                cost_estimate=dq_cost, **common)
+    dk, dv = pallas_bwd.dkv(*args, block_q=sizes.block_q_dkv, block_k=sizes.block_k_dkv, cost_estimate=dkv_cost,
+                            **common)
     return dq, dk, dv, dlogits
 
 

@@ -114,7 +114,7 @@ def key_block_logits(ref, red, r, q, q_seg, q_start, *, block_k, problem, mask_k
 
 
 def forward(q, k, v, bias, q_seg, k_seg, *, problem: tile.Problem, block_q: int, block_k: int, target: str,
-            mode: str):
+            mode: str, cost_estimate: pl.CostEstimate | None = None):
     """Returns `(out [B, N, Tp, Hv] in q.dtype, lse [B, N, Tp, 1] fp32)`; rows that see no key: 0 and -inf."""
     b, n, tp, h = q.shape
     kv_heads, sp, hv = k.shape[1], k.shape[2], v.shape[-1]
@@ -134,6 +134,7 @@ def forward(q, k, v, bias, q_seg, k_seg, *, problem: tile.Problem, block_q: int,
         out_specs=[specs.rows(hv), specs.rows(1)],
         out_shape=[jax.ShapeDtypeStruct((b, n, tp, hv), q.dtype), jax.ShapeDtypeStruct((b, n, tp, 1), jnp.float32)],
         scratch_shapes=red.scratch_shapes(carry),
+        cost_estimate=cost_estimate,
     )
 
 
