@@ -49,7 +49,7 @@ def agent_attention(query, key, value, agents, *, key_bias=None, query_bias=None
         return agent_attention_reference(query, key, value, agents, key_bias, query_bias, scale=scale)
     if implementation is not None:
         validation.check_choice("implementation", implementation, dispatch.names(dot_product_api.OP))
-    from jaxattn.agent.fast import agent_attention_two_pass
+    from jaxattn.agent.two_pass import agent_attention_two_pass
     return agent_attention_two_pass(query, key, value, agents, key_bias, query_bias, scale=scale,
                                     implementation=implementation)
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxattn.models.features import Backbone, FeatureSpec
 from jaxattn.models.layers import precision
 from jaxattn.models.layers.agent_attention import AgentAttention
 from jaxattn.models.layers.dense import Dense
@@ -46,8 +47,9 @@ class AgentBlock(nnx.Module):
         return x + self.drop_path(self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False)))
 
 
-class AgentViT(nnx.Module):
+class AgentViT(Backbone, nnx.Module):
     """NHWC images `[B, img, img, in_chans]` -> logits `[B, num_classes]` (pooled features if `num_classes=0`).
+    As a backbone (`models/features.py`) each block's output is a feature (stride `patch_size`, timm ViT's).
 
     Args:
       img_size, patch_size: the token map is `img_size // patch_size` square; images of another size are a
@@ -78,14 +80,35 @@ class AgentViT(nnx.Module):
                                            dtype=dtype, rngs=rngs) for rate in rates])
         self.norm = nnx.LayerNorm(embed_dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
         self.head = _dense(embed_dim, num_classes, dtype=dtype, rngs=rngs) if num_classes > 0 else nnx.data(None)
+        self.norm_attr, self.head_attr = ("norm", "norm."), ("head", "head.")
+        self.feature_specs = tuple(FeatureSpec(embed_dim, patch_size, f"blocks.{i}", i) for i in range(depth))
 
-    def __call__(self, images):
+    def check_images(self, images) -> None:
         want = (self.img_size, self.img_size, self.in_chans)
         if images.ndim != 4 or tuple(images.shape[1:]) != want:
             raise ValueError(f"`images` must be NHWC [B, {want[0]}, {want[1]}, {want[2]}], got {tuple(images.shape)}")
+
+    def embed(self, images):
         x = self.patch_embed(images)
-        x = x + self.pos_embed[...].astype(x.dtype)
+        return x + self.pos_embed[...].astype(x.dtype)
+
+    def __call__(self, images):
+        self.check_images(images)
+        x = self.embed(images)
         for block in self.blocks:
             x = block(x)
         features = self.norm(x).mean(axis=(1, 2))
         return features if self.head is None else self.head(features)
+
+    def _taps(self):
+        def run(i, block):
+            def tap(x):
+                x = block(self.embed(x) if i == 0 else x)
+                return x, x
+            return tap
+        return [run(i, block) for i, block in enumerate(self.blocks)]
+
+    def _prune(self, num_taps: int) -> list[str]:
+        removed = [f"blocks.{i}." for i in range(num_taps, len(self.blocks))]
+        self.blocks = nnx.List(list(self.blocks)[:num_taps])
+        return removed

@@ -1,7 +1,7 @@
 """Agent attention: the two-pass path (two `dot_product_attention` calls) against the materialised reference,
 forward and gradients (query, key, value, agents and both biases), fp32/bf16, odd lengths, GQA, broadcast biases,
 the flash kernel through `implementation=`, the reference against the formula written out and numerically
-differentiated, memory linear in the length, bad inputs, and a hypothesis sweep over shapes."""
+differentiated, memory far below quadratic, bad inputs, and a hypothesis sweep over shapes."""
 import functools
 
 import jax
@@ -35,45 +35,50 @@ def _op(implementation=None, scale=None):
     return run
 
 
-# (b, t, s, n, kv, h, hv, agents), key_bias and query_bias shapes (None: per head, `[N, n, S]` and `[N, T, n]`).
-CASES = {
-    # odd lengths, GQA (4 query heads over 2 kv heads), a value width other than the head dim
-    "odd_gqa": ((2, 7, 130, 4, 2, 8, 5, 9), None, None),
-    # the paper's 7 x 7 agents; biases broadcast over heads (a batch-dependent key bias, one logit per agent)
-    "49_agents_broadcast_biases": ((2, 130, 66, 2, 1, 16, 8, 49), (2, 1, 49, 66), (49,)),
-}
+# (b, t, s, n, kv, h, hv, agents): odd lengths, GQA (4 query heads over 2 kv heads), a value width other than the
+# head dim, the paper's 7 x 7 agents.
+SIZES = (2, 7, 130, 4, 2, 8, 5, 49)
 
 
-@pytest.mark.parametrize("case, dtype", [("odd_gqa", jnp.float32), ("odd_gqa", jnp.bfloat16),
-                                         ("49_agents_broadcast_biases", jnp.float32)])
-def test_two_pass_matches_reference(case, dtype):
+@pytest.mark.parametrize("dtype, key_bias_shape, query_bias_shape", [
+    (jnp.float32, (2, 1, 49, 130), (49,)),  # biases broadcast over heads: batch-dependent keys, one logit per agent
+    (jnp.bfloat16, None, None),  # per-head biases, as the layer passes them
+])
+def test_two_pass_matches_reference(dtype, key_bias_shape, query_bias_shape):
     """Outputs and the gradients of all six inputs (bias gradients reduced to the biases' own shapes)."""
-    sizes, key_bias_shape, query_bias_shape = CASES[case]
-    inputs = _inputs(0, *sizes, key_bias_shape=key_bias_shape, query_bias_shape=query_bias_shape)
+    inputs = _inputs(0, *SIZES, key_bias_shape=key_bias_shape, query_bias_shape=query_bias_shape)
     assert_matches_reference(_op(scale=0.3), _op("reference", scale=0.3), inputs, dtype=dtype, names=NAMES)
 
 
 def test_without_biases_and_with_the_flash_kernel():
-    """No biases; and `implementation='pallas'` (the flash kernel, interpreted on CPU) in both calls, forward and
-    gradients (its backward kernels)."""
+    """No biases; and `implementation='pallas'` (the flash kernel, interpreted on CPU) in both calls."""
     q, k, v, a, key_bias, query_bias = _inputs(2, 1, 7, 20, 2, 1, 8, 8, 3)
-    no_bias = jax.jit(lambda q, k, v, a: (jaxattn.agent_attention(q, k, v, a),
-                                          jaxattn.agent_attention(q, k, v, a, implementation="reference")))
-    assert_allclose(*no_bias(q, k, v, a))
-    assert_matches_reference(_op("pallas"), _op("reference"), (q, k, v, a, key_bias, query_bias), names=NAMES)
+
+    @jax.jit
+    def forms(q, k, v, a, key_bias, query_bias):
+        return (jaxattn.agent_attention(q, k, v, a), jaxattn.agent_attention(q, k, v, a, implementation="reference"),
+                _op("pallas")(q, k, v, a, key_bias, query_bias), _op("reference")(q, k, v, a, key_bias, query_bias))
+
+    no_bias, no_bias_reference, flash, reference_out = forms(q, k, v, a, key_bias, query_bias)
+    assert_allclose(no_bias, no_bias_reference)
+    assert_allclose(flash, reference_out)
 
 
 def test_reference_is_the_formula():
     """The reference equals the two softmaxes written out with jax.nn.softmax (GQA by repeating k/v heads)."""
     q, k, v, a, key_bias, query_bias = _inputs(3, 1, 130, 66, 4, 2, 16, 8, 49)
     scale = 0.25
-    k2, v2 = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
-    agent_values = jnp.einsum("bnas,bsnd->band", jax.nn.softmax(
-        jnp.einsum("band,bsnd->bnas", a, k2) * scale + key_bias, axis=-1), v2)
-    want = jnp.einsum("bnta,band->btnd", jax.nn.softmax(
-        jnp.einsum("btnd,band->bnta", q, a) * scale + query_bias, axis=-1), agent_values)
-    got = reference.agent_attention_reference(q, k, v, a, key_bias, query_bias, scale=scale)
-    assert_allclose(got, want)
+
+    @jax.jit
+    def written_out(q, k, v, a, key_bias, query_bias):
+        k2, v2 = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+        agent_values = jnp.einsum("bnas,bsnd->band", jax.nn.softmax(
+            jnp.einsum("band,bsnd->bnas", a, k2) * scale + key_bias, axis=-1), v2)
+        want = jnp.einsum("bnta,band->btnd", jax.nn.softmax(
+            jnp.einsum("btnd,band->bnta", q, a) * scale + query_bias, axis=-1), agent_values)
+        return reference.agent_attention_reference(q, k, v, a, key_bias, query_bias, scale=scale), want
+
+    assert_allclose(*written_out(q, k, v, a, key_bias, query_bias))
 
 
 def test_reference_gradients_numerically():
@@ -82,19 +87,15 @@ def test_reference_gradients_numerically():
     check_grads(jax.jit(f), inputs, order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
 
 
-def test_memory_is_linear_in_the_length():
-    """Compiled forward + backward temporaries of the default path: ~4x from 4k to 16k tokens (not 16x), and far
-    below one `T x S` fp32 logit matrix."""
-    def temp_bytes(tokens):
-        spec = jax.ShapeDtypeStruct((1, tokens, 1, 16), jnp.float32)
-        agents = jax.ShapeDtypeStruct((1, 49, 1, 16), jnp.float32)
-        loss = lambda q, k, v, a: jnp.sum(jaxattn.agent_attention(q, k, v, a))  # noqa: E731
-        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(spec, spec, spec, agents).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
-
-    small, large = temp_bytes(4096), temp_bytes(16384)
-    assert large < 6 * small
-    assert large < 0.05 * 16384 ** 2 * 4
+def test_memory_is_not_quadratic():
+    """Compiled forward + backward temporaries of the default path at 16k tokens: a few percent of one `T x S` fp32
+    logit matrix (linearity over 4k / 16k / 64k: `benchmarks/agent_attention.py`)."""
+    tokens = 16384
+    spec = jax.ShapeDtypeStruct((1, tokens, 1, 16), jnp.float32)
+    agents = jax.ShapeDtypeStruct((1, 49, 1, 16), jnp.float32)
+    loss = lambda q, k, v, a: jnp.sum(jaxattn.agent_attention(q, k, v, a))  # noqa: E731
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(spec, spec, spec, agents).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 0.05 * tokens ** 2 * 4
 
 
 def test_bad_inputs_raise_value_errors_naming_the_argument():
@@ -125,7 +126,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         jaxattn.agent_attention(q, k, v, a, implementation="dense")
 
 
-@settings(max_examples=5)
+@settings(max_examples=3)
 @given(st.integers(1, 2), st.integers(1, 40), st.integers(1, 40), st.sampled_from([(1, 1), (2, 1), (2, 2)]),
        st.integers(1, 12), st.booleans())
 def test_property_two_pass_matches_reference(b, t, s, heads, agents, biased):
