@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
@@ -129,6 +129,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
 @settings(max_examples=3)
 @given(st.integers(1, 2), st.integers(1, 40), st.integers(1, 40), st.sampled_from([(1, 1), (2, 1), (2, 2)]),
        st.integers(1, 12), st.booleans())
+@example(1, 1, 1, (1, 1), 1, True)  # one query, one key, one agent
 def test_property_two_pass_matches_reference(b, t, s, heads, agents, biased):
     n, kv = heads
     q, k, v, a, key_bias, query_bias = _inputs(6, b, t, s, n, kv, 4, 3, agents)
