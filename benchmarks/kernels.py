@@ -18,6 +18,15 @@ skips it): the blocked XLA path against the fused Pallas kernel, 2-D NAT/DiNAT s
 "neighborhood"; and, counted from the kernel plans on any machine, the logits each plan (TPU v4/v5e/v5p/v6e, GPU)
 computes against those the windows need, rows under "neighborhood_waste".
 
+cuDNN section (`benchmarks/kernels_cudnn.py`; `--cudnn-only` runs only it, `--no-cudnn` skips it): on a GPU each
+GPU kernel (Pallas-Triton, Triton) against `jax.nn.dot_product_attention(implementation='cudnn')`, causal and
+full, MHA and GQA, d = 64 and 128, as TFLOP/s and their ratio to cuDNN's; rows under "cudnn". Without a GPU the
+rows list the cases and say the column needs a GPU.
+
+TPU compile section (`benchmarks/kernels_tpu_compile.py`, `--tpu-compile`; any machine with libtpu): the flash
+and lightning kernels compiled for v4, v5e, v5p and v6e with the blocks each generation's plan chooses; rows
+under "tpu_compile".
+
 Without a GPU or TPU the script prints the counted tables, says so and exits 0. Results: printed tables,
 results/kernels.json (attention rows under "rows", lightning rows under "lightning"), results/kernels.png (TFLOP/s
 against T) and results/kernels_lightning.png (Mtok/s against T).
@@ -36,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxattn
-from benchmarks import kernels_neighborhood
+from benchmarks import kernels_cudnn, kernels_neighborhood, kernels_tpu_compile
 from benchmarks.common import RESULTS, print_table, time_fn, write_json
 
 
@@ -102,20 +111,6 @@ def _lightning_rows(args, lengths) -> list[dict]:
     return rows
 
 
-def _flops(b, n, t, h, causal):
-    return 4 * b * n * t * t * h * (0.5 if causal else 1.0)
-
-
-def _measure(fn, q, k, v, causal, repeats):
-    fwd = functools.partial(fn, causal=causal)
-
-    def fwd_bwd(q, k, v):
-        out, vjp = jax.vjp(fwd, q, k, v)
-        return vjp(out)
-
-    return time_fn(fwd, q, k, v, repeats=repeats), time_fn(fwd_bwd, q, k, v, repeats=repeats)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384])
@@ -130,46 +125,60 @@ def main(argv=None):
     parser.add_argument("--no-lightning", action="store_true", help="skip the lightning-attention section")
     parser.add_argument("--neighborhood-only", action="store_true", help="only the neighborhood-attention section")
     parser.add_argument("--no-neighborhood", action="store_true", help="skip the neighborhood-attention section")
+    parser.add_argument("--cudnn-only", action="store_true", help="only the GPU kernels against cuDNN")
+    parser.add_argument("--no-cudnn", action="store_true", help="skip the GPU kernels against cuDNN")
+    parser.add_argument("--tpu-compile", action="store_true", help="also compile the kernels for each TPU generation")
     args = parser.parse_args(argv)
     platform = jax.default_backend()
-    waste = [] if args.no_neighborhood or args.lightning_only else kernels_neighborhood.waste_rows()
+    only = args.lightning_only or args.neighborhood_only or args.cudnn_only
+    waste = [] if args.no_neighborhood or (only and not args.neighborhood_only) else kernels_neighborhood.waste_rows()
     if waste:
         print("neighborhood attention: logits computed / needed per kernel plan (counted, no hardware needed)")
         print_table(waste, kernels_neighborhood.WASTE_COLUMNS)
+    tpu_compile = kernels_tpu_compile.rows() if args.tpu_compile else []
+    if tpu_compile:
+        print("\nflash + lightning kernels compiled per TPU generation (libtpu, deviceless; T = 8192, d = 128)")
+        print_table(tpu_compile, kernels_tpu_compile.COLUMNS)
+    lengths = [1024, 2048] if args.quick else args.lengths
+    cudnn = [] if args.no_cudnn or (only and not args.cudnn_only) or args.interpret else kernels_cudnn.rows(
+        [4096, 8192] if lengths == parser.get_default("lengths") else lengths, batch=args.batch,
+        repeats=args.repeats, quick=args.quick)
+    if cudnn:
+        print("\nGPU kernels against cuDNN (jax.nn.dot_product_attention(implementation='cudnn'))")
+        print_table(cudnn, kernels_cudnn.COLUMNS)
+    counted = {"neighborhood_waste": waste, "cudnn": cudnn, "tpu_compile": tpu_compile}
     if platform == "cpu" and not args.interpret:
         print(f"No GPU or TPU here (jax backend: {platform}, devices: {jax.devices()}): the kernels only run in the "
-              "Pallas interpreter on CPU, which measures nothing useful. Run this on a GPU or TPU machine "
-              "(or pass --interpret for a smoke test of the script).")
-        if waste:
-            write_json("kernels", {"config": vars(args), "platform": platform, "neighborhood_waste": waste})
+              "Pallas interpreter on CPU, which measures nothing useful, and the cuDNN comparison needs a GPU. "
+              "Run this on a GPU or TPU machine (or pass --interpret for a smoke test of the script).")
+        write_json("kernels", {"config": vars(args), "platform": platform, **counted})
         return 0
-    lengths = [1024, 2048] if args.quick else args.lengths
     modes = [True] if args.quick else [True, False]
     if args.interpret:
         lengths, modes, args.batch, args.heads, args.kv_heads, args.head_dim, args.repeats = [64], [True], 1, 2, 2, 32, 1
     dtype = jnp.float32 if args.interpret else jnp.bfloat16
     rows = []
-    only_na = args.neighborhood_only
-    for t in ([] if args.lightning_only or only_na else lengths):
+    for t in ([] if only else lengths):
         keys = jax.random.split(jax.random.key(t), 3)
         q = jax.random.normal(keys[0], (args.batch, t, args.heads, args.head_dim), dtype)
         k = jax.random.normal(keys[1], (args.batch, t, args.kv_heads, args.head_dim), dtype)
         v = jax.random.normal(keys[2], (args.batch, t, args.kv_heads, args.head_dim), dtype)
         for causal in modes:
-            flops = _flops(args.batch, args.heads, t, args.head_dim, causal)
+            flops = kernels_cudnn.flops(args.batch, args.heads, t, args.head_dim, causal)
             for name, fn in _candidates(platform, args.interpret).items():
                 row = {"T": t, "causal": causal, "impl": name}
                 try:
-                    fwd_s, fwd_bwd_s = _measure(fn, q, k, v, causal, args.repeats)
+                    fwd_s, fwd_bwd_s = kernels_cudnn.time_fwd_and_bwd(fn, q, k, v, causal, args.repeats)
                 except Exception as err:  # an implementation missing on this machine (e.g. no cuDNN) is a row
                     row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
                 else:
                     row.update(fwd_ms=1e3 * fwd_s, fwd_TFLOPs=flops / fwd_s / 1e12,
-                               fwd_bwd_ms=1e3 * fwd_bwd_s, fwd_bwd_TFLOPs=3.5 * flops / fwd_bwd_s / 1e12)
+                               fwd_bwd_ms=1e3 * fwd_bwd_s,
+                               fwd_bwd_TFLOPs=(1 + kernels_cudnn.BACKWARD_FACTOR) * flops / fwd_bwd_s / 1e12)
                 rows.append(row)
                 print_table([row], list(row))
-    lightning = [] if args.no_lightning or only_na else _lightning_rows(args, lengths)
-    neighborhood = [] if args.no_neighborhood or args.lightning_only else kernels_neighborhood.rows(
+    lightning = [] if args.no_lightning or (only and not args.lightning_only) else _lightning_rows(args, lengths)
+    neighborhood = [] if args.no_neighborhood or (only and not args.neighborhood_only) else kernels_neighborhood.rows(
         quick=args.quick, interpret=args.interpret, repeats=args.repeats)
     if rows:
         print()
@@ -183,7 +192,7 @@ def main(argv=None):
         print()
         print_table(neighborhood, kernels_neighborhood.COLUMNS)
     write_json("kernels", {"config": vars(args), "platform": platform, "rows": rows, "lightning": lightning,
-                           "neighborhood": neighborhood, "neighborhood_waste": waste})
+                           "neighborhood": neighborhood, **counted})
     return 0
 
 

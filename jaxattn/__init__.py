@@ -28,6 +28,7 @@ _OPS = {
     "lightning_attention": "jaxattn.lightning",
     "lightning_attention_step": "jaxattn.lightning",
     "lightning_slopes": "jaxattn.lightning",
+    "agent_attention": "jaxattn.agent",
 }
 _SUBMODULES = ("core", "testing", "context_parallel", "kernels", "models", "train", "configs")
 

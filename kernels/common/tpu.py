@@ -17,11 +17,10 @@ Per TensorCore (the unit a Mosaic kernel runs on):
   `CompileTimeScopedVmemOom` on v5e and v5p and compiles on v6e; 4 x 9 MiB fails on v6e; raising
   `vmem_limit_bytes` lifts it up to the physical VMEM (v5p reports 63.94 MiB usable of its 64; v4's limit cannot
   exceed its 16 MiB).
-- `Generation.vmem_limit_bytes` is what the kernels request: three quarters of the physical VMEM (never below the
-  default scoped limit), leaving the rest to Mosaic's internal scratch (spilled intermediates of large tiles) and
-  to estimates of ours that miss a temporary. Tiles are planned against `vmem_budget_bytes`, half of that limit:
-  the blocks a kernel declares (double-buffered inputs and outputs, scratch) are what a plan can count, the fp32
-  `[block_q, block_k]` temporaries of the body are of the same order again.
+- Tile plans are checked against `vmem_budget_bytes`: three quarters of the default scoped limit (the kernels
+  run under it, without raising it), leaving the rest to Mosaic's internal scratch and to temporaries a plan's
+  count misses. `vmem_limit_bytes` (three quarters of the physical VMEM, never below the default) is what a
+  kernel would pass as `vmem_limit_bytes` if it needed more.
 
 When the generation is not known (a 'tpu' kernel traced on a host without a TPU mesh in context), kernels plan for
 `UNKNOWN`: the 128-wide MXU and the 16 MiB every generation accepts without raising the limit. Such plans compile
@@ -47,14 +46,14 @@ class Generation:
     mxus: int  # MXUs per TensorCore
 
     @property
-    def vmem_limit_bytes(self) -> int:
-        """The `vmem_limit_bytes` kernels pass to Mosaic on this generation."""
-        return max(self.scoped_vmem_bytes, self.vmem_bytes * 3 // 4)
+    def vmem_budget_bytes(self) -> int:
+        """VMEM a tile plan may fill (its blocks, scratch and temporaries) under the default scoped limit."""
+        return self.scoped_vmem_bytes * 3 // 4
 
     @property
-    def vmem_budget_bytes(self) -> int:
-        """VMEM a tile plan may fill with the blocks it declares (the body's temporaries need the rest)."""
-        return self.vmem_limit_bytes // 2
+    def vmem_limit_bytes(self) -> int:
+        """A `vmem_limit_bytes` for kernels that need more than the default (Mosaic accepts up to the physical)."""
+        return max(self.scoped_vmem_bytes, self.vmem_bytes * 3 // 4)
 
 
 GENERATIONS = {

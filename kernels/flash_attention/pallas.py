@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxattn.core import blocking, softmax
 from jaxattn.kernels.common import blocks as common_blocks
 from jaxattn.kernels.common import platform
-from jaxattn.kernels.flash_attention import blocks, pallas_bwd, pallas_fwd, vjp, walk
+from jaxattn.kernels.flash_attention import blocks, cost, pallas_bwd, pallas_fwd, vjp, walk
 from jaxattn.kernels.flash_attention.blocks import BlockSizes
 from jaxattn.kernels.flash_attention.tile import Problem
 from jaxattn.kernels.flash_attention.vjp import flash_vjp
@@ -102,9 +102,10 @@ def _static(t, s, h, n, *, scale, is_causal, window, causal_offset, logits_soft_
                          num_heads=n)
     sizes = block_sizes
     if block_shape is not None:
-        sizes = walk.fit_to_block_shape(block_sizes or blocks.DEFAULTS.get(target, blocks.DEFAULTS["interpret"]),
-                                        block_shape)
-    sizes = blocks.fit(target, t, s, sizes)
+        default = blocks.tpu_plan(head_dim=h) if target == "tpu" else blocks.DEFAULTS.get(target,
+                                                                                           blocks.DEFAULTS["interpret"])
+        sizes = walk.fit_to_block_shape(block_sizes or default, block_shape)
+    sizes = blocks.fit(target, t, s, sizes, head_dim=h)
     if block_shape is not None:
         for bq, bk in zip(sizes.q_blocks, sizes.k_blocks):
             walk.check_block_shape(block_shape, t, s, bq, bk, target)
@@ -200,10 +201,12 @@ def _walk_table(static: _Static, dynamic, q, k, block_q: int, block_k: int, *, k
 
 def _forward(q, k, v, bias, q_seg, k_seg, sinks, dynamic, static: _Static):
     sizes = static.sizes
+    estimate = cost.kernel_cost("fwd", static.problem, q, k, v, bias, q_seg, block_q=sizes.block_q,
+                                block_k=sizes.block_k)
     return pallas_fwd.forward(q, k, v, bias, q_seg, k_seg, sinks,
                               _walk_table(static, dynamic, q, k, sizes.block_q, sizes.block_k),
                               problem=static.problem, block_q=sizes.block_q, block_k=sizes.block_k,
-                              target=static.target, mode=static.mode)
+                              target=static.target, mode=static.mode, cost_estimate=estimate)
 
 
 def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, sinks, dynamic, out, lse, d_out, d_lse, want_dbias):
@@ -214,11 +217,16 @@ def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, sinks, dynamic, out,
     args = (q, k, v, bias, q_seg, k_seg, d_out, lse, delta)
     common = dict(problem=static.problem, target=static.target, mode=static.mode)
     sizes = static.sizes
+    dq_cost = cost.kernel_cost("dq", static.problem, q, k, v, bias, q_seg, block_q=sizes.block_q_dq,
+                               block_k=sizes.block_k_dq, dlogits=want_dbias)
+    dkv_cost = cost.kernel_cost("dkv", static.problem, q, k, v, bias, q_seg, block_q=sizes.block_q_dkv,
+                                block_k=sizes.block_k_dkv)
     dq, dlogits = pallas_bwd.dq(*args, _walk_table(static, dynamic, q, k, sizes.block_q_dq, sizes.block_k_dq),
-                                want_dbias=want_dbias, block_q=sizes.block_q_dq, block_k=sizes.block_k_dq, **common)
+                                want_dbias=want_dbias, block_q=sizes.block_q_dq, block_k=sizes.block_k_dq,
+                                cost_estimate=dq_cost, **common)
     dk, dv = pallas_bwd.dkv(*args, _walk_table(static, dynamic, q, k, sizes.block_q_dkv, sizes.block_k_dkv,
                                                key_major=True),
-                            block_q=sizes.block_q_dkv, block_k=sizes.block_k_dkv, **common)
+                            block_q=sizes.block_q_dkv, block_k=sizes.block_k_dkv, cost_estimate=dkv_cost, **common)
     dsinks = None if sinks is None else softmax.sink_gradient(sinks, lse, delta, 0)[None]
     return dq, dk, dv, dlogits, dsinks
 

@@ -43,7 +43,7 @@ def _grads(logits, lse, do, v, delta):
 
 
 def dq(q, k, v, bias, q_seg, k_seg, do, lse, delta, walk_table=None, *, want_dbias: bool, problem: tile.Problem,
-       block_q: int, block_k: int, target: str, mode: str):
+       block_q: int, block_k: int, target: str, mode: str, cost_estimate: pl.CostEstimate | None = None):
     """Returns `dq [B, N, Tp, H]` (q dtype) and `ds [B, N, Tp, Sp]` fp32 (None unless `want_dbias`)."""
     b, n, tp, h = q.shape
     kv_heads, sp, hv = k.shape[1], k.shape[2], v.shape[-1]
@@ -78,6 +78,7 @@ def dq(q, k, v, bias, q_seg, k_seg, do, lse, delta, walk_table=None, *, want_dbi
         out_shape=out_shape,
         scratch_shapes=red.scratch_shapes([jax.ShapeDtypeStruct((block_q, h), jnp.float32)]),
         input_output_aliases=aliases,
+        cost_estimate=cost_estimate,
     )
     return outs[0], (outs[1] if want_dbias else None)
 
@@ -167,7 +168,7 @@ class KeySpecs:
 
 
 def dkv(q, k, v, bias, q_seg, k_seg, do, lse, delta, walk_table=None, *, problem: tile.Problem, block_q: int,
-        block_k: int, target: str, mode: str):
+        block_k: int, target: str, mode: str, cost_estimate: pl.CostEstimate | None = None):
     """Returns `(dk [B, K, Sp, H], dv [B, K, Sp, Hv])` in the key/value dtypes. `walk_table`: the key-major
     `walk.build(...)` for this kernel's tiles when `problem.dynamic`."""
     b, n, tp, h = q.shape
@@ -194,6 +195,7 @@ def dkv(q, k, v, bias, q_seg, k_seg, do, lse, delta, walk_table=None, *, problem
         out_specs=[specs.keys(h), specs.keys(hv)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         scratch_shapes=red.scratch_shapes(carry),
+        cost_estimate=cost_estimate,
     )
 
 

@@ -171,7 +171,7 @@ def query_walk(problem: tile.Problem, walk_table, num_k: int, block_q: int, bloc
 
 
 def forward(q, k, v, bias, q_seg, k_seg, sinks=None, walk_table=None, *, problem: tile.Problem, block_q: int,
-            block_k: int, target: str, mode: str):
+            block_k: int, target: str, mode: str, cost_estimate: pl.CostEstimate | None = None):
     """Returns `(out [B, N, Tp, Hv] in q.dtype, lse [B, N, Tp, 1] fp32)`; rows that see no key (nor a sink): 0 and
     -inf. `walk_table`: `walk.build(...)` for this kernel's tiles when `problem.dynamic`."""
     b, n, tp, h = q.shape
@@ -193,6 +193,7 @@ def forward(q, k, v, bias, q_seg, k_seg, sinks=None, walk_table=None, *, problem
         out_specs=[specs.rows(hv), specs.rows(1)],
         out_shape=[jax.ShapeDtypeStruct((b, n, tp, hv), q.dtype), jax.ShapeDtypeStruct((b, n, tp, 1), jnp.float32)],
         scratch_shapes=red.scratch_shapes(carry),
+        cost_estimate=cost_estimate,
     )
 
 

@@ -46,7 +46,8 @@ def lightning_attention(query, key, value, slopes=None, *, initial_state=None, i
     if initial_state is not None and not is_causal:
         raise ValueError("`initial_state` needs is_causal=True")
     t = query.shape[1]
-    static = ScanStatic(t, blocks.fit(target, t, block_sizes), target, mode)
+    static = ScanStatic(t, blocks.fit(target, t, block_sizes, head_dim=max(query.shape[3], value.shape[3])),
+                        target, mode)
     if slopes is not None:
         slopes = jax.lax.stop_gradient(jnp.asarray(slopes, jnp.float32))
     return _lightning(query, key, value, slopes, initial_state, static, bool(is_causal))

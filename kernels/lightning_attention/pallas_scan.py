@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxattn.kernels.common import platform
+from jaxattn.kernels.common import cost, platform
 from jaxattn.kernels.common.loops import Reduction
 from jaxattn.kernels.lightning_attention import blocks
 
@@ -97,8 +97,32 @@ def scan(a, b, c, slopes, init, static: ScanStatic, *, reverse: bool, want_state
                                                  num_warps=warps, num_stages=stages),
         interpret=platform.interpret(static.target),
         name="lightning_scan_reverse" if reverse else "lightning_scan",
+        cost_estimate=scan_cost(a, c, out_shape[0].dtype, static, decay=slopes is not None, init=init is not None,
+                                want_state=want_state),
     )(*operands)
     return outs[0], (outs[1] if want_state else None)
+
+
+def scan_cost(a, c, out_dtype, static: ScanStatic, *, decay: bool, init: bool, want_state: bool) -> pl.CostEstimate:
+    """What one scan computes: per program (batch, head, column tile of width `W`) and block of `L` rows, the whole
+    `[L, L]` score tile `A B^T` and its product with C (masked after, not skipped), the inter-block term `A S`
+    and the state update `B^T C`; with decay `lambda^dist` over the `[L, L]` tile (once per program in 'fori'
+    mode, once per grid step in 'grid' mode, where the body runs per step) and `2 L + 1` powers per block. Bytes:
+    A and B are read by every column tile's program, C and the output once, the fp32 state in/out when given."""
+    batch, heads, tp, da = a.shape
+    block, dc = static.sizes.block, c.shape[-1]
+    width = blocks.value_tile(static.sizes, dc)
+    programs, steps = batch * heads * (dc // width), tp // block
+    per_step = (cost.matmul_flops(block, block, da) + cost.matmul_flops(block, width, block)
+                + 2 * cost.matmul_flops(block, width, da))
+    transcendentals = 0
+    if decay:
+        tiles = steps if static.mode == "grid" else 1
+        transcendentals = programs * (tiles * block * block + steps * (2 * block + 1))
+    state_bytes = da * width * cost.F32_BYTES * (int(init) + int(want_state))
+    per_program = tp * (2 * da * a.dtype.itemsize + width * (c.dtype.itemsize + jnp.dtype(out_dtype).itemsize))
+    return cost.estimate(flops=programs * steps * per_step, transcendentals=transcendentals,
+                         bytes_accessed=programs * (per_program + state_bytes))
 
 
 def _exponents(j, rows, *, length, block, reverse):

@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 
 from jaxattn.core import blocking, softmax
 from jaxattn.kernels.common import blocks as common_blocks
+from jaxattn.kernels.common import cost
 from jaxattn.kernels.common import platform
 from jaxattn.kernels.common.loops import Reduction
 from jaxattn.kernels.common.refs import key_slice, split_refs
@@ -82,27 +83,18 @@ class QuerySpecs:
 
 
 def cost_estimate(geo: Geometry, phase: str, *, h: int, hv: int, itemsize: int, bias: bool, rpb_grad: bool = False):
-    """`pl.CostEstimate` of one kernel from the logits it computes (every visited tile pair, all heads).
-
-    Matmuls per logit: forward `q k^T`, `p v`; dq also `dO v^T`, `dS k`; dk/dv also `dO v^T`, `dS^T q`, `P^T dO`.
-    Bytes: the walking side's own blocks once, the visited side's blocks once per visited pair."""
+    """`pl.CostEstimate` of one kernel from the tiles it visits (every visited pair, all heads; the arithmetic is
+    `kernels/common/cost.py`'s). The rpb gradient adds one compare/select/sum per table entry and logit."""
     heads = geo.batch * geo.heads
-    logits = geo.computed_logits * heads
     pairs = geo.visited_pairs * heads
-    own_rows = geo.seq_q * geo.groups * heads
-    flops = {"fwd": 2 * (h + hv), "dq": 2 * (2 * h + hv), "dkv": 4 * (h + hv)}[phase] * logits
-    if rpb_grad:
-        flops += 2 * geo.rpb_size * logits  # one compare/select/sum per table entry and logit
     if phase == "dkv":
-        own = geo.seq_k * geo.groups * geo.batch * geo.kv_heads * 2 * (h + hv) * itemsize  # k, v, dk, dv
-        visited = pairs * geo.block_q * ((h + hv) * itemsize + 8)  # q, dO, lse, delta
+        own_rows = geo.seq_k * geo.groups * geo.batch * geo.kv_heads
     else:
-        per_row = {"fwd": (h + hv) * itemsize + 4, "dq": (2 * h + hv) * itemsize + 8}[phase]
-        own = own_rows * per_row
-        visited = pairs * geo.block_k * (h + hv) * itemsize
-    if bias:
-        visited += pairs * geo.block_q * geo.block_k * 4
-    return pl.CostEstimate(flops=int(flops), transcendentals=int(logits), bytes_accessed=int(own + visited))
+        own_rows = geo.seq_q * geo.groups * heads
+    extra = 2 * geo.rpb_size * pairs * geo.block_q * geo.block_k if rpb_grad else 0
+    return cost.softmax_attention(phase, pairs=pairs, block_q=geo.block_q, block_k=geo.block_k, own_rows=own_rows,
+                                  h=h, hv=hv, itemsize=itemsize, bias_itemsize=4 if bias else None,
+                                  extra_flops=extra)
 
 
 def launch(kernel, table, operands, *, red: Reduction, geo: Geometry, target: str, name: str, grid, in_specs,

@@ -18,7 +18,7 @@ def test_plans():
     assert tpu.plan("v6e").mxu == 256 and {tpu.plan(g).mxu for g in ("v4", "v5e", "v5p")} == {128}
     assert tpu.plan().name == "unknown"  # CPU host, no TPU mesh in context
     for g in (*tpu.GENERATIONS.values(), tpu.UNKNOWN):
-        assert g.scoped_vmem_bytes <= g.vmem_limit_bytes <= g.vmem_bytes and g.vmem_budget_bytes < g.vmem_limit_bytes
+        assert g.vmem_budget_bytes < g.scoped_vmem_bytes <= g.vmem_limit_bytes <= g.vmem_bytes
     assert tpu.UNKNOWN.vmem_limit_bytes <= min(g.scoped_vmem_bytes for g in tpu.GENERATIONS.values())
     with pytest.raises(ValueError, match="generation"):
         tpu.plan("v7")
@@ -33,3 +33,23 @@ def test_current_generation_follows_the_mesh():
         devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
         with jax.set_mesh(jax.sharding.Mesh(np.array(devices[:1]), ("x",))):
             assert tpu.current_generation() == name and tpu.plan().name == name
+
+
+@pytest.mark.parametrize("generation", [*tpu.GENERATIONS, None])
+def test_block_plans_fit_vmem(generation):
+    """The flash and lightning TPU plans are the table's up to the models' head dims and shrink to the budget
+    beyond (pure Python: the worst-case VMEM count of one grid step against the generation's budget)."""
+    from jaxattn.kernels.flash_attention import blocks as flash_blocks
+    from jaxattn.kernels.lightning_attention import blocks as scan_blocks
+    plan = tpu.plan(generation)
+    for head_dim in (64, 128, 256):
+        assert flash_blocks.tpu_plan(generation, head_dim) == flash_blocks.TPU_PLANS[plan.name]
+        assert scan_blocks.tpu_plan(generation, head_dim) == scan_blocks.TPU_PLANS[plan.name]
+    for head_dim in (128, 1024):
+        sizes = flash_blocks.tpu_plan(generation, head_dim)
+        for phase, bq, bk in zip(("fwd", "dkv", "dq"), sizes.q_blocks, sizes.k_blocks):
+            assert flash_blocks.vmem_bytes(phase, bq, bk, head_dim) <= plan.vmem_budget_bytes
+            assert bq % plan.mxu == 0 and bk % plan.mxu == 0 or plan.mxu > tpu.LANES
+        scan = scan_blocks.tpu_plan(generation, head_dim)  # past 128 rows: state columns split
+        assert scan_blocks.vmem_bytes(scan.block, head_dim, scan.value_tile or head_dim) <= plan.vmem_budget_bytes
+    assert flash_blocks.tpu_plan(generation, 1024) != flash_blocks.TPU_PLANS[plan.name]
