@@ -16,8 +16,8 @@ from jaxattn.kernels.flash_attention.tile import Problem
 from jaxattn.testing import assert_matches_reference
 
 SMALL = BlockSizes.uniform(16, 16)
-B, T, S, N, K, H = 2, 37, 50, 4, 2, 16  # odd lengths, T != S, GQA
-HEAD_WINDOWS = [(3, 2), None, (8, 0), (0, 5)]  # one global head
+B, T, S, N, K, H = 2, 37, 50, 2, 1, 16  # odd lengths, T != S, GQA
+HEAD_WINDOWS = [(8, 3), None]  # one global head
 KV_LENGTHS = (20, 45)
 BLOCK_MASK = jax.random.bernoulli(jax.random.key(3), 0.5, (1, N, 3, 4))  # [1, N, ceil(37/16), ceil(50/16)]
 EVERYTHING = dict(sinks=True, logits_soft_cap=3.0, window=HEAD_WINDOWS, kv_lengths=KV_LENGTHS, is_causal=True,
@@ -37,7 +37,6 @@ def _case(opts, reduction):
 
 
 @pytest.mark.parametrize("reduction,name,dtype", [("fori", "sinks_cap_causal", jnp.float32),
-                                                  ("fori", "everything", jnp.float32),
                                                   ("grid", "everything", jnp.float32),
                                                   ("fori", "everything", jnp.bfloat16)])
 def test_features_match_dense(reduction, name, dtype):
@@ -51,8 +50,9 @@ def _visible(problem, kv_lengths, block_mask):
     q = jnp.zeros((B, T, N, H))
     k = jnp.zeros((B, S, N, H))
     v = jnp.eye(S)[None, :, None, :].repeat(B, 0).repeat(N, 2)  # out[b, i, n, j] = p_ij > 0 iff j visible
-    out, _ = dense_attention(q, k, v, scale=1.0, causal=problem.is_causal, window=HEAD_WINDOWS,
-                             kv_lengths=kv_lengths, block_mask=block_mask, block_shape=(16, 16))
+    dense = jax.jit(functools.partial(dense_attention, scale=1.0, causal=problem.is_causal, window=HEAD_WINDOWS,
+                                      block_shape=(16, 16)))
+    out, _ = dense(q, k, v, kv_lengths=kv_lengths, block_mask=block_mask)
     return np.asarray(jnp.transpose(out, (0, 2, 1, 3)) > 0)
 
 
