@@ -39,10 +39,15 @@ NATIVE = {
 
 
 def tagged(name, fn):
-    """A backend's loaded function, marked with its name so `prepare` knows what it handles natively."""
-    call = functools.partial(fn)
-    call.backend_name = name
-    return call
+    """A backend's loaded function, marked with its backend name (an attribute: the function itself is returned,
+    so dispatch callers still see `attention_blocked`, `pallas.attention`, ...) so `for_backend` and `finish`
+    know what it handles natively."""
+    try:
+        fn.backend_name = name
+    except AttributeError:  # not a plain function: wrap it
+        fn = functools.partial(fn)
+        fn.backend_name = name
+    return fn
 
 
 def check_soft_cap(cap):
