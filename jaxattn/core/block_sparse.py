@@ -56,10 +56,10 @@ def expand(block_mask, block_shape, q_len: int, kv_len: int):
 
 
 def rows_of_key_block(block_mask, block_shape, q_pos, key_block):
-    """`[B|1, N|1, rows]`: whether each query position in `q_pos` may see key block `key_block` (a scalar)."""
+    """`[..., rows]` (e.g. `[B|1, N|1, rows]`): whether each query position in `q_pos` may see key block `key_block` (a scalar)."""
     bq = block_shape[0]
-    column = jnp.take(block_mask, key_block, axis=3)  # [B|1, N|1, nq]
-    return jnp.take(column, q_pos // bq, axis=2, mode="clip")
+    column = jnp.take(block_mask, key_block, axis=-1)  # [..., nq]
+    return jnp.take(column, q_pos // bq, axis=-1, mode="clip")
 
 
 def visit_lists(block_mask):
