@@ -33,8 +33,8 @@ GENERIC = frozenset({SINKS, BIAS_FACTORS})  # every backend gets these through t
 NATIVE = {
     "reference": ALL,
     "xla": frozenset({SOFT_CAP, HEAD_WINDOWS, KV_LENGTHS, BLOCK_MASK}),
-    "pallas": frozenset(),
-    "triton": frozenset(),
+    "pallas": frozenset({SINKS, SOFT_CAP, HEAD_WINDOWS, KV_LENGTHS, BLOCK_MASK}),
+    "triton": frozenset({SINKS, SOFT_CAP, HEAD_WINDOWS, KV_LENGTHS, BLOCK_MASK}),
 }
 
 

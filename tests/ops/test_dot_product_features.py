@@ -146,11 +146,17 @@ def test_backward_api_with_sinks_and_soft_cap():
         assert_allclose(a, r, kind="grad", name=name)
 
 
-def test_kernels_are_skipped_for_features_they_lack():
+def test_kernels_take_the_features_natively():
+    """The flash kernels handle sinks, soft cap, per-head windows, kv_lengths and block masks themselves (their own
+    numerics: tests/kernels/test_flash_attention_features*.py); through the op they match the reference."""
     q, k, v = random_inputs(11, _shapes(1, 8, 8, 2, 2, 8))
-    assert not api._flash_supports(features=frozenset({"logits_soft_cap"}))
-    with pytest.raises(ValueError, match="does not support"):
-        jaxattn.dot_product_attention(q, k, v, logits_soft_cap=5.0, implementation="pallas")
+    assert api._flash_supports(features=frozenset({"logits_soft_cap", "head_windows", "kv_lengths", "block_mask"}))
+    kw = dict(logits_soft_cap=5.0, sinks=jnp.array([0.5, -1.0]), local_window_size=[(2, 0), None],
+              kv_lengths=jnp.array([6], jnp.int32), is_causal=True, return_lse=True)
+    got = jaxattn.dot_product_attention(q, k, v, implementation="pallas", **kw)
+    want = jaxattn.dot_product_attention(q, k, v, implementation="reference", **kw)
+    for a, r in zip(got, want):
+        assert_allclose(a, r, name="pallas vs reference")
 
 
 BAD = [
