@@ -27,10 +27,8 @@ topology, a mesh that does not match the slice, or a sharding that does not divi
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -41,154 +39,20 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "libtpu topology name: v5p:4x4
 _JSON = flags.DEFINE_string("json", None, "Write the report (exactly the documented keys) to this path.")
 _EVAL = flags.DEFINE_bool("eval_step", True, "Also compile eval_step (its time is part of compile_seconds).")
 
-KEYS = ("topology", "device_kind", "num_devices", "mesh", "memory_per_device", "hbm_per_device", "fits",
-        "flops_per_step", "model_flops_per_step", "collective_bytes_per_device", "step_time_lower_bound_s",
-        "compile_seconds")
-
-
-def compile_report(config, topology: str, *, eval_step: bool = True) -> tuple[dict, dict]:
-    """`(report, details)`: the report's `KEYS`, and what the table prints besides (kernels, eval memory, ...).
-    Raises `ValueError` (ConfigError, TopologyError) naming the setting for what cannot compile."""
-    import jax
-
-    from . import aot_chips, aot_flops, aot_hlo, sharding, steps as steps_lib, validate
-
-    chip = aot_chips.chip_of(topology)
-    devices = aot_chips.topology_devices(topology)
-    validate.validate(config, num_devices=len(devices), process_count=1)
-    mesh = sharding.make_mesh(config.mesh, devices=devices)
-    num_outputs, train_examples = steps_lib.dataset_facts(config)
-    steps = steps_lib.build_steps(config, mesh, num_outputs, _total_steps(config, train_examples))
-    train_batch = steps.abstract_batch(steps_lib.batch_spec(config, train=True))
-    rng_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             steps.model_def.rng_state, steps.rng_sharding)
-    details = {}
-    with jax.set_mesh(mesh):
-        start = time.perf_counter()
-        try:
-            compiled = steps_lib.compile_step(steps.jit_train_step(steps.batch_shardings(train_batch)),
-                                              (steps.abstract_state, train_batch, rng_state),
-                                              fast=config.compile_fast)
-        except ValueError as e:  # shardings that do not divide are found while lowering
-            raise validate.ConfigError(f"config.mesh = {dict(mesh.shape)!r}: {_first_line(e)}") from None
-        seconds = time.perf_counter() - start
-        if eval_step:
-            eval_batch = steps.abstract_batch(steps_lib.batch_spec(config, train=False))
-            state = steps.abstract_state
-            params = state.ema_params if state.ema_params is not None else state.params
-            start = time.perf_counter()
-            eval_compiled = steps_lib.compile_step(steps.eval_step, (params, state.model_state, eval_batch,
-                                                                     rng_state), fast=config.compile_fast)
-            details["eval_compile_seconds"] = time.perf_counter() - start
-            details["eval_peak_bytes"] = peak_bytes(memory_per_device(eval_compiled))
-            seconds += details["eval_compile_seconds"]
-    details["train_compile_seconds"] = seconds - details.get("eval_compile_seconds", 0.0)
-
-    module = aot_hlo.parse(compiled.as_text())
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    in_loops = aot_hlo.matmul_flops(module) - aot_hlo.matmul_flops(module, loops=False)
-    flops_per_device = float(cost.get("flops", 0.0)) + in_loops
-    hbm_bytes = float(cost.get("bytes accessed", 0.0)) + (aot_hlo.memory_bytes(module)
-                                                          - aot_hlo.memory_bytes(module, loops=False))
-    collectives = aot_hlo.collective_bytes(module)
-    collective_bytes = sum(collectives.values())
-    memory = memory_per_device(compiled)
-    compute_s = flops_per_device / chip.peak_bf16_flops_per_s
-    hbm_s = hbm_bytes / chip.hbm_bytes_per_s
-    report = {
-        "topology": topology,
-        "device_kind": devices[0].device_kind,
-        "num_devices": len(devices),
-        "mesh": {k: int(v) for k, v in mesh.shape.items()},
-        "memory_per_device": memory,
-        "hbm_per_device": chip.hbm_bytes,
-        "fits": peak_bytes(memory) <= chip.hbm_bytes,
-        "flops_per_step": flops_per_device * len(devices),
-        "model_flops_per_step": aot_flops.model_flops_per_step(config, steps, train_batch),
-        "collective_bytes_per_device": collective_bytes,
-        "step_time_lower_bound_s": max(compute_s, hbm_s) + collective_bytes / chip.ici_bytes_per_s,
-        "compile_seconds": seconds,
-    }
-    details.update(collectives=collectives, compute_s=compute_s, hbm_s=hbm_s, hbm_bytes_per_device=hbm_bytes,
-                   xla_flops_per_device=float(cost.get("flops", 0.0)), loop_flops_per_device=in_loops,
-                   matmul_flops_per_device=aot_hlo.matmul_flops(module), chip=chip,
-                   kernels=aot_hlo.kernel_calls(module),
-                   implementation=config.model_kwargs.get("implementation", None))
-    return report, details
-
-
-def _total_steps(config, train_examples: int) -> int:
-    from .train import total_train_steps  # the schedule's length: a constant of the program, not its shapes
-    return total_train_steps(config, train_examples)
-
-
-def memory_per_device(compiled) -> dict:
-    stats = compiled.memory_analysis()
-    return {"arguments": int(stats.argument_size_in_bytes), "outputs": int(stats.output_size_in_bytes),
-            "temporaries": int(stats.temp_size_in_bytes), "aliased": int(stats.alias_size_in_bytes)}
-
-
-def peak_bytes(memory: dict) -> int:
-    return memory["arguments"] + memory["outputs"] + memory["temporaries"] - memory["aliased"]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2 ** 30:.2f} GiB"
-
-
-def format_report(report: dict, details: dict) -> str:
-    peak, hbm = peak_bytes(report["memory_per_device"]), report["hbm_per_device"]
-    m = report["memory_per_device"]
-    ratio = report["flops_per_step"] / max(report["model_flops_per_step"], 1.0)
-    mfu = report["model_flops_per_step"] / (report["step_time_lower_bound_s"]
-                                            * details["chip"].peak_bf16_flops_per_s * report["num_devices"])
-    kernels = details["kernels"]
-    rows = [
-        ("slice", f"{report['topology']} ({report['num_devices']} x {report['device_kind']}), mesh "
-                  + " x ".join(f"{k} {v}" for k, v in report["mesh"].items() if v > 1) or "1 device"),
-        ("memory / device", f"{_gib(peak)} of {_gib(hbm)} (arguments {_gib(m['arguments'])}, outputs "
-                            f"{_gib(m['outputs'])}, temporaries {_gib(m['temporaries'])}, aliased "
-                            f"{_gib(m['aliased'])})"),
-        ("fits", "yes" if report["fits"] else f"NO: short by {_gib(peak - hbm)} per device"),
-        ("FLOPs / step", f"{report['flops_per_step']:.3e} compiled, {report['model_flops_per_step']:.3e} model "
-                         f"({ratio:.2f}x); per device: XLA {details['xla_flops_per_device']:.3e} + loops "
-                         f"{details['loop_flops_per_device']:.3e}; dots+convs {details['matmul_flops_per_device']:.3e}"),
-        ("collectives / device", f"{_gib(report['collective_bytes_per_device'])} ("
-         + ", ".join(f"{k} {_gib(v)}" for k, v in sorted(details["collectives"].items())) + ")"),
-        ("step time >=", f"{report['step_time_lower_bound_s']:.4g} s (compute {details['compute_s']:.4g} s, "
-                         f"HBM {details['hbm_s']:.4g} s, ICI {report['collective_bytes_per_device'] / details['chip'].ici_bytes_per_s:.4g} s); "
-                         f"MFU bound {100 * mfu:.1f}%"),
-        ("attention", f"implementation={details['implementation']!r} asked; Mosaic kernels compiled: "
-                      + (", ".join(f"{k} x{v}" for k, v in sorted(kernels.items())) if kernels
-                         else "none (XLA code)")),
-        ("compile", f"{report['compile_seconds']:.1f} s (train {details['train_compile_seconds']:.1f} s"
-                    + (f", eval {details['eval_compile_seconds']:.1f} s, eval peak "
-                       f"{_gib(details['eval_peak_bytes'])}" if "eval_compile_seconds" in details else "") + ")"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.WARNING)
-    from . import validate  # after flags: configs are read before JAX starts
+    from . import aot_report  # after flags: configs are read before JAX starts
     try:
-        report, details = compile_report(_CONFIG.value, _TOPOLOGY.value, eval_step=_EVAL.value)
-    except (validate.ConfigError, ValueError) as e:
-        print(f"error: {_first_line(e)}", file=sys.stderr)
+        report, details = aot_report.compile_report(_CONFIG.value, _TOPOLOGY.value, eval_step=_EVAL.value)
+    except ValueError as e:  # ConfigError, TopologyError, shardings that do not divide
+        print(f"error: {aot_report.first_line(e)}", file=sys.stderr)
         return 2
-    print(format_report(report, details), flush=True)
+    print(aot_report.format_report(report, details), flush=True)
     if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump({k: report[k] for k in KEYS}, f, indent=1)
+        aot_report.write_json(report, _JSON.value)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,13 @@ def build_steps(config, mesh, num_outputs: int, total_steps: int) -> Steps:
     return Steps(mesh=mesh, model_def=model_def, init=init, abstract_state=abstract_state,
                  state_shardings=state_shardings, rng_sharding=rng_sharding, task=task, tx=tx, schedule=schedule,
                  train_fn=train_fn, eval_step=jitted_eval)
+
+
+def total_train_steps(config, num_train_examples: int) -> int:
+    """`config.num_train_steps`, or `num_epochs` of `batch_size` over `num_train_examples` when it is -1."""
+    if config.num_train_steps > 0:
+        return int(config.num_train_steps)
+    return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
 
 
 def batch_spec(config, *, train: bool) -> dict[str, jax.ShapeDtypeStruct]:

@@ -12,7 +12,6 @@ checked, so a non-finite loss stops the run before it can overwrite the last goo
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 
@@ -22,20 +21,13 @@ import numpy as np
 
 from . import checkpoint as ckpt_lib
 from . import datasets, input_pipeline, metrics, sharding, validate
-from .steps import build_steps, compile_step, eval_step, train_step  # noqa: F401 - the public step functions
+from .steps import build_steps, compile_step, eval_step, total_train_steps, train_step  # noqa: F401 - public
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the run stopped without saving."""
-
-
-def total_train_steps(config, num_train_examples: int) -> int:
-    """`config.num_train_steps`, or `num_epochs` of `batch_size` over `num_train_examples` when it is -1."""
-    if config.num_train_steps > 0:
-        return int(config.num_train_steps)
-    return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
 
 
 def _datasets(config):
