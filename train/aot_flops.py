@@ -27,16 +27,13 @@ from . import state as state_lib
 
 def model_flops_per_step(config, steps, batch) -> float:
     """Model FLOPs of one train step on the global `batch` (`ShapeDtypeStruct`s), all devices together."""
-    with jax.set_mesh(steps.mesh):
-        model = nnx.eval_shape(lambda: _abstract_model(steps))
+    state = steps.abstract_state
+    with nnx.use_eager_sharding(False):  # logical names are not mesh axes
+        model = state_lib.merge(steps.model_def.eval_graph, state.params, state.model_state,
+                                steps.model_def.rng_state)
     if config.task == "lm" and hasattr(model, "segments") and hasattr(model, "segment_bounds"):
         return causal_lm_flops(model, batch["inputs"].shape)
     return 3.0 * forward_flops(steps, batch)
-
-
-def _abstract_model(steps):
-    state = steps.abstract_state
-    return state_lib.merge(steps.model_def.eval_graph, state.params, state.model_state, steps.model_def.rng_state)
 
 
 def causal_lm_flops(model, tokens_shape) -> float:

@@ -239,7 +239,7 @@ def matmul_flops(module: Module, *, loops: bool = True) -> float:
 
 
 def kernel_calls(module: Module) -> dict[str, int]:
-    """Mosaic (Pallas TPU) kernel calls per step, by kernel name (`metadata` op name's last part)."""
+    """Mosaic (Pallas TPU) kernel calls per step, by kernel name."""
     runs, calls = executions(module), collections.Counter()
     for name, instructions in module.computations.items():
         for inst in instructions:
@@ -249,9 +249,12 @@ def kernel_calls(module: Module) -> dict[str, int]:
 
 
 def _kernel_name(inst: Instruction) -> str:
-    match = re.search(r'kernel_name\\?"\s*:\s*\\?"([\w.\-]+)', inst.rest) or re.search(
-        r'op_name="([^"]*)"', inst.rest)
-    return match.group(1).rsplit("/", 1)[-1] if match else inst.name
+    """The `pallas_call`'s name: the op-name component before `pallas_call`, else the instruction's name."""
+    match = re.search(r'op_name="([^"]*)"', inst.rest)
+    parts = match.group(1).split("/") if match else []
+    if len(parts) >= 2 and parts[-1] == "pallas_call":
+        return parts[-2]
+    return re.sub(r"\.\d+$", "", inst.name)
 
 
 _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional",

@@ -31,6 +31,7 @@ def compile_report(config, topology: str, *, eval_step: bool = True) -> tuple[di
     train_batch = steps.abstract_batch(steps_lib.batch_spec(config, train=True))
     rng_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              steps.model_def.rng_state, steps.rng_sharding)
+    model_flops = aot_flops.model_flops_per_step(config, steps, train_batch)  # before the long compile
     details = {}
     with jax.set_mesh(mesh):
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -75,7 +76,7 @@ def compile_report(config, topology: str, *, eval_step: bool = True) -> tuple[di
         "hbm_per_device": chip.hbm_bytes,
         "fits": peak_bytes(memory) <= chip.hbm_bytes,
         "flops_per_step": flops_per_device * len(devices),
-        "model_flops_per_step": aot_flops.model_flops_per_step(config, steps, train_batch),
+        "model_flops_per_step": model_flops,
         "collective_bytes_per_device": collective_bytes,
         "step_time_lower_bound_s": max(compute_s, hbm_s) + collective_bytes / chip.ici_bytes_per_s,
         "compile_seconds": seconds,

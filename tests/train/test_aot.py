@@ -102,7 +102,7 @@ def test_hlo_counter_on_hand_written_module():
 def test_mosaic_kernel_calls_are_named():
     text = HLO.replace('%cpd = f32[4,8]{1,0} collective-permute-done(%cp)',
                        '%cpd = f32[4,8]{1,0} custom-call(%res), custom_call_target="tpu_custom_call", '
-                       'metadata={op_name="jit(f)/flash_attention_fwd"}')
+                       'metadata={op_name="jit(f)/jvp(jit(_flash_attention))/flash_attention_fwd/pallas_call"}')
     assert aot_hlo.kernel_calls(aot_hlo.parse(text)) == {"flash_attention_fwd": 1}
 
 
