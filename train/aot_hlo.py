@@ -126,7 +126,8 @@ def _trip_count(module: Module, condition: str) -> int:
 
 
 def executions(module: Module, *, loops: bool = True) -> dict[str, float]:
-    """How many times each computation runs per run of the entry (while bodies x trip count if `loops`)."""
+    """How many times each computation runs per run of the entry (while bodies and conditions x trip count if
+    `loops`)."""
     runs = collections.defaultdict(float)
     runs[module.entry] = 1.0
     for name in reversed(list(module.computations)):  # callers come after their callees in the text
@@ -138,7 +139,7 @@ def executions(module: Module, *, loops: bool = True) -> dict[str, float]:
                 condition = inst.attribute("condition")
                 trips = _trip_count(module, condition.lstrip("%")) if condition else 1
             for key, callee in _CALLEE_KEYS.findall(inst.rest):
-                runs[callee] += runs[name] * (trips if key == "body" else 1)
+                runs[callee] += runs[name] * (trips if key in ("body", "condition") else 1)
             for group in _BRANCHES.findall(inst.rest):
                 for callee in re.findall(r"%?([\w.\-]+)", group):
                     runs[callee] += runs[name]
@@ -263,8 +264,10 @@ _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
 
 def memory_bytes(module: Module, *, loops: bool = True) -> float:
     """Per-device HBM traffic estimate: result and operand bytes of every instruction outside fused computations
-    (a fusion reads its operands and writes its result once), each computation weighted by how often it runs.
-    `train.aot` uses only the difference `loops=True` minus `loops=False`, what a cost analysis misses in loops."""
+    (a fusion reads its operands and writes its result once; a fused dynamic-slice reads only its slice and a
+    fused dynamic-update-slice writes only its update, as a scanned layer does with stacked weights), each
+    computation weighted by how often it runs. `train.aot` uses only the difference `loops=True` minus
+    `loops=False`: what a cost analysis misses in loops."""
     runs, total = executions(module, loops=loops), 0.0
     fused = {callee for instructions in module.computations.values() for inst in instructions
              if inst.opcode in ("fusion", "custom-call") for key, callee in _CALLEE_KEYS.findall(inst.rest)
@@ -276,6 +279,34 @@ def memory_bytes(module: Module, *, loops: bool = True) -> float:
         for inst in instructions:
             if inst.opcode in _NO_TRAFFIC:
                 continue
-            total += runs[name] * (array_bytes(inst.shape)
-                                   + sum(array_bytes(shapes.get(o, "")) for o in inst.operands()))
+            callee = inst.attribute("calls")
+            if inst.opcode == "fusion" and callee and callee.lstrip("%") in module.computations:
+                total += runs[name] * _fusion_traffic(module, inst, callee.lstrip("%"), shapes)
+            else:
+                total += runs[name] * (array_bytes(inst.shape)
+                                       + sum(array_bytes(shapes.get(o, "")) for o in inst.operands()))
     return total
+
+
+def _fusion_traffic(module: Module, inst: Instruction, callee: str, shapes: dict[str, str]) -> float:
+    body = module.computations[callee]
+    inner = {i.name: i.shape for i in body}
+    params = {int(m.group(1)): i.name for i in body if i.opcode == "parameter"
+              for m in [re.match(r"(\d+)\)", i.rest)] if m}
+    users = collections.defaultdict(list)
+    for i in body:
+        for position, operand in enumerate(i.operands()):
+            users[operand].append((i, position))
+    total = 0.0
+    for index, operand in enumerate(inst.operands()):
+        uses = users.get(params.get(index, ""), [])
+        if uses and all(u.opcode == "dynamic-slice" and pos == 0 for u, pos in uses):
+            total += sum(array_bytes(u.shape) for u, _ in uses)
+        elif uses and all(u.opcode == "dynamic-update-slice" and pos == 0 for u, pos in uses):
+            continue  # updated in place: the update is counted as written below
+        else:
+            total += array_bytes(shapes.get(operand, ""))
+    root = body[-1] if body else None  # the text ends each computation with its ROOT
+    if root is not None and root.opcode == "dynamic-update-slice":
+        return total + array_bytes(inner.get(root.operands()[1], ""))
+    return total + array_bytes(inst.shape)
