@@ -105,42 +105,44 @@ def first_line(e: BaseException) -> str:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2 ** 30:.2f} GiB"
+    return f"{n / 2 ** 30:.2f} GiB" if abs(n) >= 2 ** 28 else f"{n / 2 ** 20:.2f} MiB"
 
 
 def format_report(report: dict, details: dict) -> str:
-    peak, hbm = peak_bytes(report["memory_per_device"]), report["hbm_per_device"]
-    m = report["memory_per_device"]
+    """The printed table: the report plus its parts (memory, FLOPs by source, collectives, roofline terms,
+    kernels, compile times)."""
+    m, hbm, chip = report["memory_per_device"], report["hbm_per_device"], details["chip"]
+    peak = peak_bytes(m)
     ratio = report["flops_per_step"] / max(report["model_flops_per_step"], 1.0)
-    mfu = report["model_flops_per_step"] / (report["step_time_lower_bound_s"]
-                                            * details["chip"].peak_bf16_flops_per_s * report["num_devices"])
-    kernels = details["kernels"]
+    mfu = report["model_flops_per_step"] / (report["step_time_lower_bound_s"] * chip.peak_bf16_flops_per_s
+                                            * report["num_devices"])
+    mesh = " x ".join(f"{k} {v}" for k, v in report["mesh"].items() if v > 1) or "one device"
+    kernels = ", ".join(f"{k} x{v}" for k, v in sorted(details["kernels"].items())) or "none (XLA code only)"
+    ici_s = report["collective_bytes_per_device"] / chip.ici_bytes_per_s
+    compile_text = (f"{report['compile_seconds']:.1f} s wall (train {details['train_compile_seconds']:.1f} s, "
+                    f"{details['train_compile_cpu_seconds']:.0f} CPU s")
+    if "eval_compile_seconds" in details:
+        compile_text += f"; eval {details['eval_compile_seconds']:.1f} s, peak {_gib(details['eval_peak_bytes'])}"
     rows = [
-        ("slice", f"{report['topology']} ({report['num_devices']} x {report['device_kind']}), mesh "
-                  + " x ".join(f"{k} {v}" for k, v in report["mesh"].items() if v > 1) or "1 device"),
-        ("memory / device", f"{_gib(peak)} of {_gib(hbm)} (arguments {_gib(m['arguments'])}, outputs "
+        ("slice", f"{report['topology']} ({report['num_devices']} x {report['device_kind']}), mesh {mesh}"),
+        ("memory / device", f"{_gib(peak)} of {_gib(hbm)} HBM (arguments {_gib(m['arguments'])}, outputs "
                             f"{_gib(m['outputs'])}, temporaries {_gib(m['temporaries'])}, aliased "
                             f"{_gib(m['aliased'])})"),
-        ("fits", "yes" if report["fits"] else f"NO: short by {_gib(peak - hbm)} per device"),
+        ("fits", "true" if report["fits"] else
+         f"false: short by {_gib(peak - hbm)} per device ({_gib(peak)} needed, {_gib(hbm)} HBM)"),
         ("FLOPs / step", f"{report['flops_per_step']:.3e} compiled, {report['model_flops_per_step']:.3e} model "
-                         f"({ratio:.2f}x); per device: XLA {details['xla_flops_per_device']:.3e} + loops "
-                         f"{details['loop_flops_per_device']:.3e}; dots+convs {details['matmul_flops_per_device']:.3e}"),
+                         f"({ratio:.2f}x); per device XLA {details['xla_flops_per_device']:.3e} + loop trips "
+                         f"{details['loop_flops_per_device']:.3e} (dots and convolutions "
+                         f"{details['matmul_flops_per_device']:.3e})"),
         ("collectives / device", f"{_gib(report['collective_bytes_per_device'])} ("
-         + ", ".join(f"{k} {_gib(v)}" for k, v in sorted(details["collectives"].items())) + ")"),
-        ("step time >=", f"{report['step_time_lower_bound_s']:.4g} s (compute {details['compute_s']:.4g} s, "
-                         f"HBM {details['hbm_s']:.4g} s, ICI {report['collective_bytes_per_device'] / details['chip'].ici_bytes_per_s:.4g} s); "
-                         f"MFU bound {100 * mfu:.1f}%"),
-        ("attention", f"implementation={details['implementation']!r} asked; Mosaic kernels compiled: "
-                      + (", ".join(f"{k} x{v}" for k, v in sorted(kernels.items())) if kernels
-                         else "none (XLA code)")),
-        ("compile", f"{report['compile_seconds']:.1f} s wall (train {details['train_compile_seconds']:.1f} s, "
-                    f"{details['train_compile_cpu_seconds']:.0f} CPU s"
-                    + (f", eval {details['eval_compile_seconds']:.1f} s, eval peak "
-                       f"{_gib(details['eval_peak_bytes'])}" if "eval_compile_seconds" in details else "") + ")"),
+         + (", ".join(f"{k} {_gib(v)}" for k, v in sorted(details["collectives"].items())) or "none") + ")"),
+        ("step time >=", f"{report['step_time_lower_bound_s']:.4g} s = max(compute {details['compute_s']:.4g} s, "
+                         f"HBM {details['hbm_s']:.4g} s) + ICI {ici_s:.4g} s; MFU bound {100 * mfu:.1f}%"),
+        ("attention", f"implementation={details['implementation']!r} asked; Mosaic kernels compiled: {kernels}"),
+        ("compile", compile_text + ")"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
 
 
 def write_json(report: dict, path: str) -> None:

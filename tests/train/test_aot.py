@@ -194,7 +194,9 @@ def test_report_keys_memory_and_flops(compiled, topology, tmp_path):
     assert memory["aliased"] >= state_bytes  # the donated state
     assert written["collective_bytes_per_device"] > 0  # the gradient all-reduce over data
     assert written["step_time_lower_bound_s"] > 0 and written["compile_seconds"] > 0
-    assert "fits" in aot_report.format_report(report, details)
+    assert "fits                  true" in aot_report.format_report(report, details)
+    small = {**report, "hbm_per_device": 1024, "fits": False}
+    assert "false: short by" in aot_report.format_report(small, details)
 
 
 def test_train_main_and_aot_share_the_step_builder(compiled):
