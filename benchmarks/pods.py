@@ -53,7 +53,8 @@ QUICK = {"tiny_lm_v5e": (os.path.join("..", "tests", "train", "tiny_config.py:lm
 
 def command(config: str, topology: str, overrides: list[str], json_path: str) -> list[str]:
     return [sys.executable, "-m", "train.aot", f"--config={os.path.join('configs', config)}",
-            f"--topology={topology}", *overrides, f"--json={json_path}", "--noeval_step"]
+            f"--topology={topology}", *overrides, f"--json={json_path}", "--noeval_step",
+            f"--hlo={json_path.removesuffix('.json.tmp')}.hlo.txt"]
 
 
 def run_row(name: str, row, timeout: float) -> dict:
@@ -70,7 +71,7 @@ def run_row(name: str, row, timeout: float) -> dict:
             rc = "timeout"
     wall = time.perf_counter() - start
     result = {"row": name, "config": config, "topology": topology, "overrides": overrides, "wall_seconds": wall,
-              "command": " ".join(cmd[1:-2]), "status": rc}
+              "command": " ".join(cmd[1:-3]), "status": rc}
     if rc == 0:
         with open(json_path + ".tmp") as f:
             result["report"] = json.load(f)

@@ -14,7 +14,8 @@ Reported (`--json` writes exactly these keys):
   = donated); `fits` is `arguments + outputs + temporaries - aliased <= hbm_per_device` (the chip table).
 - `flops_per_step` (all devices): XLA's cost analysis of the per-device program x devices, corrected for loops
   (the analysis counts a `while` body once; the dot/convolution FLOPs of the extra trips are added from the HLO,
-  `train/aot_hlo.py`); `hbm_bytes` (not a key, used below) likewise.
+  `train/aot_hlo.py`); the HBM bytes (not a key, used below): XLA's `bytes accessed` scaled by the HLO's traffic
+  estimate with loop trips over that without.
 - `model_flops_per_step`: analytic (`train/aot_flops.py`: `6 N D` plus attention).
 - `collective_bytes_per_device`: the data of every all-gather, reduce-scatter, all-reduce, all-to-all and
   collective-permute in the compiled HLO, per step.
@@ -37,6 +38,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file 
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "libtpu topology name: v5p:4x4x4, v5e:8x8, v6e:4x4, v4:2x2x2.")
 _JSON = flags.DEFINE_string("json", None, "Write the report (exactly the documented keys) to this path.")
+_HLO = flags.DEFINE_string("hlo", None, "Write the compiled train step's HLO text to this path (for the counters).")
 _EVAL = flags.DEFINE_bool("eval_step", True, "Also compile eval_step (its time is part of compile_seconds).")
 
 
@@ -46,7 +48,8 @@ def main(argv):
     logging.getLogger().setLevel(logging.WARNING)
     from . import aot_report  # after flags: configs are read before JAX starts
     try:
-        report, details = aot_report.compile_report(_CONFIG.value, _TOPOLOGY.value, eval_step=_EVAL.value)
+        report, details = aot_report.compile_report(_CONFIG.value, _TOPOLOGY.value, eval_step=_EVAL.value,
+                                                    hlo_path=_HLO.value)
     except ValueError as e:  # ConfigError, TopologyError, shardings that do not divide
         print(f"error: {aot_report.first_line(e)}", file=sys.stderr)
         return 2

@@ -34,6 +34,9 @@ DTYPE_BYTES = {"pred": 1, "s2": 0.25, "u2": 0.25, "s4": 0.5, "u4": 0.5, "s8": 1,
 MOSAIC_TARGET = "tpu_custom_call"
 
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+# An array with its layout: `bf16[8,128]{1,0:T(8,128)(2,1)S(1)}`; `S(n)`, n > 0, puts it in on-chip memory.
+_ARRAY_LAYOUT = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^{}]*\})?")
+_ON_CHIP = re.compile(r"S\([1-9]\d*\)")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][a-z0-9\-]*)\((.*)$")
 _CALLEE_KEYS = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
@@ -103,6 +106,16 @@ def array_bytes(shape: str, *, data_only: bool = False) -> float:
         if data_only and not sizes:
             continue
         total += DTYPE_BYTES.get(dtype, 0) * math.prod(sizes)
+    return total
+
+
+def hbm_array_bytes(shape: str) -> float:
+    """Bytes of the arrays in a shape text that live in HBM (not those placed in on-chip memory, `S(n)`)."""
+    total = 0.0
+    for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape):
+        if layout and _ON_CHIP.search(layout):
+            continue
+        total += DTYPE_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
     return total
 
 
@@ -263,11 +276,12 @@ _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
 
 
 def memory_bytes(module: Module, *, loops: bool = True) -> float:
-    """Per-device HBM traffic estimate: result and operand bytes of every instruction outside fused computations
-    (a fusion reads its operands and writes its result once; a fused dynamic-slice reads only its slice and a
-    fused dynamic-update-slice writes only its update, as a scanned layer does with stacked weights), each
-    computation weighted by how often it runs. `train.aot` uses only the difference `loops=True` minus
-    `loops=False`: what a cost analysis misses in loops."""
+    """Per-device HBM traffic estimate: result and operand bytes in HBM (not on-chip `S(n)` buffers) of every
+    instruction outside fused computations (a fusion reads its operands and writes its result once; a fused
+    dynamic-slice reads only its slice and a fused dynamic-update-slice writes only its update, as a scanned
+    layer does with stacked weights; an async `-start` reads its operands and writes as much, its `-done` is not
+    counted again), each computation weighted by how often it runs. `train.aot` scales XLA's `bytes accessed`
+    by the ratio of `loops=True` to `loops=False`: what a cost analysis misses in loops."""
     runs, total = executions(module, loops=loops), 0.0
     fused = {callee for instructions in module.computations.values() for inst in instructions
              if inst.opcode in ("fusion", "custom-call") for key, callee in _CALLEE_KEYS.findall(inst.rest)
@@ -277,14 +291,16 @@ def memory_bytes(module: Module, *, loops: bool = True) -> float:
             continue
         shapes = module.shape_of(name)
         for inst in instructions:
-            if inst.opcode in _NO_TRAFFIC:
+            if inst.opcode in _NO_TRAFFIC or inst.opcode.endswith("-done"):
                 continue
             callee = inst.attribute("calls")
+            operands = sum(hbm_array_bytes(shapes.get(o, "")) for o in inst.operands())
             if inst.opcode == "fusion" and callee and callee.lstrip("%") in module.computations:
                 total += runs[name] * _fusion_traffic(module, inst, callee.lstrip("%"), shapes)
+            elif inst.opcode.endswith("-start"):  # its tuple holds operands and results: read, written at -done
+                total += runs[name] * 2 * operands
             else:
-                total += runs[name] * (array_bytes(inst.shape)
-                                       + sum(array_bytes(shapes.get(o, "")) for o in inst.operands()))
+                total += runs[name] * (hbm_array_bytes(inst.shape) + operands)
     return total
 
 
@@ -301,12 +317,12 @@ def _fusion_traffic(module: Module, inst: Instruction, callee: str, shapes: dict
     for index, operand in enumerate(inst.operands()):
         uses = users.get(params.get(index, ""), [])
         if uses and all(u.opcode == "dynamic-slice" and pos == 0 for u, pos in uses):
-            total += sum(array_bytes(u.shape) for u, _ in uses)
+            total += sum(hbm_array_bytes(u.shape) for u, _ in uses)
         elif uses and all(u.opcode == "dynamic-update-slice" and pos == 0 for u, pos in uses):
             continue  # updated in place: the update is counted as written below
         else:
-            total += array_bytes(shapes.get(operand, ""))
+            total += hbm_array_bytes(shapes.get(operand, ""))
     root = body[-1] if body else None  # the text ends each computation with its ROOT
     if root is not None and root.opcode == "dynamic-update-slice":
-        return total + array_bytes(inner.get(root.operands()[1], ""))
-    return total + array_bytes(inst.shape)
+        return total + hbm_array_bytes(inner.get(root.operands()[1], ""))
+    return total + hbm_array_bytes(inst.shape)

@@ -12,7 +12,8 @@ KEYS = ("topology", "device_kind", "num_devices", "mesh", "memory_per_device", "
         "compile_seconds")
 
 
-def compile_report(config, topology: str, *, eval_step: bool = True) -> tuple[dict, dict]:
+def compile_report(config, topology: str, *, eval_step: bool = True, hlo_path: str | None = None
+                   ) -> tuple[dict, dict]:
     """`(report, details)`: the report's `KEYS`, and what the table prints besides (kernels, eval memory, ...).
     Raises `ValueError` (ConfigError, TopologyError) naming the setting for what cannot compile."""
     from . import aot_chips
@@ -55,13 +56,17 @@ def compile_report(config, topology: str, *, eval_step: bool = True) -> tuple[di
             seconds += details["eval_compile_seconds"]
     details["train_compile_seconds"] = seconds - details.get("eval_compile_seconds", 0.0)
 
-    module = aot_hlo.parse(compiled.as_text())
+    text = compiled.as_text()
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(text)
+    module = aot_hlo.parse(text)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     in_loops = aot_hlo.matmul_flops(module) - aot_hlo.matmul_flops(module, loops=False)
     flops_per_device = float(cost.get("flops", 0.0)) + in_loops
-    hbm_bytes = float(cost.get("bytes accessed", 0.0)) + (aot_hlo.memory_bytes(module)
-                                                          - aot_hlo.memory_bytes(module, loops=False))
+    once = aot_hlo.memory_bytes(module, loops=False)
+    hbm_bytes = float(cost.get("bytes accessed", 0.0)) * (aot_hlo.memory_bytes(module) / once if once else 1.0)
     collectives = aot_hlo.collective_bytes(module)
     collective_bytes = sum(collectives.values())
     memory = memory_per_device(compiled)
