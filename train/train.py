@@ -1,7 +1,8 @@
 """The training loop: `train_and_evaluate(config, workdir)`, with `train_step` and `eval_step`.
 
-One jitted `train_step` advances the sharded `TrainState` (donated) on a global batch; `eval_step` returns sums of
-the task's evaluation metrics. Everything a step does is a function of `(config, step)`: the batch (input pipeline),
+The steps come from `steps.build_steps` (shared with `train.aot`, which compiles them for TPU slices): one jitted
+`train_step` advances the sharded `TrainState` (donated) on a global batch; `eval_step` returns sums of the task's
+evaluation metrics. Everything a step does is a function of `(config, step)`: the batch (input pipeline),
 the dropout / augmentation keys (`fold_in(seed, step)`), the learning rate. Restarting from a checkpoint therefore
 continues bit-for-bit where the interrupted run was.
 
@@ -10,73 +11,23 @@ checked, so a non-finite loss stops the run before it can overwrite the last goo
 """
 from __future__ import annotations
 
-import functools
 import logging
-import math
 import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from . import checkpoint as ckpt_lib
-from . import datasets, input_pipeline, metrics, optimizer, sharding, tasks, validate
-from . import state as state_lib
+from . import datasets, input_pipeline, metrics, sharding, validate
+from .steps import build_steps, compile_step, eval_step, total_train_steps, train_step  # noqa: F401 - public
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the run stopped without saving."""
-
-
-def train_step(state: state_lib.TrainState, batch, rng_state, *, model_def, task, tx, schedule, config):
-    """One optimizer step on a global batch. Returns `(new_state, metrics)` (metrics stay on the device)."""
-    key = jax.random.fold_in(jax.random.key(config.seed), state.step)
-
-    rng_state = state_lib.reseeded(rng_state, jax.random.fold_in(key, 1))
-
-    def loss_fn(params):
-        model = state_lib.merge(model_def.train_graph, params, state.model_state, rng_state)
-        with sharding.logical_axis_scope(config.logical_axis_rules):  # the models' activation constraints
-            loss, aux = task.train_loss(model, batch, jax.random.fold_in(key, 2))
-        return loss, (aux, state_lib.split_model_state(model))
-
-    (loss, (aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema_params
-    if ema is not None:
-        ema = optimizer.ema_update(ema, params, config.optimizer.ema_decay, state.step)
-    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
-                              ema_params=ema)
-    out = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads),
-           **{k: v for k, v in aux.items()}}
-    return new_state, out
-
-
-def eval_step(params, model_state, batch, rng_state, *, model_def, task, rules):
-    """Sums of the task's evaluation metrics over a (masked) global batch."""
-    model = state_lib.merge(model_def.eval_graph, params, model_state, rng_state)
-    with sharding.logical_axis_scope(rules):
-        return task.eval_sums(model, batch)
-
-
-FAST_COMPILE = {"xla_backend_optimization_level": 0}  # a third to a half of the compile time, slower code
-
-
-def compile_step(jitted, args, *, fast: bool = False):
-    """Compiles `jitted` for `args` (with XLA's backend optimisations off if `fast`: for smoke tests)."""
-    lowered = jitted.lower(*args)
-    return lowered.compile(compiler_options=FAST_COMPILE) if fast else lowered.compile()
-
-
-def _total_steps(config, num_train_examples: int) -> int:
-    if config.num_train_steps > 0:
-        return int(config.num_train_steps)
-    return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
 
 
 def _datasets(config):
@@ -97,8 +48,8 @@ def _datasets(config):
 
 
 class _Evaluator:
-    def __init__(self, config, source, preprocess, mesh, step_fn, sequence_keys):
-        self.config, self.mesh, self.step_fn, self.sequence_keys = config, mesh, step_fn, sequence_keys
+    def __init__(self, config, source, preprocess, steps):
+        self.config, self.steps = config, steps
         self.ds = input_pipeline.eval_dataset(
             source, preprocess, global_batch=config.eval_batch_size, process_index=jax.process_index(),
             process_count=jax.process_count(), max_examples=config.eval_max_examples)
@@ -108,10 +59,10 @@ class _Evaluator:
         sums = None
         for batch in input_pipeline.to_iterator(self.ds, self.config):
             if self._shardings is None:
-                self._shardings = sharding.batch_shardings(self.mesh, batch, sequence_keys=self.sequence_keys)
+                self._shardings = self.steps.batch_shardings(batch)
             args = (params, model_state, sharding.to_global(batch, self._shardings), rng_state)
             if self._compiled is None:
-                self._compiled = compile_step(self.step_fn, args, fast=self.config.compile_fast)
+                self._compiled = compile_step(self.steps.eval_step, args, fast=self.config.compile_fast)
             out = self._compiled(*args)
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
         return jax.device_get(sums)
@@ -139,12 +90,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     validate.validate(config)
     workdir = os.path.abspath(workdir)
     mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.logical_rules(config)
     train_src, eval_src, train_prep, eval_prep, num_outputs = _datasets(config)
-    total_steps = _total_steps(config, len(train_src))
-    tx, schedule = optimizer.make_optimizer(config, total_steps)
-    task = tasks.make_task(config, num_outputs)
-    model_def, init, abstract_state, state_shardings = state_lib.create(config, num_outputs, tx, mesh, rules)
+    total_steps = total_train_steps(config, len(train_src))
+    steps = build_steps(config, mesh, num_outputs, total_steps)
+    model_def, task = steps.model_def, steps.task
 
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                  async_save=config.async_checkpointing)
@@ -152,21 +101,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
         train_src, train_prep, seed=config.seed, global_batch=config.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count()), config)
     with jax.set_mesh(mesh):
-        restored = ckpt.restore_latest(abstract_state)
+        restored = ckpt.restore_latest(steps.abstract_state)
         if restored is None:
-            start, state = 0, init()
+            start, state = 0, steps.init()
         else:
             start, state, data_state, _ = restored
             train_iter.set_state(data_state)
             log.info("resumed from step %d in %s", start, ckpt.directory)
     last_saved = start if restored is not None else None
 
-    rng_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), model_def.rng_state)
-    step_fn = functools.partial(train_step, model_def=model_def, task=task, tx=tx, schedule=schedule,
-                                config=config)
-    evaluator = _Evaluator(config, eval_src, eval_prep, mesh, jax.jit(
-        functools.partial(eval_step, model_def=model_def, task=task, rules=rules)),
-        task.sequence_keys)
+    evaluator = _Evaluator(config, eval_src, eval_prep, steps)
     writer = metrics.MetricWriter(workdir, total_steps=total_steps, start_step=start)
     stop = ckpt_lib.StopRequest()
     meta = {"config": config.to_json_best_effort(), "total_steps": total_steps}
@@ -185,10 +129,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
             batch = next(train_iter)
             with jax.set_mesh(mesh):
                 if jitted is None:
-                    batch_shardings = sharding.batch_shardings(mesh, batch, sequence_keys=task.sequence_keys)
+                    batch_shardings = steps.batch_shardings(batch)
                     jitted = compile_step(
-                        jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, rng_sharding),
-                                out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0),
+                        steps.jit_train_step(batch_shardings),
                         (state, sharding.to_global(batch, batch_shardings), model_def.rng_state),
                         fast=config.compile_fast)
                 state, step_metrics = jitted(state, sharding.to_global(batch, batch_shardings), model_def.rng_state)
