@@ -20,21 +20,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxattn.core import masks
 from jaxattn.dot_product.api import dot_product_attention
 
 
 def window_band(local_window_size, is_causal: bool, length: int) -> tuple[int, int]:
     """`(left, right)`: query `i` sees the keys `j` with `-left <= j - i <= right` (global positions), each side
     at most `length - 1`; `right = 0` when causal. `ValueError` on a negative or non-integer window."""
-    ok = isinstance(local_window_size, int) or (
-        isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2
-        and all(isinstance(w, int) for w in local_window_size))
-    window = masks.normalize_window(local_window_size) if ok else None
-    if window is None or min(window) < 0:
+    size = local_window_size
+    pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in pair):
         raise ValueError(f"`local_window_size` must be a non-negative int or a (left, right) pair of non-negative "
                          f"ints, got {local_window_size!r}")
-    left, right = window
+    left, right = pair
     return min(left, length - 1), 0 if is_causal else min(right, length - 1)
 
 
