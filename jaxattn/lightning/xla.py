@@ -23,8 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxattn.core import vma
 from jaxattn.lightning.reference import decay_weights
+from jaxattn.core import vma
 
 DEFAULT_BLOCK = 64
 F32 = jnp.float32
