@@ -51,3 +51,35 @@ def combine(*masks):
         if m is not None:
             out = m if out is None else jnp.logical_and(out, m)
     return out
+
+
+def per_head_windows(windows, num_heads: int, q_len: int, kv_len: int):
+    """Per-head sliding windows (MoA, S2-Attention): a sequence of `num_heads` entries, each `(left, right)`
+    non-negative ints or None (a global head) -> a tuple of `(left, right)` int pairs, None standing for a
+    window wide enough to see every key (`q_len + kv_len` each side). Raises ValueError naming
+    `local_window_size` for a wrong length or entry."""
+    windows = tuple(windows)
+    if len(windows) != num_heads:
+        raise ValueError(f"a per-head `local_window_size` needs one (left, right) pair per query head: got "
+                         f"{len(windows)} for {num_heads} heads")
+    wide = q_len + kv_len
+    out = []
+    for i, w in enumerate(windows):
+        if w is None:
+            out.append((wide, wide))
+            continue
+        ok = (isinstance(w, (tuple, list)) and len(w) == 2
+              and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in w))
+        if not ok:
+            raise ValueError(f"`local_window_size[{i}]` must be None or a (left, right) pair of non-negative "
+                             f"ints, got {w!r}")
+        out.append((int(w[0]), int(w[1])))
+    return tuple(out)
+
+
+def window_bounds(head_windows, lead_shape):
+    """`(left, right)` int32 arrays reshaped to `lead_shape` (e.g. `(K, G, 1, 1)` for grouped logits) from the
+    tuple of per-head pairs; `position_mask(window=...)` takes them like a single pair."""
+    left = jnp.asarray([w[0] for w in head_windows], jnp.int32).reshape(lead_shape)
+    right = jnp.asarray([w[1] for w in head_windows], jnp.int32).reshape(lead_shape)
+    return left, right

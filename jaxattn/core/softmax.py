@@ -73,3 +73,45 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     w_a = jnp.exp(lse_a - lse_safe)[..., None]
     w_b = jnp.exp(lse_b - lse_safe)[..., None]
     return w_a * out_a + w_b * out_b, lse
+
+
+# --- Softmax extensions (issue 16): attention sinks and logit soft-capping, shared by the op, kernels and CP. ---
+
+
+def soft_cap(logits, cap):
+    """Gemma-2 soft-capping `cap * tanh(logits / cap)` of the scaled logits (before bias and masks); `cap=None`
+    returns `logits` unchanged."""
+    if cap is None:
+        return logits
+    return cap * jnp.tanh(logits / cap)
+
+
+def soft_cap_derivative(capped, cap):
+    """`d soft_cap / d logits = 1 - tanh(logits / cap)^2`, from the capped values `cap * tanh(logits / cap)`
+    (what a backward recomputes anyway); `cap=None` gives 1."""
+    if cap is None:
+        return jnp.ones_like(capped)
+    t = capped / cap
+    return 1.0 - t * t
+
+
+def merge_sink(out, lse, sink):
+    """Adds a sink logit (a key with no value) to the denominator of a finished softmax.
+
+    out: fp32 `[..., rows, dim]` normalised over the keys; lse: fp32 `[..., rows]` of the keys alone; sink: fp32
+    broadcastable to `lse` (one logit per query head). Returns `(out * exp(lse - lse'), lse')` with
+    `lse' = logaddexp(lse, sink)`. Merge the sink exactly once, after all key blocks (ring attention merges the
+    blocks' partials first). A row that saw no key keeps output 0 and gets `lse' = sink`.
+    """
+    sink = jnp.broadcast_to(jnp.asarray(sink, jnp.float32), lse.shape)
+    lse_total = jnp.logaddexp(lse, sink)
+    weight = jnp.exp(lse - lse_total)  # exp(-inf) = 0 for empty rows; lse_total is finite
+    return out * weight[..., None], lse_total
+
+
+def sink_gradient(sink, lse, delta, reduce_axes):
+    """Cotangent of the sink logits: `d sink = -sum p_sink * delta` over `reduce_axes`, with `p_sink =
+    exp(sink - lse)` (lse including the sink) and `delta = rowsum(d_out * out) - d_lse` per row (the same
+    `delta` as the keys' `ds = p * (dp - delta)`). sink broadcastable to `lse`, `delta` shaped like `lse`."""
+    p_sink = jnp.exp(jnp.asarray(sink, jnp.float32) - lse)
+    return -jnp.sum(p_sink * delta, axis=reduce_axes)

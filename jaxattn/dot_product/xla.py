@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxattn.core import blocking, softmax
+from jaxattn.core import block_sparse, blocking, masks, softmax
 from jaxattn.dot_product import common
 from jaxattn.core import vma
 
@@ -18,10 +18,21 @@ DEFAULT_BLOCK_K = 512
 
 
 def attention_blocked(query, key, value, bias, mask, q_segment_ids, k_segment_ids, *, scale, spec,
-                      block_k=DEFAULT_BLOCK_K):
-    """Returns `(out [B, T, N, Hv] in query dtype, lse [B, N, T] fp32)`."""
+                      block_k=DEFAULT_BLOCK_K, kv_lengths=None, block_mask=None):
+    """Returns `(out [B, T, N, Hv] in query dtype, lse [B, N, T] fp32)`.
+
+    With a `block_mask` (and `spec.block_shape`) and no dense `bias`/`mask`, only the True blocks are computed
+    (`xla_block_sparse`); with a dense `bias` or `mask` the key blocks are `block_shape[1]` wide and the block mask
+    is applied per key block (every block computed)."""
+    if block_mask is not None:
+        if bias is None and mask is None:
+            from jaxattn.dot_product import xla_block_sparse
+            return xla_block_sparse.attention_block_sparse(query, key, value, q_segment_ids, k_segment_ids,
+                                                           kv_lengths, block_mask, scale=scale, spec=spec)
+        block_k = spec.block_shape[1]
     block_k = max(1, min(block_k, key.shape[1]))
-    return _attention(query, key, value, bias, mask, q_segment_ids, k_segment_ids, scale, spec, block_k)
+    return _attention(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths, block_mask, scale,
+                      spec, block_k)
 
 
 def _key_blocks(key, value, bias, mask, k_segment_ids, block_k):
@@ -34,6 +45,7 @@ def _key_blocks(key, value, bias, mask, k_segment_ids, block_k):
         "k": blocking.split_blocks(key, 1, block_k),
         "v": blocking.split_blocks(value, 1, block_k),
         "pos": jnp.arange(nb * block_k).reshape(nb, block_k),
+        "index": jnp.arange(nb),
         "bias": blocking.split_blocks(bias_g, -1, block_k, broadcast_ones=True),
         "mask": blocking.split_blocks(mask_g, -1, block_k, value=False, broadcast_ones=True),
         "kseg": blocking.split_blocks(k_segment_ids, 1, block_k, value=-1),
@@ -43,31 +55,50 @@ def _key_blocks(key, value, bias, mask, k_segment_ids, block_k):
     return xs, whole
 
 
-def _block_logits(q_grouped, blk, whole, q_pos, q_segment_ids, kv_length, scale, spec):
-    logits = jnp.einsum("btkgh,bskh->bkgts", q_grouped, blk["k"], preferred_element_type=jnp.float32) * scale
-    bias = blk["bias"] if blk["bias"] is not None else whole["bias"]
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    mask = blk["mask"] if blk["mask"] is not None else whole["mask"]
-    kseg = blk["kseg"]
-    block_mask = common.block_mask(spec, q_pos, blk["pos"], kv_length, q_segment_ids, kseg, mask)
-    return softmax.masked_logits(logits, block_mask)
+class _Rows:
+    """What every key block is combined with: the grouped queries and the per-query parts of the masks."""
+
+    def __init__(self, query, key, q_segment_ids, kv_lengths, block_mask, scale, spec, block_k):
+        t, s, num_kv = query.shape[1], key.shape[1], key.shape[2]
+        self.q = common.group_queries(query, num_kv)
+        self.pos = jnp.arange(t)
+        self.segment_ids = q_segment_ids
+        self.kv_length = s if s % block_k else None
+        self.alignment = common.cache_alignment(kv_lengths, t, s)
+        self.block_mask = common.grouped_bnts(block_mask, num_kv)
+        self.scale, self.spec, self.num_kv = scale, spec, num_kv
+
+    def logits(self, blk, whole):
+        """`(masked logits, d capped / d raw or None)` of one key block, `[B, K, G, T, keys]` fp32."""
+        logits = jnp.einsum("btkgh,bskh->bkgts", self.q, blk["k"], preferred_element_type=jnp.float32) * self.scale
+        cap = self.spec.logits_soft_cap
+        logits = softmax.soft_cap(logits, cap)
+        cap_grad = None if cap is None else softmax.soft_cap_derivative(logits, cap)
+        bias = blk["bias"] if blk["bias"] is not None else whole["bias"]
+        if bias is not None:
+            logits = logits + bias.astype(jnp.float32)
+        mask = blk["mask"] if blk["mask"] is not None else whole["mask"]
+        if self.block_mask is not None:
+            rows = block_sparse.rows_of_key_block(self.block_mask, self.spec.block_shape, self.pos, blk["index"])
+            mask = masks.combine(mask, rows[..., None])
+        block_mask = common.block_mask(self.spec, self.pos, blk["pos"], self.kv_length, self.segment_ids,
+                                       blk["kseg"], mask, num_kv_heads=self.num_kv, alignment=self.alignment)
+        return softmax.masked_logits(logits, block_mask), cap_grad
 
 
 def _prob_times_value(p, v_blk):
     return jnp.einsum("bkgts,bskh->bkgth", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
 
 
-def _forward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, scale, spec, block_k):
+def _forward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths, block_mask, scale, spec,
+             block_k):
     b, t, n, _ = query.shape
-    s, num_kv, hv = key.shape[1], key.shape[2], value.shape[-1]
-    q_grouped = common.group_queries(query, num_kv)
+    num_kv, hv = key.shape[2], value.shape[-1]
+    rows = _Rows(query, key, q_segment_ids, kv_lengths, block_mask, scale, spec, block_k)
     xs, whole = _key_blocks(key, value, bias, mask, k_segment_ids, block_k)
-    kv_length = s if s % block_k else None
-    q_pos = jnp.arange(t)
 
     def body(carry, blk):
-        logits = _block_logits(q_grouped, blk, whole, q_pos, q_segment_ids, kv_length, scale, spec)
+        logits, _ = rows.logits(blk, whole)
         return softmax.online_softmax_update(carry, logits, blk["v"], _prob_times_value), None
 
     carry = softmax.online_softmax_init((b, num_kv, n // num_kv, t), hv)
@@ -77,14 +108,19 @@ def _forward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, scale,
     return common.ungroup_heads(out).astype(query.dtype), lse.reshape(b, n, t)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _attention(query, key, value, bias, mask, q_segment_ids, k_segment_ids, scale, spec, block_k):
-    return _forward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, scale, spec, block_k)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
+def _attention(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths, block_mask, scale, spec,
+               block_k):
+    return _forward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths, block_mask, scale,
+                    spec, block_k)
 
 
-def _attention_fwd(query, key, value, bias, mask, q_segment_ids, k_segment_ids, scale, spec, block_k):
-    out, lse = _forward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, scale, spec, block_k)
-    return (out, lse), (query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse)
+def _attention_fwd(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths, block_mask, scale,
+                   spec, block_k):
+    out, lse = _forward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths, block_mask, scale,
+                        spec, block_k)
+    return (out, lse), (query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths, block_mask, out,
+                        lse)
 
 
 def _reduce_to(x, shape):
@@ -94,34 +130,36 @@ def _reduce_to(x, shape):
 
 
 def _attention_bwd(scale, spec, block_k, residuals, cotangents):
-    query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse = residuals
+    query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths, block_mask, out, lse = residuals
     d_out, d_lse = cotangents
-    dq, dk, dv, dbias = _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse, d_out,
-                                  d_lse, scale, spec, block_k)
-    return dq, dk, dv, dbias, None, None, None
+    dq, dk, dv, dbias = _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths,
+                                  block_mask, out, lse, d_out, d_lse, scale, spec, block_k)
+    return dq, dk, dv, dbias, None, None, None, None, None
 
 
 def attention_blocked_backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse, d_out,
-                               d_lse, *, scale, spec, block_k=DEFAULT_BLOCK_K):
+                               d_lse, *, scale, spec, block_k=DEFAULT_BLOCK_K, kv_lengths=None, block_mask=None):
     """The blocked backward alone: `(dq, dk, dv, dbias or None)` from the saved `out [B, T, N, Hv]` and
     `lse [B, N, T]` (fp32), `d_out` like `out` and `d_lse [B, N, T]` or None. Recomputes `p = exp(s - lse)`
-    per key block and uses `delta = rowsum(d_out * out) - d_lse`; no forward pass is repeated."""
+    per key block and uses `delta = rowsum(d_out * out) - d_lse`; no forward pass is repeated. A `block_mask` is
+    applied per key block here (every block computed)."""
+    if block_mask is not None:
+        block_k = spec.block_shape[1]
     block_k = max(1, min(block_k, key.shape[1]))
     if d_lse is None:
         d_lse = jnp.zeros(lse.shape, jnp.float32)
-    return _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse, d_out, d_lse, scale,
-                     spec, block_k)
+    return _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths, block_mask, out, lse,
+                     d_out, d_lse, scale, spec, block_k)
 
 
-def _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse, d_out, d_lse, scale, spec,
-              block_k):
+def _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths, block_mask, out, lse, d_out,
+              d_lse, scale, spec, block_k):
     b, t, n, h = query.shape
     s, num_kv = key.shape[1], key.shape[2]
     g = n // num_kv
-    q_grouped = common.group_queries(query, num_kv)
+    rows = _Rows(query, key, q_segment_ids, kv_lengths, block_mask, scale, spec, block_k)
+    q_grouped = rows.q
     xs, whole = _key_blocks(key, value, bias, mask, k_segment_ids, block_k)
-    kv_length = s if s % block_k else None
-    q_pos = jnp.arange(t)
 
     def grouped_rows(x):  # [B, N, T] -> [B, K, G, T]
         return x.reshape(b, num_kv, g, t)
@@ -135,13 +173,14 @@ def _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, 
 
     def body(carry, blk):
         dq, dbias_whole = carry
-        logits = _block_logits(q_grouped, blk, whole, q_pos, q_segment_ids, kv_length, scale, spec)
+        logits, cap_grad = rows.logits(blk, whole)
         p = jnp.exp(logits - lse_safe)  # masked logits are -inf -> 0
         dv = jnp.einsum("bkgts,bkgth->bskh", p.astype(do_g.dtype), do_g, preferred_element_type=jnp.float32)
         dp = jnp.einsum("bkgth,bskh->bkgts", do_g, blk["v"], preferred_element_type=jnp.float32)
         ds = p * (dp - delta[..., None])
-        dq = dq + jnp.einsum("bkgts,bskh->btkgh", ds, blk["k"].astype(jnp.float32)) * scale
-        dk = jnp.einsum("bkgts,btkgh->bskh", ds, q_grouped.astype(jnp.float32)) * scale
+        ds_raw = ds if cap_grad is None else ds * cap_grad  # through the soft-cap, which precedes the bias
+        dq = dq + jnp.einsum("bkgts,bskh->btkgh", ds_raw, blk["k"].astype(jnp.float32)) * scale
+        dk = jnp.einsum("bkgts,btkgh->bskh", ds_raw, q_grouped.astype(jnp.float32)) * scale
         dbias_blk = None
         if bias is not None:
             db = _reduce_to(ds, bias_g.shape[:-1] + (ds.shape[-1],))

@@ -16,7 +16,7 @@ class SoftmaxAttention(nnx.Module):
     """`o_proj(softmax(rope(q) rope(k)^T / sqrt(H), causal) v)`; `num_kv_heads < num_heads` is GQA.
 
     Decoding state: `(keys, values)`, each `[B, max_len, K, H]`; new tokens are written at `pos` and queries see
-    cached keys up to their own position.
+    cached keys up to their own position (`kv_lengths = pos + T` with `is_causal`).
 
     `context_parallel` ('ring', 'allgather', 'ulysses' or None): the full-sequence forward under a mesh whose
     `'context'` axis is > 1 runs that `jaxattn.context_parallel` strategy over the sequence (sharded along T);
@@ -64,10 +64,11 @@ class SoftmaxAttention(nnx.Module):
             start = (0, pos, 0, 0)
             keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
             values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
-            # Fixed-size cache: mask by absolute position (query pos + i sees keys j <= pos + i).
-            mask = jnp.arange(keys.shape[1])[None, :] <= (pos + jnp.arange(t))[:, None]
-            o = jaxattn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
-                                              mask=mask[None, None], implementation=self.implementation)
+            # Fixed-size cache holding pos + t valid keys per row: the t queries are its last t positions, so
+            # `kv_lengths` with `is_causal` gives query pos + i the keys j <= pos + i (no [T, max_len] mask).
+            kv_lengths = jnp.full((x.shape[0],), pos + t, jnp.int32)
+            o = jaxattn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), is_causal=True,
+                                              kv_lengths=kv_lengths, implementation=self.implementation)
             state = (keys, values)
         return self.o_proj(axes.constrain(o, HEADS_ACTIVATION)), state
 
