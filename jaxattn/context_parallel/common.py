@@ -7,7 +7,8 @@ Layout: global heads-last arrays `[B, T, ...]`, batch split over `batch_axes` (d
 - `check_divisible(name, x, dim, n, what)`: `ValueError` naming the argument and its shape.
 - `check_sequence_inputs(mesh, axis_name, batch_axes, multiple=1, **arrays)`: batch and length divisibility.
 - `check_qkv(query, key, value)`: ranks, dtypes, matching dims of self-attention q/k/v (GQA allowed).
-- `check_segment_ids(query, query_segment_ids, key_segment_ids)`: both or neither, integer `[B, T]`.
+- `check_segment_ids(query, query_segment_ids, key_segment_ids)`: both or neither, integer `[B, T]`;
+  `check_sinks(query, sinks)`: None or float `[N]`.
 - `shard_sequence(fn, mesh, axis_name, batch_axes, n_in, n_out)`: `shard_call` (the one place that calls
   `jax.shard_map`) with those specs everywhere; inside a `shard_map` manual over `axis_name`, `fn` itself.
 - `inside_shard_map(axis_name)`: whether the caller already is inside such a `shard_map` (arrays are shards).
@@ -144,17 +145,27 @@ def check_segment_ids(query, query_segment_ids, key_segment_ids) -> None:
             raise ValueError(f"`{name}` must be integer, got dtype {ids.dtype}")
 
 
+def check_sinks(query, sinks) -> None:
+    """`sinks` is None or a float `[N]` (one logit per query head of `query [B, T, N, H]`)."""
+    if sinks is None:
+        return
+    if tuple(sinks.shape) != (query.shape[2],) or not jnp.issubdtype(sinks.dtype, jnp.floating):
+        raise ValueError(f"`sinks` must be a float array of shape ({query.shape[2]},) (one logit per query head "
+                         f"of `query` {tuple(query.shape)}), got {sinks.dtype} {tuple(sinks.shape)}")
+
+
 def shard_sequence(fn: Callable, mesh, axis_name: str, batch_axes, n_in: int, n_out: int, *,
-                   ranks: Sequence[int] | None = None, check_vma: bool = False) -> Callable:
+                   ranks: Sequence[int] | None = None, replicated: int = 0, check_vma: bool = False) -> Callable:
     """`jax.shard_map(fn)` where each of the `n_in` inputs and `n_out` outputs is a sequence-sharded array.
 
     ranks: the rank of each input then each output (default 4, `[B, T, heads, dim]`). `n_out == 1` means `fn`
-    returns one array (not a tuple); an input may be None (its spec is then None). The shard_map itself (and the
-    reshard that Explicit axes need, also inside `jit` without a mesh context) is `shard_call`'s.
+    returns one array (not a tuple); an input may be None (its spec is then None). `replicated` more inputs
+    follow the `n_in`, whole on every device (`P()`: per-head parameters such as sinks). The shard_map itself
+    (and the reshard that Explicit axes need, also inside `jit` without a mesh context) is `shard_call`'s.
     """
     ranks = tuple(ranks) if ranks is not None else (4,) * (n_in + n_out)
     specs = [sequence_spec(mesh, axis_name, batch_axes, r) for r in ranks]
-    in_specs = tuple(specs[:n_in])
+    in_specs = tuple(specs[:n_in]) + (P(),) * replicated
     out_specs = specs[n_in] if n_out == 1 else tuple(specs[n_in:])
 
     def call(*args):

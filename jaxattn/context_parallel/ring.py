@@ -20,7 +20,8 @@ after `n` hops. Memory stays O(local shard).
 Segment ids (packed sequences): the key ids travel round the ring with K/V, each block gets its slice of both.
 Local windows (`local_window_size`): no ring at all; each device receives only the border tokens its window
 reads from the shards it reaches (`window.py`), so traffic and work stop growing with `T`; the layout is then
-contiguous (a window balances the causal work by itself).
+contiguous (a window balances the causal work by itself). Sinks are merged once, after the ring (`finish`); the
+custom VJP returns `(out, lse)` so the sink's merge outside it differentiates into `d_lse`.
 """
 from __future__ import annotations
 
@@ -38,16 +39,17 @@ from jaxattn.dot_product.backward import dot_product_attention_backward
 # One block: the op on a query chunk and a key chunk, forward partials and lse-based gradients.
 
 
-def block_partial(q, k, v, causal, scale, implementation, q_ids=None, k_ids=None):
+def block_partial(q, k, v, causal, scale, implementation, q_ids=None, k_ids=None, soft_cap=None):
     """fp32 `(out [B, T, N, Hv], lse [B, T, N])` of attention of `q` to `k`/`v` (causal aligned top-left),
-    optionally with segment ids `[B, T]`, `[B, S]`."""
+    optionally with segment ids `[B, T]`, `[B, S]` and a logit soft-cap."""
     out, lse = dot_product_attention(q, k, v, scale=scale, is_causal=causal, return_lse=True,
-                                     query_segment_ids=q_ids, key_segment_ids=k_ids,
+                                     query_segment_ids=q_ids, key_segment_ids=k_ids, logits_soft_cap=soft_cap,
                                      implementation=implementation)
     return out.astype(jnp.float32), jnp.swapaxes(lse, 1, 2)
 
 
-def block_grads(q, k, v, out, lse, d_out, causal, scale, implementation, q_ids=None, k_ids=None):
+def block_grads(q, k, v, out, lse, d_out, d_lse, causal, scale, implementation, q_ids=None, k_ids=None,
+                soft_cap=None):
     """This block's share of `(dq, dk, dv)` (fp32) given the final merged fp32 `out` and `lse` [B, T, N].
 
     The merged softmax restricted to this block's keys is `p = exp(s - lse)` with the merged `lse`, and its
@@ -56,6 +58,7 @@ def block_grads(q, k, v, out, lse, d_out, causal, scale, implementation, q_ids=N
     """
     dq, dk, dv = dot_product_attention_backward(q, k, v, out, jnp.swapaxes(lse, 1, 2), d_out, scale=scale,
                                                 is_causal=causal, query_segment_ids=q_ids, key_segment_ids=k_ids,
+                                                d_lse=jnp.swapaxes(d_lse, 1, 2), logits_soft_cap=soft_cap,
                                                 implementation=implementation)
     return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)
 
@@ -122,13 +125,13 @@ def _rotate(xs, axis_name):
 
 
 def _forward(q, k, v, q_ids, k_ids, cfg):
-    axis_name, is_causal, zigzag_layout, scale, implementation = cfg
+    axis_name, is_causal, zigzag_layout, scale, implementation, soft_cap = cfg
     n = jax.lax.axis_size(axis_name)
     q_side = (q,) if q_ids is None else (q, q_ids)
 
     def fn(q_side, kv_side, causal):
         return block_partial(q_side[0], kv_side[0], kv_side[1], causal, scale, implementation, *q_side[1:],
-                             *kv_side[2:])
+                             *kv_side[2:], soft_cap=soft_cap)
 
     def step(s, kv, acc):
         part = ring_step(fn, q_side, kv, (0.0, softmax.NEG_INF), 2, step=s, axis_name=axis_name,
@@ -149,24 +152,25 @@ def _forward(q, k, v, q_ids, k_ids, cfg):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _ring(q, k, v, q_ids, k_ids, cfg):
-    out, _ = _forward(q, k, v, q_ids, k_ids, cfg)
-    return out.astype(q.dtype)
+    """fp32 `(out, lse [B, T, N])` over every key of the ring (no sink: `ring_attention_local` merges it once)."""
+    return _forward(q, k, v, q_ids, k_ids, cfg)
 
 
 def _ring_fwd(q, k, v, q_ids, k_ids, cfg):
     out, lse = _forward(q, k, v, q_ids, k_ids, cfg)
-    return out.astype(q.dtype), (q, k, v, q_ids, k_ids, out, lse)
+    return (out, lse), (q, k, v, q_ids, k_ids, out, lse)
 
 
-def _ring_bwd(cfg, residuals, d_out):
-    axis_name, is_causal, zigzag_layout, scale, implementation = cfg
+def _ring_bwd(cfg, residuals, cotangents):
+    axis_name, is_causal, zigzag_layout, scale, implementation, soft_cap = cfg
     q, k, v, q_ids, k_ids, out, lse = residuals
+    d_out, d_lse = cotangents
     n = jax.lax.axis_size(axis_name)
-    q_side = (q, out, lse, d_out) + (() if q_ids is None else (q_ids,))
+    q_side = (q, out, lse, d_out, d_lse) + (() if q_ids is None else (q_ids,))
 
     def fn(q_side, kv_side, causal):
-        return block_grads(q_side[0], kv_side[0], kv_side[1], *q_side[1:4], causal, scale, implementation,
-                           *q_side[4:], *kv_side[2:])
+        return block_grads(q_side[0], kv_side[0], kv_side[1], *q_side[1:5], causal, scale, implementation,
+                           *q_side[5:], *kv_side[2:], soft_cap=soft_cap)
 
     def body(s, carry, last=False):
         kv, dq, dk, dv = carry
@@ -191,24 +195,34 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 def ring_attention_local(query, key, value, *, axis_name: str = "context", is_causal: bool = False,
                          zigzag_layout: bool = False, scale: float | None = None, local_window_size=None,
-                         query_segment_ids=None, key_segment_ids=None, implementation=None):
+                         query_segment_ids=None, key_segment_ids=None, sinks=None, logits_soft_cap=None,
+                         implementation=None):
     """Per-device body (call inside `shard_map`, `check_vma` on or off): local `[B, T/n, N, H]` queries,
     `[B, T/n, K, H]` keys/values, optional local segment ids `[B, T/n]` (both or neither).
 
     zigzag_layout: the shards are in zigzag order (`zigzag.to_zigzag_local`); only matters when causal.
     local_window_size: global `w` or `(left, right)`, contiguous shards only (module docstring).
+    sinks `[N]`, logits_soft_cap: as `dot_product_attention`; the sink is merged once, after the ring.
     """
     scale = common.local_scale(query, scale, is_causal=is_causal, zigzag_layout=zigzag_layout)
     if local_window_size is not None:
         return windowed_local(query, key, value, query_segment_ids, key_segment_ids, local_window_size,
                               axis_name=axis_name, is_causal=is_causal, zigzag_layout=zigzag_layout, scale=scale,
-                              implementation=implementation, gathered=None)
-    cfg = (axis_name, bool(is_causal), bool(zigzag_layout), float(scale), implementation)
-    return _ring(query, key, value, query_segment_ids, key_segment_ids, cfg)
+                              implementation=implementation, gathered=None, sinks=sinks,
+                              logits_soft_cap=logits_soft_cap)
+    cfg = (axis_name, bool(is_causal), bool(zigzag_layout), float(scale), implementation,
+           None if logits_soft_cap is None else float(logits_soft_cap))
+    out, lse = _ring(query, key, value, query_segment_ids, key_segment_ids, cfg)
+    return finish(out, lse, sinks).astype(query.dtype)
+
+
+def finish(out, lse, sinks):
+    """The merged fp32 `out` with the sink logits `[N]` (or None) added to its denominator, once."""
+    return out if sinks is None else softmax.merge_sink(out, lse, sinks.astype(jnp.float32))[0]
 
 
 def windowed_local(query, key, value, query_ids, key_ids, local_window_size, *, axis_name, is_causal,
-                   zigzag_layout, scale, implementation, gathered):
+                   zigzag_layout, scale, implementation, gathered, sinks=None, logits_soft_cap=None):
     """Windowed body shared by ring and all-gather: the border tokens the window reads, from the neighbours
     (`gathered=None`) or sliced from the all-gathered `(keys, values, key ids or None)` of the whole sequence."""
     if zigzag_layout:
@@ -226,13 +240,14 @@ def windowed_local(query, key, value, query_ids, key_ids, local_window_size, *, 
                                             hl + shard + hr, axis=1) for x in gathered if x is not None]
     return window.attend_with_halo(query, ext[0], ext[1], query_ids, ext[2] if len(ext) > 2 else None,
                                    band=band, halo=(hl, hr), axis_name=axis_name, scale=scale,
-                                   implementation=implementation).astype(query.dtype)
+                                   implementation=implementation, sinks=sinks,
+                                   logits_soft_cap=logits_soft_cap).astype(query.dtype)
 
 
 def ring_attention(query, key, value, *, axis_name: str = "context", mesh=None, batch_axes=None,
                    is_causal: bool = False, load_balance: bool = True, zigzag_order: bool = False,
                    scale: float | None = None, local_window_size=None, query_segment_ids=None,
-                   key_segment_ids=None, implementation=None):
+                   key_segment_ids=None, sinks=None, logits_soft_cap=None, implementation=None):
     """Softmax attention with the sequence sharded over mesh axis `axis_name`; equals `dot_product_attention`.
 
     Args:
@@ -253,6 +268,8 @@ def ring_attention(query, key, value, *, axis_name: str = "context", mesh=None, 
         reaches send their border tokens (`left + right` per device whatever `T`); not with `zigzag_order`.
       query_segment_ids, key_segment_ids: integer `[B, T]` each, both or neither (packed sequences): a query
         sees only keys of its segment; sharded like the sequence, the key ids travel with K/V.
+      sinks: `[N]` sink logits (replicated), counted once in each query's denominator after the ring's merge.
+      logits_soft_cap: `cap * tanh(s / cap)` on every block's scaled logits.
       implementation: forwarded to `dot_product_attention` for every block.
 
     Returns:
@@ -260,20 +277,22 @@ def ring_attention(query, key, value, *, axis_name: str = "context", mesh=None, 
 
     Lengths not divisible by the axis size (twice it when zig-zagging) raise `ValueError`; pad first.
     """
-    local = functools.partial(ring_attention_local, scale=scale, implementation=implementation)
-    return run_sharded(local, query, key, value, query_segment_ids, key_segment_ids, axis_name=axis_name,
+    local = functools.partial(ring_attention_local, scale=scale, logits_soft_cap=logits_soft_cap,
+                              implementation=implementation)
+    return run_sharded(local, query, key, value, query_segment_ids, key_segment_ids, sinks, axis_name=axis_name,
                        mesh=mesh, batch_axes=batch_axes, is_causal=is_causal, load_balance=load_balance,
                        zigzag_order=zigzag_order, local_window_size=local_window_size)
 
 
-def run_sharded(local_fn, query, key, value, query_segment_ids=None, key_segment_ids=None, *, axis_name, mesh,
-                batch_axes, is_causal, load_balance, zigzag_order, local_window_size=None):
+def run_sharded(local_fn, query, key, value, query_segment_ids=None, key_segment_ids=None, sinks=None, *,
+                axis_name, mesh, batch_axes, is_causal, load_balance, zigzag_order, local_window_size=None):
     """Validates, then runs `local_fn(q, k, v, axis_name=, is_causal=, zigzag_layout=, local_window_size=,
-    query_segment_ids=, key_segment_ids=)` under `shard_map`, moving natural-order shards into zigzag order and
-    back when load-balancing a causal mask (never with a window)."""
+    query_segment_ids=, key_segment_ids=, sinks=)` under `shard_map` (`sinks` replicated), moving natural-order
+    shards into zigzag order and back when load-balancing a causal mask (never with a window)."""
     mesh = common.resolve_mesh(mesh)
     common.check_qkv(query, key, value)
     common.check_segment_ids(query, query_segment_ids, key_segment_ids)
+    common.check_sinks(query, sinks)
     if zigzag_order and not load_balance:
         raise ValueError("`zigzag_order=True` describes a load-balanced layout; it needs `load_balance=True`")
     if local_window_size is not None:
@@ -287,13 +306,14 @@ def run_sharded(local_fn, query, key, value, query_segment_ids=None, key_segment
                                  query=query, key=key, value=value, **ids)
     move = zig and not zigzag_order
 
-    def body(q, k, v, q_ids, k_ids):
+    def body(q, k, v, q_ids, k_ids, sinks):
         if move:
             q, k, v, q_ids, k_ids = (None if x is None else zigzag.to_zigzag_local(x, axis_name)
                                      for x in (q, k, v, q_ids, k_ids))
         out = local_fn(q, k, v, axis_name=axis_name, is_causal=is_causal, zigzag_layout=zig,
-                       local_window_size=local_window_size, query_segment_ids=q_ids, key_segment_ids=k_ids)
+                       local_window_size=local_window_size, query_segment_ids=q_ids, key_segment_ids=k_ids,
+                       sinks=sinks)
         return zigzag.from_zigzag_local(out, axis_name) if move else out
 
-    run = common.shard_sequence(body, mesh, axis_name, batch_axes, 5, 1, ranks=(4, 4, 4, 2, 2, 4))
-    return run(query, key, value, query_segment_ids, key_segment_ids)
+    run = common.shard_sequence(body, mesh, axis_name, batch_axes, 5, 1, ranks=(4, 4, 4, 2, 2, 4), replicated=1)
+    return run(query, key, value, query_segment_ids, key_segment_ids, sinks)

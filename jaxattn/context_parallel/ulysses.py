@@ -32,10 +32,11 @@ def kv_repeats(num_heads: int, num_kv_heads: int, n: int) -> int:
 
 
 def ulysses_attention_local(query, key, value, *, axis_name: str = "context", zigzag_layout: bool = False,
-                            query_segment_ids=None, key_segment_ids=None, **op_kwargs):
+                            query_segment_ids=None, key_segment_ids=None, sinks=None, **op_kwargs):
     """Per-device body (call inside `shard_map`, `check_vma` on or off): local `[B, T/n, N, H]` / `[B, T/n, K, H]`
     shards in, local `[B, T/n, N, Hv]` out; local segment ids `[B, T/n]` optional (both or neither). `op_kwargs`
-    go to `dot_product_attention` (is_causal, scale, local_window_size, ...).
+    go to `dot_product_attention` (is_causal, scale, local_window_size, logits_soft_cap, ...); `sinks [N]` (all
+    heads) are cut to this device's heads.
 
     zigzag_layout: the shards are in zigzag order; the gathered sequence is put back in natural order for the op.
     """
@@ -58,7 +59,10 @@ def ulysses_attention_local(query, key, value, *, axis_name: str = "context", zi
         ids = jax.lax.all_gather(ids, axis_name, axis=1, tiled=True)
         return zigzag.zigzag_unpermute(ids, n) if zigzag_layout else ids
 
-    out = dot_product_attention(to_heads(query), to_heads(key), to_heads(value),
+    if sinks is not None:  # the all-to-all hands device r the r-th contiguous block of heads
+        per_device = query.shape[2] // n
+        sinks = jax.lax.dynamic_slice_in_dim(sinks, jax.lax.axis_index(axis_name) * per_device, per_device)
+    out = dot_product_attention(to_heads(query), to_heads(key), to_heads(value), sinks=sinks,
                                 query_segment_ids=gather_ids(query_segment_ids),
                                 key_segment_ids=gather_ids(key_segment_ids), **op_kwargs)
     return to_sequence(out)
@@ -66,8 +70,8 @@ def ulysses_attention_local(query, key, value, *, axis_name: str = "context", zi
 
 def ulysses_attention(query, key, value, *, axis_name: str = "context", mesh=None, batch_axes=None,
                       is_causal: bool = False, local_window_size=None, zigzag_order: bool = False,
-                      scale: float | None = None, query_segment_ids=None, key_segment_ids=None,
-                      implementation=None):
+                      scale: float | None = None, query_segment_ids=None, key_segment_ids=None, sinks=None,
+                      logits_soft_cap=None, implementation=None):
     """Softmax attention with the sequence sharded over `axis_name`, computed head-sharded; equals
     `dot_product_attention`.
 
@@ -75,8 +79,9 @@ def ulysses_attention(query, key, value, *, axis_name: str = "context", mesh=Non
       query: global `[B, T, N, H]`; key, value: `[B, T, K, H]`, `[B, T, K, Hv]`. `N` must be divisible by the
         axis size `n`; `K` divisible by `n`, or dividing it (K/V heads are then repeated, see the module doc).
       axis_name, mesh, batch_axes: as `ring_attention`.
-      is_causal, local_window_size, scale, query_segment_ids, key_segment_ids, implementation: as
-        `dot_product_attention` (global positions; segment ids `[B, T]`, sharded like the sequence).
+      is_causal, local_window_size, scale, query_segment_ids, key_segment_ids, sinks, logits_soft_cap,
+        implementation: as `dot_product_attention` (global positions; segment ids `[B, T]`, sharded like the
+        sequence; `sinks [N]` replicated, each device uses its heads').
       zigzag_order: the arrays are in zigzag order (`zigzag_permute`), as used by the load-balanced ring; the
         output keeps that order. Ulysses itself needs no load balancing.
 
@@ -88,6 +93,7 @@ def ulysses_attention(query, key, value, *, axis_name: str = "context", mesh=Non
     mesh = common.resolve_mesh(mesh)
     common.check_qkv(query, key, value)
     common.check_segment_ids(query, query_segment_ids, key_segment_ids)
+    common.check_sinks(query, sinks)
     n = common.axis_size(mesh, axis_name)
     kv_repeats(query.shape[2], key.shape[2], n)
     ids = {} if query_segment_ids is None else {"query_segment_ids": query_segment_ids,
@@ -95,11 +101,11 @@ def ulysses_attention(query, key, value, *, axis_name: str = "context", mesh=Non
     common.check_sequence_inputs(mesh, axis_name, batch_axes, 2 if zigzag_order else 1,
                                  query=query, key=key, value=value, **ids)
 
-    def body(q, k, v, q_ids, k_ids):
+    def body(q, k, v, q_ids, k_ids, sinks):
         return ulysses_attention_local(q, k, v, axis_name=axis_name, zigzag_layout=zigzag_order,
-                                       query_segment_ids=q_ids, key_segment_ids=k_ids, is_causal=is_causal,
-                                       local_window_size=local_window_size, scale=scale,
-                                       implementation=implementation)
+                                       query_segment_ids=q_ids, key_segment_ids=k_ids, sinks=sinks,
+                                       is_causal=is_causal, local_window_size=local_window_size, scale=scale,
+                                       logits_soft_cap=logits_soft_cap, implementation=implementation)
 
-    run = common.shard_sequence(body, mesh, axis_name, batch_axes, 5, 1, ranks=(4, 4, 4, 2, 2, 4))
-    return run(query, key, value, query_segment_ids, key_segment_ids)
+    run = common.shard_sequence(body, mesh, axis_name, batch_axes, 5, 1, ranks=(4, 4, 4, 2, 2, 4), replicated=1)
+    return run(query, key, value, query_segment_ids, key_segment_ids, sinks)

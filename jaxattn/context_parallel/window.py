@@ -65,10 +65,11 @@ def halo_sizes(band: tuple[int, int], shard: int, n: int) -> tuple[int, int]:
 
 
 def attend_with_halo(query, key_ext, value_ext, query_ids, key_ids_ext, *, band, halo, axis_name, scale,
-                     implementation):
+                     implementation, sinks=None, logits_soft_cap=None):
     """The op on this device's `query [b, L, N, H]` against `key_ext`/`value_ext [b, hl + L + hr, K, H]`
     (`exchange_borders`' layout, `halo = (hl, hr)`) under the global `band`; segment ids optional
-    (`query_ids [b, L]`, `key_ids_ext [b, hl + L + hr]`). Returns `[b, L, N, Hv]`."""
+    (`query_ids [b, L]`, `key_ids_ext [b, hl + L + hr]`); `sinks`, `logits_soft_cap` go to the op. Returns
+    `[b, L, N, Hv]`."""
     hl, hr = halo
     b, length = query.shape[:2]
     n, r = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
@@ -84,6 +85,6 @@ def attend_with_halo(query, key_ext, value_ext, query_ids, key_ids_ext, *, band,
         query = jnp.pad(query, ((0, 0), (0, hr), (0, 0), (0, 0)))
         query_ids = jnp.pad(query_ids, ((0, 0), (0, hr)))
     out = dot_product_attention(query, key_ext, value_ext, scale=scale, local_window_size=band,
-                                query_segment_ids=query_ids, key_segment_ids=key_ids_ext,
-                                implementation=implementation)
+                                query_segment_ids=query_ids, key_segment_ids=key_ids_ext, sinks=sinks,
+                                logits_soft_cap=logits_soft_cap, implementation=implementation)
     return out[:, :length]
