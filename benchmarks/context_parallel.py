@@ -12,6 +12,7 @@ machine's cores, so times here show overheads, not speed-ups. Prints a table, wr
     python benchmarks/context_parallel.py --quick          # smoke run: T = 1k, n = 2 and 4, one repeat
     python benchmarks/context_parallel.py --bytes-only     # compile and count, no timing (fast)
     python benchmarks/context_parallel.py --strategies ring ulysses --non-causal
+    python benchmarks/context_parallel.py --bytes-only --devices 8 --strategies ring ring_window allgather_window
 
 Adding a strategy (e.g. LASP-2, halo exchange): `register(Strategy(name, run, make_inputs, applies))` below, where
 `run(mesh, *inputs)` returns the global output and `make_inputs(rng, T, args)` the global inputs.
@@ -77,6 +78,19 @@ register(Strategy("ring_contiguous", _softmax("ring_attention", load_balance=Fal
                   lambda T, n, args: args.causal))
 register(Strategy("allgather", _softmax("allgather_attention", zigzag_order=True), _qkv))
 register(Strategy("ulysses", _softmax("ulysses_attention"), _qkv, _ulysses_applies))
+
+
+def _windowed(fn_name):
+    """A local window of `--window` tokens back (and ahead when non-causal): only border tokens travel."""
+    def run(mesh, q, k, v, args):
+        import jaxattn.context_parallel as cp
+        return getattr(cp, fn_name)(q, k, v, mesh=mesh, is_causal=args.causal,
+                                    local_window_size=(args.window, 0 if args.causal else args.window))
+    return run
+
+
+register(Strategy("ring_window", _windowed("ring_attention"), _qkv))
+register(Strategy("allgather_window", _windowed("allgather_attention"), _qkv))
 
 # LASP-2 and halo exchange (lasp2, halo_na1d, halo_na2d, halo_halonet): their own module.
 from benchmarks import context_parallel_linear_halo  # noqa: E402
@@ -244,6 +258,7 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--non-causal", dest="causal", action="store_false")
+    p.add_argument("--window", type=int, default=512, help="tokens of local window for the *_window rows")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bytes-only", action="store_true", help="count bytes from the compiled HLO, do not time")
     p.add_argument("--time-max-len", type=int, default=4096,

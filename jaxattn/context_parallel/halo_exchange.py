@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from jaxattn.context_parallel import common
+from jaxattn.context_parallel import common, window
 from jaxattn.context_parallel.shard_call import shard_call
 from jaxattn.core import image_tiles
 from jaxattn.core import neighborhood_windows as windows
@@ -116,6 +116,7 @@ def halo_neighborhood_attention(query, key, value, kernel_size, *, dilation=1, s
         `stride` 1 on it (`neighborhood_shardable` says beforehand whether an axis is accepted).
       mesh, axis_name, batch_axes: as every context-parallel strategy (`jaxattn.context_parallel`).
     """
+    common.check_outside_shard_map(axis_name, "halo_neighborhood_local")
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     rpb = None if rpb is None else jnp.asarray(rpb)
     # Full validation with the global shapes (errors name the real arguments); traces nothing heavy.
@@ -160,7 +161,7 @@ def halo_neighborhood_local(query, key, value, kernel_size, *, halo, axis=1, axi
     """
     left, right = halo
     n, idx = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
-    key, value = _exchange([key, value], axis, left, right, axis_name)
+    key, value = window.exchange_borders([key, value], axis, left, right, axis_name)
     pad = [(0, 0)] * query.ndim
     pad[axis] = (left, right)
     # Border devices see the global border instead of missing neighbours (module docstring).
@@ -184,6 +185,7 @@ def halo_exchange_halo_attention(query, key, value, block_size, halo_size, *, re
     zero padding (masked with `mask_padding`, timm's plain zeros otherwise). `halo_attention_shardable` says
     beforehand whether a map is accepted.
     """
+    common.check_outside_shard_map(axis_name, "halo_attention_local")
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     tables = [None if t is None else jnp.asarray(t) for t in (rel_height, rel_width)]
     op = dict(scale=scale, query_stride=query_stride, mask_padding=mask_padding)
@@ -235,7 +237,7 @@ def halo_attention_local(query, key, value, block_size, halo_size, *, rel_height
         return wins.reshape(-1, win * win, *wins.shape[4:])
 
     q = image_tiles.to_windows(query, (bq, bq)).reshape(-1, bq, bq, n, d)
-    k, v = (windows_of(jnp.pad(x, extra)) for x in _exchange([key, value], 1, h, h, axis_name))
+    k, v = (windows_of(jnp.pad(x, extra)) for x in window.exchange_borders([key, value], 1, h, h, axis_name))
     bias = None
     if rel_height is not None or rel_width is not None:
         bias = rel_bias(q, rel_height, rel_width, win).astype(query.dtype)
@@ -248,22 +250,6 @@ def halo_attention_local(query, key, value, block_size, halo_size, *, rel_height
         mask = jnp.tile(wins.reshape(-1, win * win) > 0.5, (b, 1))[:, None, None, :]
     out = dot_product_attention(q.reshape(-1, bq * bq, n, d), k, v, bias, mask, scale=scale)
     return image_tiles.from_windows(out.reshape(b, -1, *out.shape[1:]), (bq, bq), (hq, wq))
-
-
-def _exchange(arrays, axis, left, right, axis_name):
-    """Each `x` of `arrays` as `[previous shard's last `left` | x | next shard's first `right`]` along `axis`,
-    zeros where there is no neighbour. The borders of all arrays travel together: one `ppermute` each way."""
-    n = jax.lax.axis_size(axis_name)
-    sizes = np.cumsum([x.shape[-1] for x in arrays])[:-1]
-
-    def send(start, size, perm):
-        border = jnp.concatenate([jax.lax.slice_in_dim(x, start, start + size, axis=axis) for x in arrays], -1)
-        return jnp.split(jax.lax.ppermute(border, axis_name, perm), sizes, axis=-1)
-
-    length = arrays[0].shape[axis]
-    before = send(length - left, left, [(j, j + 1) for j in range(n - 1)]) if left else [None] * len(arrays)
-    after = send(0, right, [(j + 1, j) for j in range(n - 1)]) if right else [None] * len(arrays)
-    return [jnp.concatenate([y for y in (b, x, a) if y is not None], axis) for b, x, a in zip(before, arrays, after)]
 
 
 def _per_axis(value, nd):

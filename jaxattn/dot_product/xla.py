@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from jaxattn.core import block_sparse, blocking, masks, softmax
 from jaxattn.dot_product import common
+from jaxattn.core import vma
 
 DEFAULT_BLOCK_K = 512
 
@@ -101,7 +102,8 @@ def _forward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_len
         return softmax.online_softmax_update(carry, logits, blk["v"], _prob_times_value), None
 
     carry = softmax.online_softmax_init((b, num_kv, n // num_kv, t), hv)
-    carry, _ = jax.lax.scan(body, carry, xs)
+    # Varying like the inputs inside a `shard_map` with check_vma (a fresh carry is device-invariant).
+    carry, _ = jax.lax.scan(body, vma.varying_like(carry, xs, whole, query, q_segment_ids), xs)
     out, lse = softmax.online_softmax_finalize(carry)
     return common.ungroup_heads(out).astype(query.dtype), lse.reshape(b, n, t)
 
@@ -190,7 +192,8 @@ def _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_le
 
     dq0 = jnp.zeros(q_grouped.shape, jnp.float32)
     db0 = jnp.zeros(bias_g.shape, jnp.float32) if bias_keys_whole else None
-    (dq, dbias_whole), (dk, dv, dbias_blocks) = jax.lax.scan(body, (dq0, db0), xs)
+    init = vma.varying_like((dq0, db0), xs, whole, query, q_segment_ids, out, lse, d_out, d_lse)
+    (dq, dbias_whole), (dk, dv, dbias_blocks) = jax.lax.scan(body, init, xs)
     dk = blocking.merge_blocks(dk, 1, s).astype(key.dtype)
     dv = blocking.merge_blocks(dv, 1, s).astype(value.dtype)
     dq = dq.reshape(query.shape).astype(query.dtype)

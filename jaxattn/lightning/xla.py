@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.lightning.reference import decay_weights
+from jaxattn.core import vma
 
 DEFAULT_BLOCK = 64
 F32 = jnp.float32
@@ -93,7 +94,8 @@ def _sweep(step, arrays, state, out_dims, slopes, block, reverse):
         return state, tuple(jax.lax.dynamic_update_slice_in_dim(o, y, start, axis=1) for o, y in zip(outs, ys))
 
     outs = tuple(jnp.zeros((b, t + pad, n, d), F32) for d in out_dims)
-    state, outs = jax.lax.fori_loop(0, num, body, (state, outs))
+    carry = vma.varying_like((state, outs), arrays, slopes)  # inside a shard_map with check_vma
+    state, outs = jax.lax.fori_loop(0, num, body, carry)
     if pad:
         outs = tuple(o[:, :t] if reverse else o[:, pad:] for o in outs)
     return state, outs
