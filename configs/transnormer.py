@@ -9,6 +9,8 @@
     python -m train.main --config configs/transnormer.py --config.mesh.context=4 --config.context_parallel=lasp2
     # the published sizes (385M, 1B, 7B), byte-level on TFDS lm1b prepared in DATA_DIR:
     python -m train.main --config configs/transnormer.py:385m_lm1b --config.data_dir=DATA_DIR --workdir workdirs/tn385m
+    # packed documents: segment ids reset the lightning state at every document (any config; LASP-2 too)
+    python -m train.main --config configs/transnormer.py --config.pack_documents=True
 
 The corpus is every `*.py` file of this Python's standard library except tests, one document each, ended by an
 end-of-document token (id 258 of the 260-token byte vocabulary: 256 bytes + pad, bos, eos, sep); the held-out split
@@ -43,6 +45,9 @@ def lm_recipe(c: ml_collections.ConfigDict, *, model: str, **model_kwargs) -> ml
     c.optimizer.update(learning_rate=3e-3, min_learning_rate=1e-4, warmup_steps=100, weight_decay=0.1, b2=0.95,
                        grad_clip_norm=1.0)
     c.log_every, c.eval_every, c.checkpoint_every = 50, 500, 250
+    # Segment ids for the packed windows: each document attends (softmax) or carries its state (lightning) only
+    # within itself; off by default, so earlier runs stay comparable.
+    c.pack_documents = False
     return c
 
 
@@ -67,6 +72,7 @@ def published_recipe(c: ml_collections.ConfigDict, arg: str, *, family: str) -> 
                        weight_decay=0.1, b2=0.95, grad_clip_norm=1.0)
     c.mesh = ml_collections.ConfigDict(mesh)
     c.log_every, c.eval_every, c.checkpoint_every = 100, 2000, 1000
+    c.pack_documents = False
     return c
 
 

@@ -171,15 +171,31 @@ def load_corpus(source, text_key: str = "bytes") -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0,), np.uint16)
 
 
+def document_segments(inputs: np.ndarray) -> np.ndarray:
+    """Segment ids `[T]` (int32) of a packed window of input tokens: the count of `EOS` tokens up to and including
+    each position, so an `EOS` opens the next document (it is that document's first input, from which its first
+    byte is predicted) and the bytes after it never see the previous document."""
+    return np.cumsum(np.asarray(inputs) == EOS, dtype=np.int32)
+
+
+def _window(window: np.ndarray, segments: bool) -> dict:
+    """`{'inputs', 'targets'}` of a `seq_len + 1` token window, plus `'segment_ids'` when `segments`."""
+    example = {"inputs": window[:-1], "targets": window[1:]}
+    if segments:
+        example["segment_ids"] = document_segments(example["inputs"])
+    return example
+
+
 class PackedDocuments:
     """Training windows over a corpus too large to hold in memory (a published TFDS text dataset): item `i` packs
     documents `i, i+1, ...` (each followed by `EOS`, wrapping round the split) until `seq_len + 1` tokens, read by
-    random access. One window per document, so an epoch starts a window at every document once."""
+    random access. One window per document, so an epoch starts a window at every document once. With `segments`
+    (`config.pack_documents`) each window also has `segment_ids` (`document_segments`)."""
 
-    def __init__(self, source, seq_len: int, text_key: str):
+    def __init__(self, source, seq_len: int, text_key: str, segments: bool = False):
         if len(source) == 0:
             raise ValueError("the training split has no documents")
-        self.source, self.seq_len, self.text_key = source, seq_len, text_key
+        self.source, self.seq_len, self.text_key, self.segments = source, seq_len, text_key, bool(segments)
 
     def __len__(self):
         return len(self.source)
@@ -191,23 +207,22 @@ class PackedDocuments:
             parts.append(doc)
             need -= len(doc)
             j += 1
-        window = np.concatenate(parts).astype(np.int32)
-        return {"inputs": window[:-1], "targets": window[1:]}
+        return _window(np.concatenate(parts).astype(np.int32), self.segments)
 
 
 class TokenWindows:
     """Random-access non-overlapping windows: item `i` is `inputs = tokens[i*T : (i+1)*T]` and the next bytes as
-    `targets`, so that every byte after the first is predicted exactly once per pass."""
+    `targets`, so that every byte after the first is predicted exactly once per pass. With `segments`
+    (`config.pack_documents`) each window also has `segment_ids` (`document_segments`)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, segments: bool = False):
         if len(tokens) <= seq_len:
             raise ValueError(f"corpus of {len(tokens)} bytes is too short for `seq_len` {seq_len}")
-        self.tokens, self.seq_len = tokens, seq_len
+        self.tokens, self.seq_len, self.segments = tokens, seq_len, bool(segments)
 
     def __len__(self):
         return (len(self.tokens) - 1) // self.seq_len
 
     def __getitem__(self, i):
         start = int(i) * self.seq_len
-        window = self.tokens[start:start + self.seq_len + 1].astype(np.int32)
-        return {"inputs": window[:-1], "targets": window[1:]}
+        return _window(self.tokens[start:start + self.seq_len + 1].astype(np.int32), self.segments)

@@ -3,7 +3,8 @@
 - `Classification`: images -> logits `[B, K]`. Batches `{'image': uint8 [B, H, W, C], 'label': int [B]}` (plus
   `'mask'` in evaluation). Normalisation, mixup/cutmix and label smoothing happen here, on the device.
 - `LanguageModel`: token ids -> next-token logits `[B, T, V]`. Batches `{'inputs': int [B, T], 'targets': int
-  [B, T]}` (plus `'mask'` `[B]` in evaluation). Reports bits per byte: the mean cross-entropy in bits over the
+  [B, T]}` (plus `'segment_ids'` `[B, T]` with `config.pack_documents`, passed to the model, and `'mask'` `[B]` in
+  evaluation). Reports bits per byte: the mean cross-entropy in bits over the
   targets that are bytes (ids < 256; end-of-document markers are predicted in training but not counted).
 
 `eval_sums` returns sums (not means) so that batches, hosts and padded examples (mask 0) combine exactly.
@@ -14,6 +15,8 @@ import math
 
 import jax.numpy as jnp
 import optax
+
+from jaxattn.models.layers import auxiliary
 
 from . import augment
 
@@ -59,21 +62,28 @@ class Classification:
 
 
 class LanguageModel:
-    sequence_keys = ("inputs", "targets")  # their length is sharded over the `context` mesh axis
+    sequence_keys = ("inputs", "targets", "segment_ids")  # their length is sharded over the `context` mesh axis
 
     def __init__(self, config, vocab_size: int):
         del config
         self.vocab_size = vocab_size
 
+    @staticmethod
+    def _logits(model, batch):
+        if "segment_ids" in batch:
+            return model(batch["inputs"], segment_ids=batch["segment_ids"]).astype(jnp.float32)
+        return model(batch["inputs"]).astype(jnp.float32)
+
     def train_loss(self, model, batch, key):
         del key
-        logits = model(batch["inputs"]).astype(jnp.float32)
+        logits = self._logits(model, batch)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
-        return loss, {"bits_per_byte": loss / LN2}
+        extra = auxiliary.total(model)  # e.g. MoH's load balance (0 for models without one)
+        return loss + extra, {"bits_per_byte": loss / LN2, "auxiliary_loss": extra}
 
     def eval_sums(self, model, batch):
         """Cross-entropy summed over byte targets only: end-of-document markers are not bytes."""
-        logits = model(batch["inputs"]).astype(jnp.float32)
+        logits = self._logits(model, batch)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         mask = batch["mask"].astype(jnp.float32)[:, None] * (batch["targets"] < 256)
         return {"nll": jnp.sum(nll * mask), "count": jnp.sum(mask)}

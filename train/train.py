@@ -38,12 +38,14 @@ def _datasets(config):
         return (train_src, eval_src, input_pipeline.vision_preprocess(config, train=True),
                 input_pipeline.vision_preprocess(config, train=False), input_pipeline.num_classes(config))
     # The embedded corpus fits in memory (every byte once per epoch); a published one is packed on the fly.
+    segments = bool(config.get("pack_documents", False))  # segment ids: attention stays inside each document
     if config.dataset in datasets.EMBEDDED:
         train_windows = input_pipeline.TokenWindows(input_pipeline.load_corpus(train_src, config.text_key),
-                                                    config.seq_len)
+                                                    config.seq_len, segments)
     else:
-        train_windows = input_pipeline.PackedDocuments(train_src, config.seq_len, config.text_key)
-    eval_windows = input_pipeline.TokenWindows(input_pipeline.load_corpus(eval_src, config.text_key), config.seq_len)
+        train_windows = input_pipeline.PackedDocuments(train_src, config.seq_len, config.text_key, segments)
+    eval_windows = input_pipeline.TokenWindows(input_pipeline.load_corpus(eval_src, config.text_key), config.seq_len,
+                                               segments)
     return train_windows, eval_windows, None, None, input_pipeline.BYTE_VOCAB_SIZE
 
 

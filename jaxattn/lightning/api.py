@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.core import dispatch, validation
+from jaxattn.core import dispatch, segments, validation
 
 OP = "lightning_attention"
 LAYOUT_QK = "[batch, length, num_heads, head_dim]"
@@ -47,7 +47,7 @@ dispatch.register(OP, dispatch.Backend("triton", _load_triton, platforms=("gpu",
 
 
 def lightning_attention(query, key, value, *, slopes=None, is_causal=True, block_size=64, initial_state=None,
-                        return_state=False, implementation=None):
+                        return_state=False, segment_ids=None, implementation=None):
     """Lightning attention (TransNormerLLM): linear attention with per-head exponential decay.
 
     No softmax, no scale, no normaliser. With `lambda_n = exp(-slopes[n])` (1 when `slopes` is None):
@@ -67,6 +67,11 @@ def lightning_attention(query, key, value, *, slopes=None, is_causal=True, block
       initial_state: `[B, N, H, Hv]` state before token 0 (any float dtype, used in fp32); causal only, since a
         bidirectional output has no prefix state. Differentiable.
       return_state: also return the final state `S_{T-1}` `[B, N, H, Hv]` in fp32; causal only. Differentiable.
+      segment_ids: integer `[B, T]` for packed documents, or None (one document). A document is a maximal run of
+        equal ids (an id recurring after another starts a new document). Every pair of tokens of different
+        documents is dropped, in both forms: each document's output equals running it alone. The initial state
+        continues the first document (`S0` reaches tokens of the run that token 0 starts) and the final state is
+        the last document's. No gradient.
       implementation: 'reference' (naive `T x T` decay matrix), 'xla' (loop over blocks, state in fp32, memory
         O(T * block) forward and backward through a `custom_vjp`: reverse mode only, grad-of-grad included),
         or None for the best available.
@@ -76,11 +81,13 @@ def lightning_attention(query, key, value, *, slopes=None, is_causal=True, block
     """
     query, key, value, slopes, initial_state = _validate(query, key, value, slopes, is_causal, block_size,
                                                          initial_state, return_state)
+    segment_ids = segments.check_segment_ids(segment_ids, query.shape[0], query.shape[1])
     impl = dispatch.resolve(OP, implementation, query=query, key=key, value=value, is_causal=bool(is_causal))
     if query.shape[1] == 0:
         return _empty(query, key, value, initial_state, return_state)
+    kwargs = {} if segment_ids is None else {"segment_ids": jax.lax.stop_gradient(segment_ids)}
     out, state = impl(query, key, value, slopes, initial_state, is_causal=bool(is_causal),
-                      block_size=int(block_size))
+                      block_size=int(block_size), **kwargs)
     return (out, state) if return_state else out
 
 

@@ -14,6 +14,11 @@ The gradient is a `custom_vjp` built from the same sweeps (memory O(T * block), 
   dk, dv = one sweep in the opposite direction sharing the state Q^T dO: dv is chunked(K, Q, dO) and dk is
            chunked(V, dO, Q), whose state is the transpose
 plus the terms of the final-state cotangent. The backward is plain differentiable JAX (grad-of-grad works).
+
+Packed documents (`docs`, document ids `[B, T]`): each block also gets the masks of `jaxattn.core.segments`
+(scores of other documents dropped, the incoming state seen only by rows of its document, the outgoing state
+holding only the block's last document). The weights `lambda^(t-s) [d_t == d_s]` are symmetric in the document
+mask, so every gradient sweep uses the same document ids.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxattn.core import segments
 from jaxattn.lightning.reference import decay_weights
 from jaxattn.core import vma
 
@@ -51,31 +57,41 @@ def _decays(slopes, length: int, reverse: bool) -> _Decays:
     return _Decays(intra, rows, cols, decay_weights(slopes, jnp.asarray(float(length))))
 
 
-def _block_out(state, q, k, v, dec: _Decays):
-    """Output of one block: `q, k [B, L, N, H]`, `v [B, L, N, Hv]`, incoming `state [B, N, H, Hv]` -> fp32."""
+def _block_out(state, q, k, v, dec: _Decays, masks: segments.BlockMasks | None):
+    """Output of one block: `q, k [B, L, N, H]`, `v [B, L, N, Hv]`, incoming `state [B, N, H, Hv]` -> fp32.
+    `masks`: this block's document masks (`ids`, `enter`, `leave` `[B, L]`, `keep` `[B]`) or None."""
     scores = jnp.einsum("brnh,bcnh->bnrc", q, k, preferred_element_type=F32) * dec.intra
+    if masks is not None:
+        scores = scores * (masks.ids[:, :, None] == masks.ids[:, None, :])[:, None]
     out = jnp.einsum("bnrc,bcne->brne", scores.astype(v.dtype), v, preferred_element_type=F32)
     inter = jnp.einsum("brnh,bnhe->brne", q.astype(F32), state)
     if dec.rows is not None:
         inter = inter * dec.rows[None, :, :, None]
+    if masks is not None:
+        inter = inter * masks.enter[:, :, None, None]
     return out + inter
 
 
-def _block_update(state, k, v, dec: _Decays):
-    """The state leaving a block: `lambda^L state + sum_c lambda^(L-1-c) k_c^T v_c` in fp32."""
+def _block_update(state, k, v, dec: _Decays, masks: segments.BlockMasks | None):
+    """The state leaving a block: `lambda^L state + sum_c lambda^(L-1-c) k_c^T v_c` in fp32 (with documents:
+    `keep * lambda^L state + sum_c leave_c ...`)."""
     kf = k.astype(F32)
     if dec.rows is not None:
         kf = kf * dec.cols[None, :, :, None]
         state = state * dec.whole[None, :, None, None]
+    if masks is not None:
+        kf = kf * masks.leave[:, :, None, None]
+        state = state * masks.keep[:, None, None, None]
     return state + jnp.einsum("bcnh,bcne->bnhe", kf, v.astype(F32))
 
 
-def _sweep(step, arrays, state, out_dims, slopes, block, reverse):
-    """Runs `step(state, blocks, decays) -> (state, outs)` over the blocks of the `[B, T, N, ...]` `arrays` in
-    time order (from the end when `reverse`), writing each block's outputs in place into fp32 `[B, T, N, d]`.
+def _sweep(step, arrays, state, out_dims, slopes, docs, block, reverse):
+    """Runs `step(state, blocks, decays, masks) -> (state, outs)` over the blocks of the `[B, T, N, ...]` `arrays`
+    in time order (from the end when `reverse`), writing each block's outputs in place into fp32 `[B, T, N, d]`.
 
     When `block` does not divide T the inputs are zero-padded where the sweep starts (the front, or the end when
-    `reverse`): zero keys and values keep the zero starting state at zero, and the padded rows are dropped.
+    `reverse`): zero keys and values keep the zero starting state at zero, and the padded rows are dropped (their
+    document ids repeat the edge's). `docs`: document ids `[B, T]` or None (then `masks` is None).
     Returns `(state, outs)`.
     """
     b, t, n = arrays[0].shape[:3]
@@ -85,12 +101,24 @@ def _sweep(step, arrays, state, out_dims, slopes, block, reverse):
         arrays = tuple(jnp.pad(x, [(0, 0), where] + [(0, 0)] * (x.ndim - 2)) for x in arrays)
     num = (t + pad) // block
     dec = _decays(slopes, block, reverse)
+    all_masks = None
+    if docs is not None:
+        all_masks = segments.block_masks(segments.pad_documents(docs, t + pad, front=not reverse), block,
+                                         reverse=reverse)
+
+    def block_masks(j, start):
+        if all_masks is None:
+            return None
+        rows = lambda x: jax.lax.dynamic_slice_in_dim(x, start, block, axis=1)
+        return segments.BlockMasks(rows(all_masks.ids), rows(all_masks.enter), rows(all_masks.leave),
+                                   jax.lax.dynamic_index_in_dim(all_masks.keep, j, axis=1, keepdims=False))
 
     def body(j, carry):
         state, outs = carry
-        start = (num - 1 - j if reverse else j) * block
+        index = num - 1 - j if reverse else j
+        start = index * block
         blocks = tuple(jax.lax.dynamic_slice_in_dim(x, start, block, axis=1) for x in arrays)
-        state, ys = step(state, blocks, dec)
+        state, ys = step(state, blocks, dec, block_masks(index, start))
         return state, tuple(jax.lax.dynamic_update_slice_in_dim(o, y, start, axis=1) for o, y in zip(outs, ys))
 
     outs = tuple(jnp.zeros((b, t + pad, n, d), F32) for d in out_dims)
@@ -101,89 +129,99 @@ def _sweep(step, arrays, state, out_dims, slopes, block, reverse):
     return state, outs
 
 
-def _chunked_forward(q, k, v, slopes, block, reverse):
-    def step(state, blocks, dec):
+def _chunked_forward(q, k, v, slopes, docs, block, reverse):
+    def step(state, blocks, dec, masks):
         q, k, v = blocks
-        return _block_update(state, k, v, dec), (_block_out(state, q, k, v, dec),)
+        return _block_update(state, k, v, dec, masks), (_block_out(state, q, k, v, dec, masks),)
 
     state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), F32)
-    state, (out,) = _sweep(step, (q, k, v), state, (v.shape[3],), slopes, block, reverse)
+    state, (out,) = _sweep(step, (q, k, v), state, (v.shape[3],), slopes, docs, block, reverse)
     return out, state
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def chunked(q, k, v, slopes, block, reverse=False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def chunked(q, k, v, slopes, docs, block, reverse=False):
     """Lightning attention from a zero state: `(out [B, T, N, Hv] fp32, final_state [B, N, H, Hv] fp32)`.
 
     Causal (`o_t = sum_{s<=t} lambda^(t-s) (q_t . k_s) v_s`, final state after token T-1), or with `reverse`
     anti-causal (`o_t = sum_{s>=t} lambda^(s-t) ...`, final state before token 0). `slopes` `[N]` fp32 or None;
-    it gets a zero cotangent (the public API stops its gradient).
+    it gets a zero cotangent (the public API stops its gradient). `docs`: document ids `[B, T]` int32 or None;
+    the final state then holds the last document (the first one when `reverse`).
     """
-    return _chunked_forward(q, k, v, slopes, block, reverse)
+    return _chunked_forward(q, k, v, slopes, docs, block, reverse)
 
 
-def _chunked_fwd(q, k, v, slopes, block, reverse):
-    return _chunked_forward(q, k, v, slopes, block, reverse), (q, k, v, slopes)
+def _chunked_fwd(q, k, v, slopes, docs, block, reverse):
+    return _chunked_forward(q, k, v, slopes, docs, block, reverse), (q, k, v, slopes, docs)
 
 
-def _key_value_grads(q, k, v, d_out, slopes, block, reverse):
+def _key_value_grads(q, k, v, d_out, slopes, docs, block, reverse):
     """dK, dV (fp32) of the outputs of a sweep in the direction opposite to `reverse`."""
-    def step(state, blocks, dec):
+    def step(state, blocks, dec, masks):
         q, k, v, do = blocks
-        dk = _block_out(jnp.swapaxes(state, -1, -2), v, do, q, dec)
-        dv = _block_out(state, k, q, do, dec)
-        return _block_update(state, q, do, dec), (dk, dv)
+        dk = _block_out(jnp.swapaxes(state, -1, -2), v, do, q, dec, masks)
+        dv = _block_out(state, k, q, do, dec, masks)
+        return _block_update(state, q, do, dec, masks), (dk, dv)
 
     state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], d_out.shape[3]), F32)
-    _, (dk, dv) = _sweep(step, (q, k, v, d_out), state, (k.shape[3], v.shape[3]), slopes, block, reverse)
+    _, (dk, dv) = _sweep(step, (q, k, v, d_out), state, (k.shape[3], v.shape[3]), slopes, docs, block, reverse)
     return dk, dv
 
 
 def _chunked_bwd(block, reverse, residuals, cotangents):
-    q, k, v, slopes = residuals
+    q, k, v, slopes, docs = residuals
     d_out, d_state = cotangents
-    dq, _ = chunked(d_out, v, k, slopes, block, reverse)
-    dk, dv = _key_value_grads(q, k, v, d_out, slopes, block, not reverse)
-    # The final state holds lambda^(distance to its end of the sequence) k_s^T v_s.
+    dq, _ = chunked(d_out, v, k, slopes, docs, block, reverse)
+    dk, dv = _key_value_grads(q, k, v, d_out, slopes, docs, block, not reverse)
+    # The final state holds lambda^(distance to its end of the sequence) k_s^T v_s (of the end's document).
     t = q.shape[1]
     pos = jnp.arange(t, dtype=F32)
     to_end = decay_weights(slopes, pos if reverse else t - 1 - pos).T[None, :, :, None]  # [1, T, N, 1]
+    if docs is not None:
+        to_end = to_end * (docs == docs[:, :1] if reverse else docs == docs[:, -1:])[:, :, None, None]
     dk = dk + jnp.einsum("bsne,bnhe->bsnh", v.astype(F32), d_state) * to_end
     dv = dv + jnp.einsum("bsnh,bnhe->bsne", k.astype(F32), d_state) * to_end
     d_slopes = None if slopes is None else jnp.zeros_like(slopes)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_slopes
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_slopes, None
 
 
 chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-def lightning_chunked(query, key, value, slopes, initial_state, *, is_causal, block_size=DEFAULT_BLOCK):
+def lightning_chunked(query, key, value, slopes, initial_state, *, is_causal, block_size=DEFAULT_BLOCK,
+                      segment_ids=None):
     """Returns `(out [B, T, N, Hv] in query dtype, final_state [B, N, H, Hv] fp32 or None when non-causal)`.
 
-    Same semantics as `reference.lightning_reference`; memory O(T * block) forward and backward.
+    Same semantics as `reference.lightning_reference` (`segment_ids` `[B, T]` included); memory O(T * block)
+    forward and backward.
     """
     t = query.shape[1]
     block = max(1, min(int(block_size), t))
+    docs = segments.document_ids(segment_ids)
     if not is_causal:
-        return _bidirectional(query, key, value, slopes, block).astype(query.dtype), None
-    out, state = chunked(query, key, value, slopes, block)
+        return _bidirectional(query, key, value, slopes, docs, block).astype(query.dtype), None
+    out, state = chunked(query, key, value, slopes, docs, block)
     if initial_state is not None:
-        # The initial state sits just before token 0: token t sees it decayed by lambda^(t+1).
+        # The initial state sits just before token 0: token t sees it decayed by lambda^(t+1) (if in document 0).
         s0 = initial_state.astype(F32)
         pos = jnp.arange(t, dtype=F32)
         from_start = decay_weights(slopes, pos + 1).T[None, :, :, None]
+        carried = s0 * decay_weights(slopes, jnp.asarray(float(t)))[None, :, None, None]
+        if docs is not None:
+            from_start = from_start * (docs == 0)[:, :, None, None]
+            carried = carried * (docs[:, -1] == 0)[:, None, None, None]
         out = out + jnp.einsum("btnh,bnhe->btne", query.astype(F32), s0) * from_start
-        state = state + s0 * decay_weights(slopes, jnp.asarray(float(t)))[None, :, None, None]
+        state = state + carried
     return out.astype(query.dtype), state
 
 
-def _bidirectional(query, key, value, slopes, block):
-    """`o_t = sum_s lambda^|t-s| (q_t . k_s) v_s` in fp32."""
-    if slopes is None:  # no decay: q (K^T V), linear in T without any blocking
+def _bidirectional(query, key, value, slopes, docs, block):
+    """`o_t = sum_s lambda^|t-s| (q_t . k_s) v_s` (pairs of one document only, with `docs`) in fp32."""
+    if slopes is None and docs is None:  # no decay: q (K^T V), linear in T without any blocking
         kv = jnp.einsum("bsnh,bsne->bnhe", key, value, preferred_element_type=F32)
         return jnp.einsum("btnh,bnhe->btne", query.astype(F32), kv)
     # The causal and the anti-causal sweeps both count the diagonal s == t.
-    causal, _ = chunked(query, key, value, slopes, block, False)
-    anti_causal, _ = chunked(query, key, value, slopes, block, True)
+    causal, _ = chunked(query, key, value, slopes, docs, block, False)
+    anti_causal, _ = chunked(query, key, value, slopes, docs, block, True)
     diag = jnp.einsum("btnh,btnh->btn", query, key, preferred_element_type=F32)[..., None] * value.astype(F32)
     return causal + anti_causal - diag

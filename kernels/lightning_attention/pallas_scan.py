@@ -12,6 +12,11 @@ padded tail, whose zero rows add nothing). Reverse (blocks from last to first): 
 initial state of the reverse recurrence enters at that row, undecayed). Exponents are clamped at 0, so nothing
 overflows; an exponent of a padded row only ever multiplies zeros.
 
+Packed documents (`docs`, document ids `[B, Tp]` padded with the edge id): the masks of `jaxattn.core.segments`
+come in as per-row columns `[B, Tp, 1]` (ids, `enter`, `leave`) and the ids once more as a row `[B, 1, Tp]`, so
+the intra-block mask `ids_r == ids_c` needs no transpose; `keep` is `enter` at the block's leaving row (its last
+row forward, its first in reverse; padded rows repeat the last real row's document).
+
 The state is carried in fp32 (loop carry on Triton, VMEM scratch on TPU); it is rounded to the input dtype for
 the `A S` product, as are the decay-weighted rows of B for the update (tensor core / MXU speed, like the rounding
 of the scores before `(.) C`; bf16 outputs stay within ~1.3x the error of the fp32-state XLA path at T = 2000).
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxattn.core import segments
 from jaxattn.kernels.common import cost, platform
 from jaxattn.kernels.common.loops import Reduction
 from jaxattn.kernels.lightning_attention import blocks
@@ -50,8 +56,9 @@ def _dot(a, b, *, transpose_a=False, transpose_b=False):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
-def scan(a, b, c, slopes, init, static: ScanStatic, *, reverse: bool, want_state: bool, out_dtype=None):
-    """Returns `(o [B, N, Tp, Dc] in out_dtype (default c.dtype), state [B, N, Da, Dc] fp32 or None)`."""
+def scan(a, b, c, slopes, init, docs, static: ScanStatic, *, reverse: bool, want_state: bool, out_dtype=None):
+    """Returns `(o [B, N, Tp, Dc] in out_dtype (default c.dtype), state [B, N, Da, Dc] fp32 or None)`.
+    `docs`: document ids `[B, Tp]` int32 (padded with the edge id) or None."""
     batch, heads, tp, da = a.shape
     dc = c.shape[-1]
     block = static.sizes.block
@@ -76,6 +83,15 @@ def scan(a, b, c, slopes, init, static: ScanStatic, *, reverse: bool, want_state
         in_specs.append(red.spec((None, 1, 1), lambda i, n, e: (n, 0, 0)))
     if init is not None:
         names.append("init"), operands.append(init.astype(F32)), in_specs.append(state_spec)
+    if docs is not None:
+        masks = segments.block_masks(docs, block, reverse=reverse)
+        per_row = red.reduced_spec(fori=((None, tp, 1), lambda i, n, e: (i, 0, 0)),
+                                   grid=((None, block, 1), lambda i, n, e, r: (i, r, 0)), step_index=step_index)
+        per_col = red.reduced_spec(fori=((None, 1, tp), lambda i, n, e: (i, 0, 0)),
+                                   grid=((None, 1, block), lambda i, n, e, r: (i, 0, r)), step_index=step_index)
+        names += ["ids", "ids_row", "enter", "leave"]
+        operands += [masks.ids[:, :, None], masks.ids[:, None, :], masks.enter[:, :, None], masks.leave[:, :, None]]
+        in_specs += [per_row, per_col, per_row, per_row]
     out_shape = [jax.ShapeDtypeStruct(c.shape, out_dtype or c.dtype)]
     out_specs = [rows(tile, True)]
     names.append("out")
@@ -134,11 +150,17 @@ def _exponents(j, rows, *, length, block, reverse):
     return rows + 1, n_valid - 1 - rows, n_valid
 
 
+def _times(weight, factor):
+    """`weight * factor` where `weight` may be None (meaning 1)."""
+    return factor if weight is None else weight * factor
+
+
 def _scan_kernel(*refs, names, length, block, num_blocks, reverse, red):
     it = iter(refs)
     ref = {name: next(it) for name in names}
     scratch = list(it)
     decay = "slopes" in ref
+    documents = "ids" in ref
     slope = ref["slopes"][...] if decay else None  # [1, 1]
 
     def power(exponent):
@@ -156,14 +178,26 @@ def _scan_kernel(*refs, names, length, block, num_blocks, reverse, red):
         a, b, c = (red.tile(ref[name], sl) for name in ("a", "b", "c"))
         state = carry[0]
         scores = _dot(a, b, transpose_b=True)
-        scores = jnp.where(dist >= 0, scores * intra if decay else scores, 0.0)
-        out = _dot(scores.astype(c.dtype), c)
-        inter = _dot(a, state.astype(a.dtype))
+        interacts = dist >= 0
+        row_in = col_out = keep = None  # weights of the incoming state per row, of the keys leaving, of the state
+        if documents:
+            ids, enter, leave = (red.tile(ref[name], sl) for name in ("ids", "enter", "leave"))
+            ids_row = red.tile(ref["ids_row"], (slice(None), sl[0]))
+            interacts = interacts & (ids == ids_row)
+            row_in, col_out = enter, leave
+            leaving_row = (0 if reverse else block - 1) + (0 if red.on_grid else j * block)
+            keep = ref["enter"][pl.ds(leaving_row, 1), :]  # [1, 1] (a value slice does not lower on Triton)
         if decay:
             e_row, w_col, whole = _exponents(j, rows, length=length, block=block, reverse=reverse)
-            inter = inter * power(e_row)
-            b = (b.astype(F32) * power(w_col)).astype(b.dtype)
-            state = state * power(whole)
+            row_in, col_out = _times(row_in, power(e_row)), _times(col_out, power(w_col))
+            keep = _times(keep, power(whole))
+        scores = jnp.where(interacts, scores * intra if decay else scores, 0.0)
+        out = _dot(scores.astype(c.dtype), c)
+        inter = _dot(a, state.astype(a.dtype))
+        if row_in is not None:
+            inter = inter * row_in
+            b = (b.astype(F32) * col_out).astype(b.dtype)
+            state = state * keep
         red.store(ref["out"], sl, out + inter)
         return [state + _dot(b, c, transpose_a=True)]
 

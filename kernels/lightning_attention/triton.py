@@ -3,7 +3,8 @@
 The GPU path that does not depend on Pallas-Triton (deprecated in JAX 0.11). It reads the op's heads-last arrays
 in place (no transposes or padding: masked loads), and shares the custom VJP (`vjp.py`: one scan forward, three
 backward) with the Pallas kernels and the launch plans (`triton_launch.py`) with the tests. `jax_triton` is imported
-when a kernel is traced, so importing this module is free on machines without a GPU. Same features as `pallas.py`.
+when a kernel is traced, so importing this module is free on machines without a GPU. Same features as `pallas.py`
+(packed documents included: the masks of `jaxattn.core.segments`, padded to whole blocks per scan).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxattn.core import segments
 from jaxattn.kernels.lightning_attention import triton_launch, vjp
 
 
@@ -26,17 +28,23 @@ def _triton_call():
     return jax_triton.triton_call
 
 
-def _scan(a, b, c, slopes, init, static: _Static, *, reverse: bool, want_state: bool, out_dtype=None):
-    """The `vjp.py` scan on heads-last arrays: `(o [B, T, N, Dc], state [B, N, Da, Dc] fp32 or None)`."""
+def _scan(a, b, c, slopes, init, docs, static: _Static, *, reverse: bool, want_state: bool, out_dtype=None):
+    """The `vjp.py` scan on heads-last arrays: `(o [B, T, N, Dc], state [B, N, Da, Dc] fp32 or None)`; `docs`:
+    document ids `[B, T]` or None."""
     from jaxattn.kernels.lightning_attention import triton_kernels
     batch, t, heads, da = a.shape
     dc = c.shape[-1]
     launch = triton_launch.plan(batch=batch, length=t, heads=heads, dim_a=da, dim_c=dc, reverse=reverse,
                                 decay=slopes is not None, init=init is not None, want_state=want_state,
-                                fp32=a.dtype == jnp.float32, blocks=static.blocks)
+                                fp32=a.dtype == jnp.float32, blocks=static.blocks, documents=docs is not None)
     dummy = jnp.zeros((1,), jnp.float32)
+    masks = (jnp.zeros((1,), jnp.int32), dummy, dummy)
+    if docs is not None:
+        consts = launch.constexprs
+        masks = segments.block_masks(segments.pad_documents(docs, consts["TP"]), consts["BLOCK"], reverse=reverse)
+        masks = (masks.ids, masks.enter, masks.leave)
     inputs = (a, b, c, dummy if slopes is None else slopes.astype(jnp.float32),
-              dummy if init is None else init.astype(jnp.float32))
+              dummy if init is None else init.astype(jnp.float32), *masks)
     out_shape = [jax.ShapeDtypeStruct(c.shape, out_dtype or c.dtype),
                  jax.ShapeDtypeStruct((batch, heads, da, dc) if want_state else (1,), jnp.float32)]
     out, state = _triton_call()(*inputs, kernel=triton_kernels.lightning_scan, out_shape=out_shape,
@@ -49,7 +57,7 @@ _causal = vjp.causal_lightning(_scan)
 _bidirectional = vjp.bidirectional_lightning(_scan)
 
 
-def lightning_attention(query, key, value, slopes=None, *, initial_state=None, is_causal=True,
+def lightning_attention(query, key, value, slopes=None, *, initial_state=None, is_causal=True, segment_ids=None,
                         blocks: tuple | None = None):
     """Same arguments and results as `pallas.lightning_attention` (without target/block_sizes/reduction);
     `blocks` optionally overrides `triton_launch.BLOCKS`. Returns `(out, final_state or None)`."""
@@ -57,22 +65,24 @@ def lightning_attention(query, key, value, slopes=None, *, initial_state=None, i
         raise ValueError("`initial_state` needs is_causal=True")
     if slopes is not None:
         slopes = jax.lax.stop_gradient(jnp.asarray(slopes, jnp.float32))
-    return _lightning(query, key, value, slopes, initial_state, _Static(None if blocks is None else tuple(blocks)),
-                      bool(is_causal))
+    docs = segments.document_ids(segments.check_segment_ids(segment_ids, query.shape[0], query.shape[1]))
+    return _lightning(query, key, value, slopes, initial_state, docs,
+                      _Static(None if blocks is None else tuple(blocks)), bool(is_causal))
 
 
-def attention(query, key, value, slopes, initial_state, *, is_causal, block_size=None):
+def attention(query, key, value, slopes, initial_state, *, is_causal, block_size=None, segment_ids=None):
     """The `lightning_attention` backend signature (`block_size`, the 'xla' chunk, is not used; see `blocks`)."""
     del block_size
-    return lightning_attention(query, key, value, slopes, initial_state=initial_state, is_causal=is_causal)
+    return lightning_attention(query, key, value, slopes, initial_state=initial_state, is_causal=is_causal,
+                               segment_ids=segment_ids)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6))
-def _lightning(query, key, value, slopes, initial_state, static: _Static, is_causal: bool):
+@functools.partial(jax.jit, static_argnums=(6, 7))
+def _lightning(query, key, value, slopes, initial_state, docs, static: _Static, is_causal: bool):
     if not is_causal:
-        if slopes is None:
+        if slopes is None and docs is None:
             return vjp.bidirectional_no_decay(query, key, value), None
-        return _bidirectional(query, key, value, slopes, static), None
+        return _bidirectional(query, key, value, slopes, docs, static), None
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
-    return _causal(query, key, value, slopes, initial_state, static)
+    return _causal(query, key, value, slopes, initial_state, docs, static)

@@ -8,6 +8,12 @@ Semantics and decay exponents are those of `pallas_scan.py` / `vjp.py`: `A, B [B
 contiguous; one program per (state column tile, batch x head) walks the `ceil(T / BLOCK)` row blocks in time order
 (REVERSE: last to first) with the `[DA, BLOCK_C]` fp32 state in registers. Rows past T and feature columns past
 DA/DC are masked loads of zeros (exact); the decay exponents of the last block count only its real rows.
+
+HAS_DOCS (packed documents): `Docs`, `Enter`, `Leave` `[Bt, TP]` (int32 document ids, fp32 masks of
+`jaxattn.core.segments`, padded to whole blocks with the edge document, TP = blocks x BLOCK): the intra-block
+scores of other documents are dropped, the incoming state's term is weighted by `Enter`, the update's rows by
+`Leave`, and the carried state by `keep`, `Enter` at the block's leaving row (the last forward, the first in
+reverse).
 """
 from __future__ import annotations
 
@@ -22,6 +28,22 @@ def _power(slope, exponent):
 
 
 @triton.jit
+def _exponents(j, r, T: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """Decay exponents of block `j`: incoming state per row, update weight per row, state across the block."""
+    if REVERSE:
+        n_end = tl.minimum(BLOCK, T - 1 - j * BLOCK)  # BLOCK, or n_valid - 1 in the block of the last real row
+        e_row = n_end - r
+        w_row = r
+        whole = n_end
+    else:
+        n_valid = tl.minimum(BLOCK, T - j * BLOCK)
+        e_row = r + 1
+        w_row = n_valid - 1 - r
+        whole = n_valid
+    return e_row, w_row, whole
+
+
+@triton.jit
 def _load(ptrs, rows, cols, T: tl.constexpr, D: tl.constexpr, UNMASKED: tl.constexpr):
     """A `[rows, cols]` tile, zeros past row T and column D; UNMASKED when neither can happen (vector loads)."""
     if UNMASKED:
@@ -30,13 +52,14 @@ def _load(ptrs, rows, cols, T: tl.constexpr, D: tl.constexpr, UNMASKED: tl.const
 
 
 @triton.jit
-def lightning_scan(A, Bk, C, Slopes, Init, Out, State,
+def lightning_scan(A, Bk, C, Slopes, Init, Docs, Enter, Leave, Out, State,
                    T: tl.constexpr, N: tl.constexpr, DA: tl.constexpr, DC: tl.constexpr,
                    DAP: tl.constexpr, REVERSE: tl.constexpr, HAS_DECAY: tl.constexpr,
                    HAS_INIT: tl.constexpr, WANT_STATE: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+                   BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DOCS: tl.constexpr, TP: tl.constexpr):
     """Out `[Bt, T, N, DC]` (Out's dtype); State `[Bt, N, DA, DC]` fp32 when WANT_STATE; Init likewise when
-    HAS_INIT; Slopes `[N]` fp32 when HAS_DECAY. Unused pointers receive a dummy 1-element array."""
+    HAS_INIT; Slopes `[N]` fp32 when HAS_DECAY; Docs/Enter/Leave `[Bt, TP]` when HAS_DOCS. Unused pointers receive
+    a dummy 1-element array."""
     pid_c = tl.program_id(0)
     bn = tl.program_id(1)
     b = (bn // N).to(tl.int64)
@@ -79,19 +102,28 @@ def lightning_scan(A, Bk, C, Slopes, Init, Out, State,
         scores = tl.dot(a, tl.trans(kb), input_precision=PRECISION)
         if HAS_DECAY:
             scores = scores * _power(slope, dist)
-        scores = tl.where(dist >= 0, scores, 0.0)
+        if HAS_DOCS:
+            rows = b * TP + j * BLOCK + r
+            docs = tl.load(Docs + rows)
+            scores = tl.where((dist >= 0) & (docs[:, None] == docs[None, :]), scores, 0.0)
+            enter = tl.load(Enter + rows)
+            leave = tl.load(Leave + rows)
+            keep = tl.load(Enter + b * TP + j * BLOCK + (0 if REVERSE else BLOCK - 1))
+        else:
+            scores = tl.where(dist >= 0, scores, 0.0)
         out = tl.dot(scores.to(c.dtype), c, input_precision=PRECISION)
-        if HAS_DECAY:
-            if REVERSE:
-                n_end = tl.minimum(BLOCK, T - 1 - j * BLOCK)  # BLOCK, or n_valid - 1 in the last block
-                e_row = n_end - r
-                w_row = r
-                whole = n_end
-            else:
-                n_valid = tl.minimum(BLOCK, T - j * BLOCK)
-                e_row = r + 1
-                w_row = n_valid - 1 - r
-                whole = n_valid
+        if HAS_DOCS:
+            # The incoming state and the outgoing keys, masked to their documents (times the decay, if any).
+            if HAS_DECAY:
+                e_row, w_row, whole = _exponents(j, r, T, BLOCK, REVERSE)
+                enter = enter * _power(slope, e_row)
+                leave = leave * _power(slope, w_row)
+                keep = keep * _power(slope, whole)
+            out += tl.dot(a, state.to(a.dtype), input_precision=PRECISION) * enter[:, None]
+            c = (c.to(tl.float32) * leave[:, None]).to(c.dtype)
+            state = state * keep
+        elif HAS_DECAY:
+            e_row, w_row, whole = _exponents(j, r, T, BLOCK, REVERSE)
             out += tl.dot(a, state.to(a.dtype), input_precision=PRECISION) * _power(slope, e_row)[:, None]
             # The update's weights go on the rows of C (BLOCK_C wide, narrower than B): fewer live registers.
             c = (c.to(tl.float32) * _power(slope, w_row)[:, None]).to(c.dtype)

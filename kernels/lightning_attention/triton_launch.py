@@ -11,7 +11,7 @@ import math
 
 from jaxattn.kernels.common import blocks as common_blocks
 
-ARGS = ("A", "Bk", "C", "Slopes", "Init", "Out", "State")
+ARGS = ("A", "Bk", "C", "Slopes", "Init", "Docs", "Enter", "Leave", "Out", "State")
 # (block rows, state columns per program, num_warps, num_stages); see blocks.py for the reasoning. Chosen by
 # compiling with ptxas and reading `cuobjdump -res-usage` (no GPU at hand to time them): at H = Hv = 128 in bf16,
 # BLOCKS keeps every variant (decay or not, forward or reverse) free of register spills on sm_90 and spills least
@@ -37,8 +37,9 @@ class Launch:
 
 
 def plan(*, batch: int, length: int, heads: int, dim_a: int, dim_c: int, reverse: bool, decay: bool, init: bool,
-         want_state: bool, fp32: bool, blocks=None) -> Launch:
-    """Launch of one scan over heads-last `a, b [batch, length, heads, dim_a]`, `c [batch, length, heads, dim_c]`."""
+         want_state: bool, fp32: bool, blocks=None, documents: bool = False) -> Launch:
+    """Launch of one scan over heads-last `a, b [batch, length, heads, dim_a]`, `c [batch, length, heads, dim_c]`
+    (`documents`: with the document masks, `[batch, TP]` with TP = `padded_length`)."""
     block, block_c, warps, stages = blocks or default_blocks(dim_a, fp32)
     block = common_blocks.fit_block(length, block, "triton")
     dap = common_blocks.feature_dim(dim_a, "triton")
@@ -46,11 +47,13 @@ def plan(*, batch: int, length: int, heads: int, dim_a: int, dim_c: int, reverse
     block_c = min(max(16, common_blocks.next_power_of_2(block_c)), dcp)
     consts = dict(T=length, N=heads, DA=dim_a, DC=dim_c, DAP=dap, REVERSE=bool(reverse),
                   HAS_DECAY=bool(decay), HAS_INIT=bool(init), WANT_STATE=bool(want_state),
-                  PRECISION="ieee" if fp32 else "tf32", BLOCK=block, BLOCK_C=block_c)
+                  PRECISION="ieee" if fp32 else "tf32", BLOCK=block, BLOCK_C=block_c, HAS_DOCS=bool(documents),
+                  TP=common_blocks.padded_length(length, block))
     return Launch((math.ceil(dim_c / block_c), batch * heads), consts, warps, stages)
 
 
 def signature(dtype: str) -> dict[str, str]:
     """Triton pointer types of the kernel's arguments for `triton.compile` ('bf16', 'fp16' or 'fp32' data)."""
-    types = {"A": dtype, "Bk": dtype, "C": dtype, "Slopes": "fp32", "Init": "fp32", "Out": dtype, "State": "fp32"}
+    types = {"A": dtype, "Bk": dtype, "C": dtype, "Slopes": "fp32", "Init": "fp32", "Docs": "i32", "Enter": "fp32",
+             "Leave": "fp32", "Out": dtype, "State": "fp32"}
     return {name: "*" + types[name] for name in ARGS}

@@ -1,8 +1,9 @@
 """`CausalLM`: embedding * sqrt(d), L x [x + mixer(SRMSNorm(x)); x + SGLU(SRMSNorm(x))], SRMSNorm, untied head.
 
 The token mixer is what differs between families (lightning GLA, causal softmax). A mixer is an `nnx.Module` with
-`__call__(x [B, T, d], state, pos, constants) -> (y [B, T, d], new_state)` (`state` None for a plain forward;
-`constants` the layer's entry of `mixer_constants`, or None) and `init_state(batch, max_len, dtype)`.
+`__call__(x [B, T, d], state, pos, constants, segment_ids=None) -> (y [B, T, d], new_state)` (`state` None for a
+plain forward; `constants` the layer's entry of `mixer_constants`, or None; `segment_ids` `[B, T]` packed documents
+of a full-sequence forward, or None) and `init_state(batch, max_len, dtype)`.
 
 Consecutive layers of one `mixer_group` form a segment: a `Stack` (`models/layers/stack.py`) scanned over
 parameters stacked on a leading layer axis, so a 30-layer model compiles one layer per segment (TransNormer: layer
@@ -35,16 +36,16 @@ class DecoderLayer(nnx.Module):
         self.mixer = mixer
         self.mlp = SGLU(d_model, glu_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x, state, pos, constants):
-        y, state = self.mixer(srms_norm(x), state, pos, constants)
+    def __call__(self, x, state, pos, constants, segment_ids=None):
+        y, state = self.mixer(srms_norm(x), state, pos, constants, segment_ids=segment_ids)
         x = x + y
         return axes.constrain(x + self.mlp(srms_norm(x)), RESIDUAL), state
 
 
-def _layer_step(layer, x, per_layer, pos):
+def _layer_step(layer, x, per_layer, pos, segment_ids):
     """One layer inside a segment's scan: `per_layer` is `(state, constants)` of that layer."""
     state, constants = per_layer
-    return layer(x, state, pos, constants)
+    return layer(x, state, pos, constants, segment_ids)
 
 
 def segment_bounds(num_layers: int, group: Callable[[int], Hashable]) -> tuple[tuple[int, int], ...]:
@@ -61,7 +62,8 @@ def segment_bounds(num_layers: int, group: Callable[[int], Hashable]) -> tuple[t
 class CausalLM(nnx.Module):
     """Token ids `[B, T]` -> logits `[B, T, vocab_size]` (fp32).
 
-    `model(tokens)` is the full-sequence forward. `cache = model.init_cache(batch, max_len)` then
+    `model(tokens)` is the full-sequence forward; `model(tokens, segment_ids=ids)` (int `[B, T]`) runs packed
+    documents, every token attending only to earlier tokens of its own document. `cache = model.init_cache(batch, max_len)` then
     `logits, cache = model(tokens, cache=cache)` consumes `tokens` after the cached ones: a prompt in one or
     several chunks (prefill), then one token per step; the logits equal those of the full sequence.
 
@@ -113,14 +115,23 @@ class CausalLM(nnx.Module):
             return None
         return jax.tree.map(lambda *c: jnp.stack(c), *(self.mixer_constants(i) for i in range(first, first + n)))
 
-    def __call__(self, tokens, cache: DecodeCache | None = None):
+    def __call__(self, tokens, cache: DecodeCache | None = None, segment_ids=None):
         tokens = self.check_tokens(tokens, cache)
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("`segment_ids` are for the full-sequence forward (packed training windows), "
+                                 "not with a decoding `cache`")
+            segment_ids = jnp.asarray(segment_ids)
+            if segment_ids.shape != tokens.shape or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+                raise ValueError(f"`segment_ids` must be integer with the shape of `tokens` {tuple(tokens.shape)}, "
+                                 f"got {segment_ids.dtype} {tuple(segment_ids.shape)}")
+            segment_ids = axes.constrain(segment_ids, (axes.BATCH, axes.LENGTH))
         pos = jnp.zeros((), jnp.int32) if cache is None else cache.pos
         x = axes.constrain(self.embed(tokens) * self.embed_scale, RESIDUAL)
         new_states = []
         for s, ((first, n), segment) in enumerate(zip(self.segment_bounds, self.segments)):
             states = None if cache is None else cache.layers[s]
-            x, states = segment.apply(_layer_step, x, (states, self._constants(first, n)), pos)
+            x, states = segment.apply(_layer_step, x, (states, self._constants(first, n)), pos, segment_ids)
             new_states.append(states)
         logits = axes.constrain(self.head(srms_norm(x)), (axes.BATCH, axes.LENGTH, axes.VOCAB))
         if cache is None:

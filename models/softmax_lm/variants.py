@@ -1,9 +1,18 @@
 """Softmax baselines matched to each TransNormer size (same stack; SGLU widened by `matched_glu_dim` so the
 parameter count is within 2% of the TransNormer variant). `num_kv_heads=` gives GQA; the glu width then re-matches
-unless `glu_dim=` is given too."""
+unless `glu_dim=` is given too.
+
+Published attention variants of each size (same glu width as the baseline, so the parameters grow only by the
+variant's own): `_gated` (gated attention, elementwise sigmoid output gate, Qiu et al. 2025 / Qwen3-Next), `_sinks`
+(one learned sink logit per head, GPT-OSS) and `_moh` (mixture-of-heads, Jin et al. 2024: a quarter of the heads
+shared, the rest routed, half of those chosen per token: 62.5% of heads active, within the paper's 50-90%)."""
 from __future__ import annotations
 
+import inspect
+
 from flax import nnx
+
+import jaxattn
 
 from jaxattn.models.lm.configs import TRANSNORMER_SIZES, matched_glu_dim
 from jaxattn.models.registry import register
@@ -44,3 +53,35 @@ def softmax_lm_7b(*, rngs: nnx.Rngs, **overrides):
     """Softmax baseline of `transnormer_7b`: d 4096, 30 layers, 32 heads, glu 12373, vocab 64000.
     Parameters: 7,098,736,640."""
     return _build("7b", rngs, overrides)
+
+
+VARIANTS = {
+    "gated": lambda cfg: {"attention_gate": "elementwise"},
+    "sinks": lambda cfg: {"attention_sinks": True},
+    "moh": lambda cfg: {"heads_routing": _moh_routing(cfg["num_heads"])},
+}
+
+
+def _moh_routing(num_heads: int) -> tuple[int, int, int]:
+    shared = max(1, num_heads // 4)
+    routed = num_heads - shared
+    return shared, routed, max(1, routed // 2)
+
+
+def _register_variant(size: str, variant: str):
+    name = f"softmax_lm_{size}_{variant}"
+
+    def build(*, rngs: nnx.Rngs, **overrides):
+        cfg = {**TRANSNORMER_SIZES[size], **overrides}
+        return _build(size, rngs, {**VARIANTS[variant](cfg), **overrides})
+    build.__name__ = name
+    build.__doc__ = f"`softmax_lm_{size}` with the `{variant}` attention variant (see the module docstring)."
+    register(name, kind="lm")(build)
+
+
+# `_sinks` needs `dot_product_attention(sinks=)` (issue 16); until the op has it those names are not registered.
+_HAS_SINKS = "sinks" in inspect.signature(jaxattn.dot_product_attention).parameters
+for _size in ("385m", "1b", "7b"):
+    for _variant in VARIANTS:
+        if _variant != "sinks" or _HAS_SINKS:
+            _register_variant(_size, _variant)

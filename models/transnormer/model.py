@@ -48,8 +48,9 @@ class GLA(nnx.Module):
         hk = self.head_dim * (2 if self.theta is not None else 1)
         return jnp.zeros((batch, self.num_heads, hk, self.head_dim), jnp.float32)
 
-    def __call__(self, x, state, pos, slopes):
-        """`slopes`: this layer's decay slopes `[N]` (its entry of the stack's `mixer_constants`)."""
+    def __call__(self, x, state, pos, slopes, segment_ids=None):
+        """`slopes`: this layer's decay slopes `[N]` (its entry of the stack's `mixer_constants`); `segment_ids`
+        `[B, T]`: packed documents (full-sequence forward), the recurrent state reset at each document."""
         t = x.shape[1]
         q, k, v, u = (axes.constrain(z, HEADS_ACTIVATION) for z in jnp.unstack(self.qkvu(x), axis=2))
         q, k = nnx.silu(q), nnx.silu(k)
@@ -58,10 +59,10 @@ class GLA(nnx.Module):
         if state is None and cp.active(self.context_parallel):
             from jaxattn.context_parallel import lasp2_lightning_attention
             o = lasp2_lightning_attention(q, k, v, slopes=slopes, block_size=self.block_size,
-                                          implementation=self.implementation)
+                                          segment_ids=segment_ids, implementation=self.implementation)
         elif state is None:
             o = jaxattn.lightning_attention(q, k, v, slopes=slopes, block_size=self.block_size,
-                                            implementation=self.implementation)
+                                            segment_ids=segment_ids, implementation=self.implementation)
         elif t == 1:
             o, state = jaxattn.lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], state, slopes=slopes)
             o = o[:, None]

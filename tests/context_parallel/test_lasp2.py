@@ -9,6 +9,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxattn import lightning_attention
@@ -25,9 +26,19 @@ def _mesh(data, context):
     return jax.make_mesh((data, context), ("data", "context"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def _reference(q, k, v, s0=None, *, slopes, is_causal, return_state=False):
+def _reference(q, k, v, s0=None, *, slopes, is_causal, return_state=False, segment_ids=None):
     return lightning_attention(q, k, v, slopes=slopes, is_causal=is_causal, initial_state=s0,
-                               return_state=return_state, implementation="reference")
+                               return_state=return_state, segment_ids=segment_ids, implementation="reference")
+
+
+def _documents():
+    """Packed documents over 8 chunks of 8 tokens: row 0 has starts inside chunks, on chunk edges (8, 40), a
+    document spanning three chunks (8..29), a one-token one and a reused id; row 1 one document over five chunks
+    (its first and the initial state's), then one to the end (the final state's)."""
+    ids = np.zeros((B, T), np.int32)
+    ids[0, 3:], ids[0, 8:], ids[0, 30:], ids[0, 31:], ids[0, 40:], ids[0, 50:] = 1, 2, 3, 4, 5, 2
+    ids[1, :], ids[1, 40:] = 5, 6
+    return jnp.asarray(ids)
 
 
 # Every case of one mesh in one compiled function (compiles dominate the test's time): (kwargs, with state).
@@ -64,6 +75,13 @@ def test_lasp2_matches_single_device():
         _check_cases(None, 16, CASES[:1] + CASES[2:3])
     # bf16 inputs (the op accumulates in fp32; so do the cross-device terms).
     _check_cases(context8, T, CASES[-1:], dtype=jnp.bfloat16)
+    # Packed documents crossing device edges: states reach only their own document, both forms, with and
+    # without decay, the initial state reaching the first document and the final state of the last.
+    docs = _documents()
+    _check_cases(context8, T, [(dict(slopes=SLOPES, is_causal=True, return_state=True, segment_ids=docs), True),
+                               (dict(slopes=None, is_causal=True, return_state=True, segment_ids=docs), True),
+                               (dict(slopes=SLOPES, is_causal=False, segment_ids=docs), False),
+                               (dict(slopes=None, is_causal=False, segment_ids=docs), False)])
 
     # An Explicit-axes mesh in context, eager and jitted: inputs are resharded to the sequence layout.
     q, k, v = random_inputs(5, [(B, T, N, H)] * 3)

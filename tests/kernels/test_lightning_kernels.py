@@ -36,7 +36,17 @@ def _slopes(kind, n):
             "extreme": jnp.asarray([0.0, 4.0] * (n // 2), F32)}[kind]
 
 
-def _case(dims, *, slopes="alibi", causal=True, init=True, outputs="both", reduction="fori", block=16):
+def _documents(b, t):
+    """Packed documents: starts inside a block, on a block edge (16) and a single-token document; row 1 has one
+    document (its segment id is not 0)."""
+    ids = np.zeros((b, t), np.int32)
+    ids[0, 5:], ids[0, 16:], ids[0, 17:] = 1, 2, 3
+    ids[1:] = 9
+    return jnp.asarray(ids)
+
+
+def _case(dims, *, slopes="alibi", causal=True, init=True, outputs="both", reduction="fori", block=16,
+          documents=False):
     """(impl, reference, inputs) for one configuration. The 'grid' walk (TPU's) runs in Mosaic's TPU simulator
     (uninitialised memory is NaN), the 'fori' walk (Pallas-Triton's) in the generic interpreter."""
     b, t, n, h, hv = dims
@@ -44,13 +54,15 @@ def _case(dims, *, slopes="alibi", causal=True, init=True, outputs="both", reduc
     sl = _slopes(slopes, n)
     inputs = _inputs(t, b, t, n, h, hv, init=init and causal)
     pick = {"both": lambda r: r, "out": lambda r: r[0], "state": lambda r: r[1]}[outputs if causal else "out"]
+    ids = _documents(b, t) if documents else None
 
     def impl(q, k, v, *s0):
         return pick(pallas.lightning_attention(q, k, v, sl, initial_state=s0[0] if s0 else None, is_causal=causal,
-                                               target=target, block_sizes=BlockSizes(block), reduction=reduction))
+                                               segment_ids=ids, target=target, block_sizes=BlockSizes(block),
+                                               reduction=reduction))
 
     def ref(q, k, v, *s0):
-        return pick(lightning_reference(q, k, v, sl, s0[0] if s0 else None, is_causal=causal))
+        return pick(lightning_reference(q, k, v, sl, s0[0] if s0 else None, is_causal=causal, segment_ids=ids))
 
     return impl, ref, inputs
 
@@ -62,11 +74,14 @@ CASES = {
     "t1_state_only": ((1, 1, 2, 16, 8), dict(init=False, outputs="state")),
     "alibi_out_only_whole_blocks": ((1, 64, 2, 8, 16), dict(init=False, outputs="out", block=32)),
     "bidirectional_decay": ((1, 37, 2, 16, 24), dict(causal=False)),
+    "documents_decay_init": ((2, 37, 2, 16, 24), dict(documents=True)),
+    "documents_bidirectional_no_decay": ((2, 37, 2, 16, 8), dict(causal=False, slopes="none", documents=True)),
 }
 RUNS = ([("fori", name, F32) for name in CASES]
         + [("fori", "no_decay_init_t130_block32", BF16), ("fori", "bidirectional_decay", BF16),
            ("grid", "decay_extreme_init_odd_t", F32), ("grid", "alibi_out_only_whole_blocks", BF16),
-           ("grid", "bidirectional_decay", F32)])
+           ("grid", "bidirectional_decay", F32), ("grid", "documents_decay_init", F32),
+           ("fori", "documents_decay_init", BF16)])
 
 
 @pytest.mark.parametrize("reduction,name,dtype", RUNS)
@@ -90,9 +105,10 @@ def test_through_the_op_api():
 
 # ---- the VJP algebra of vjp.py over a dense scan (no kernels): any shapes, cheap ----
 
-def _dense_scan(a, b, c, slopes, init, static, *, reverse, want_state, out_dtype=None):
-    """The scan of `vjp.py`'s docstring, written densely on heads-last arrays."""
+def _dense_scan(a, b, c, slopes, init, docs, static, *, reverse, want_state, out_dtype=None):
+    """The scan of `vjp.py`'s docstring, written densely on heads-last arrays (one document)."""
     del static
+    assert docs is None
     _, t, n, _ = a.shape
 
     def power(x):  # lambda^x per head: [N, *x.shape]
@@ -122,8 +138,8 @@ def _dense_fns(causal, decay, init):
 
     def impl(q, k, v, *s0):
         if causal:
-            return _DENSE_CAUSAL(q, k, v, slopes, s0[0] if init else None, None)
-        return _DENSE_BIDIRECTIONAL(q, k, v, slopes, None)
+            return _DENSE_CAUSAL(q, k, v, slopes, s0[0] if init else None, None, None)
+        return _DENSE_BIDIRECTIONAL(q, k, v, slopes, None, None)
 
     def ref(q, k, v, *s0):
         out, state = lightning_reference(q, k, v, slopes, s0[0] if init else None, is_causal=causal)
@@ -152,6 +168,8 @@ LOWERING = {
     "small_odd_t_odd_heads_no_decay": ((2, 130, 3, 96, 192), dict(slopes=False, init=True), 4),
     # 2 scans forward + 3 x 2 backward.
     "realistic_bidirectional_decay": ((1, 8192, 4, 128, 128), dict(slopes=True, causal=False), 8),
+    # Packed documents: the per-row masks and the ids as a row ride along in every scan.
+    "realistic_documents_decay_init": ((2, 8192, 4, 128, 128), dict(slopes=True, init=True, documents=True), 4),
 }
 
 
@@ -169,9 +187,11 @@ def test_lowers_forward_and_backward(target, name):
     else:
         cotangents = sds((b, t, n, hv), BF16)
 
+    ids = jnp.asarray(np.arange(b * t).reshape(b, t) // 1000, jnp.int32) if opts.get("documents") else None
+
     def fn(q, k, v, *s0):
         out, state = pallas.lightning_attention(q, k, v, slopes, initial_state=s0[0] if s0 else None,
-                                                is_causal=causal, target=target)
+                                                is_causal=causal, segment_ids=ids, target=target)
         return (out, state) if causal else out
 
     text = assert_lowers(with_vjp(fn, range(len(args))), *args, cotangents, targets=(target,))[target]

@@ -32,14 +32,15 @@ def _spilled_bytes(cubin: bytes) -> int | None:
 
 
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward_scan", "reverse_scan"])
-def test_compiles_to_cubin(arch, reverse, monkeypatch):
+@pytest.mark.parametrize("reverse,documents", [(False, False), (True, False), (False, True)],
+                         ids=["forward_scan", "reverse_scan", "forward_scan_documents"])
+def test_compiles_to_cubin(arch, reverse, documents, monkeypatch):
     """The forward scan (outputs, dq) and the reverse scan (dk, dv) with decay, an initial state and the final
-    state, bf16, T = 8192, 16 heads of 128."""
+    state, bf16, T = 8192, 16 heads of 128 (and the forward scan over packed documents)."""
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     from jaxattn.kernels.lightning_attention import triton_kernels, triton_launch
     launch = triton_launch.plan(batch=1, length=8192, heads=16, dim_a=128, dim_c=128, reverse=reverse, decay=True,
-                                init=True, want_state=True, fp32=False)
+                                init=True, want_state=True, fp32=False, documents=documents)
     compiled = verify.triton_compile(triton_kernels.lightning_scan, triton_launch.signature("bf16"),
                                      launch.constexprs, arch, num_warps=launch.num_warps,
                                      num_stages=launch.num_stages)
@@ -48,8 +49,8 @@ def test_compiles_to_cubin(arch, reverse, monkeypatch):
     assert ("wgmma" if arch == 90 else "mma.sync") in compiled.asm["ptx"]  # tensor cores
     assert compiled.metadata.shared <= (227 if arch == 90 else 163) * 1024
     spilled = _spilled_bytes(compiled.asm["cubin"])
-    if arch == 90 and spilled is not None:
-        assert spilled == 0, f"{spilled} bytes of register spills per thread"
+    if arch == 90 and spilled is not None:  # the document masks cost a few registers (16 bytes spilled)
+        assert spilled <= (32 if documents else 0), f"{spilled} bytes of register spills per thread"
 
 
 def test_launch_plans():
@@ -80,15 +81,18 @@ from jaxattn.kernels.lightning_attention import triton as lightning_triton
 from jaxattn.lightning.reference import lightning_reference
 from jaxattn.testing import assert_matches_reference, random_inputs
 
-def check(name, b, t, n, h, hv, *, slopes, causal=True, init=True, dtype=jnp.float32, blocks=(16, 16, 4, 2)):
+def check(name, b, t, n, h, hv, *, slopes, causal=True, init=True, dtype=jnp.float32, blocks=(16, 16, 4, 2),
+          segment_ids=None):
     init = init and causal
     shapes = [(b, t, n, h), (b, t, n, h), (b, t, n, hv)] + ([(b, n, h, hv)] if init else [])
     def impl(q, k, v, *s0):
         out, state = lightning_triton.lightning_attention(q, k, v, slopes, initial_state=s0[0] if s0 else None,
-                                                          is_causal=causal, blocks=blocks)
+                                                          is_causal=causal, blocks=blocks,
+                                                          segment_ids=segment_ids)
         return (out, state) if causal else out
     def ref(q, k, v, *s0):
-        out, state = lightning_reference(q, k, v, slopes, s0[0] if s0 else None, is_causal=causal)
+        out, state = lightning_reference(q, k, v, slopes, s0[0] if s0 else None, is_causal=causal,
+                                         segment_ids=segment_ids)
         return (out, state) if causal else out
     assert_matches_reference(impl, ref, random_inputs(1, shapes), dtype=dtype,
                              names=["query", "key", "value", "initial_state"])
@@ -99,10 +103,13 @@ def check(name, b, t, n, h, hv, *, slopes, causal=True, init=True, dtype=jnp.flo
 check("decay_init_odd_dims", 1, 37, 2, 24, 40, slopes=jnp.asarray([0.05, 3.0]))
 check("no_decay_init_bf16", 1, 37, 2, 16, 16, slopes=None, dtype=jnp.bfloat16)
 check("bidirectional_decay", 1, 33, 2, 16, 16, slopes=jaxattn.lightning_slopes(2), causal=False)
+# Packed documents: starts inside a block, on a block edge (16), a one-token document; masked tail rows.
+docs = jnp.asarray([[0] * 5 + [1] * 11 + [2] + [3] * 20], jnp.int32)
+check("documents_decay_init", 1, 37, 2, 24, 40, slopes=jnp.asarray([0.05, 3.0]), segment_ids=docs)
 """
 
 
 def test_interpreter_matches_reference():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = verify.run_triton_interpreted(_CHILD, cwd=root, timeout=900)
-    assert out.count("ok ") == 3, out
+    assert out.count("ok ") == 4, out
