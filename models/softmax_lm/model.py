@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import inspect
 
 import jaxattn
 from jaxattn.models import context_parallel as cp
@@ -69,12 +68,6 @@ class SoftmaxAttention(nnx.Module):
                                           **kw))
         self.sinks = nnx.data(None)
         if attention_sinks:
-            if "sinks" not in inspect.signature(jaxattn.dot_product_attention).parameters:
-                raise ValueError("`attention_sinks=True` needs `dot_product_attention(..., sinks=)` (issue 16), "
-                                 "which this jaxattn does not have")
-            if self.context_parallel is not None:
-                raise ValueError("`attention_sinks=True` runs on a single device's attention only, got "
-                                 f"context_parallel={self.context_parallel!r}")
             self.sinks = nnx.data(nnx.Param(jnp.zeros((num_heads,), param_dtype),
                                             **axes.param_metadata((axes.HEADS,))))
 
@@ -116,11 +109,9 @@ class SoftmaxAttention(nnx.Module):
             seg = {} if segment_ids is None else {"query_segment_ids": segment_ids, "key_segment_ids": segment_ids}
             return jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation,
                                                  **seg, **self._extras())
-        if segment_ids is not None:
-            raise ValueError(f"packed documents (`segment_ids`) are not supported with context_parallel="
-                             f"{self.context_parallel!r} (the softmax strategies take no segment ids)")
         from jaxattn import context_parallel as strategies
-        kwargs = dict(is_causal=True, implementation=self.implementation)
+        seg = {} if segment_ids is None else {"query_segment_ids": segment_ids, "key_segment_ids": segment_ids}
+        kwargs = dict(is_causal=True, implementation=self.implementation, **seg, **self._extras())
         if self.context_parallel == "ulysses":
             return strategies.ulysses_attention(q, k, v, **kwargs)
         fn = strategies.ring_attention if self.context_parallel == "ring" else strategies.allgather_attention

@@ -8,11 +8,9 @@ variant's own): `_gated` (gated attention, elementwise sigmoid output gate, Qiu 
 shared, the rest routed, half of those chosen per token: 62.5% of heads active, within the paper's 50-90%)."""
 from __future__ import annotations
 
-import inspect
 
 from flax import nnx
 
-import jaxattn
 
 from jaxattn.models.lm.configs import TRANSNORMER_SIZES, matched_glu_dim
 from jaxattn.models.registry import register
@@ -79,9 +77,6 @@ def _register_variant(size: str, variant: str):
     register(name, kind="lm")(build)
 
 
-# `_sinks` needs `dot_product_attention(sinks=)` (issue 16); until the op has it those names are not registered.
-_HAS_SINKS = "sinks" in inspect.signature(jaxattn.dot_product_attention).parameters
 for _size in ("385m", "1b", "7b"):
     for _variant in VARIANTS:
-        if _variant != "sinks" or _HAS_SINKS:
-            _register_variant(_size, _variant)
+        _register_variant(_size, _variant)

@@ -1,7 +1,6 @@
 """Issue 17 in the language models: packed documents (segment ids) in both families equal each document alone;
 gated attention, attention sinks and mixture-of-heads in the softmax LM against their formulas, their parameter
 counts, the MoH load-balance loss reaching the task's loss; the input pipeline's segment ids."""
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +8,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import jaxattn
 from jaxattn.models import create_model
 from jaxattn.models.layers import auxiliary
 from jaxattn.models.softmax_lm.heads import HeadRouter, OutputGate
@@ -18,7 +16,6 @@ from jaxattn.train import input_pipeline, tasks
 SMALL = dict(d_model=32, num_layers=2, num_heads=4, glu_dim=48)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 13)), jnp.int32)
 SEGMENTS = jnp.asarray([[4] * 5 + [2] * 8, [1] * 13], jnp.int32)  # row 0: documents of 5 and 8 tokens
-HAS_SINKS = "sinks" in inspect.signature(jaxattn.dot_product_attention).parameters
 
 
 def _params(model):
@@ -96,8 +93,6 @@ def test_moh_model_adds_its_balance_loss_to_the_task_loss():
     assert float(auxiliary.total(create_model("softmax_lm_tiny", rngs=nnx.Rngs(0), **SMALL))) == 0.0
 
 
-@pytest.mark.skipif(not HAS_SINKS, reason="dot_product_attention has no `sinks` argument yet (issue 16, branch "
-                                          "dpa-features); the model option passes it through")
 def test_sinks_variant():
     model = create_model("softmax_lm_tiny", rngs=nnx.Rngs(0), attention_sinks=True, **SMALL)
     base = create_model("softmax_lm_tiny", rngs=nnx.Rngs(0), **SMALL)
@@ -122,3 +117,25 @@ def test_pipeline_segment_ids():
     np.testing.assert_array_equal(item["inputs"], [1, 2, 3, eos, 4])
     np.testing.assert_array_equal(item["segment_ids"], [0, 0, 0, 1, 1])
     assert "segment_ids" not in input_pipeline.TokenWindows(tokens, 5)[0]
+
+
+@pytest.mark.devices(8)
+def test_packed_documents_and_sinks_under_context_parallelism():
+    """The softmax LM with packed documents and attention sinks gives the same logits with its sequence split over
+    a context axis of 4 (ring, all-gather, Ulysses) as on one device."""
+    from jaxattn.train import sharding
+
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 64)))
+    segments = jnp.asarray(np.repeat(np.array([[0] * 20 + [1] * 30 + [2] * 14]), 2, 0))
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1, "context": 4})
+    for strategy in ("ring", "allgather", "ulysses"):
+        model = create_model("softmax_lm_tiny", context_parallel=strategy, attention_sinks=True, rngs=nnx.Rngs(0))
+        sinks = [v for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Param) and "sinks" in path]
+        assert sinks
+        for param in sinks:
+            param[...] = jnp.broadcast_to(jnp.linspace(-1.0, 2.0, param.shape[-1]), param.shape)
+        single = model(tokens, segment_ids=segments)
+        with jax.set_mesh(mesh):
+            split = nnx.jit(lambda m, x, s: m(x, segment_ids=s))(model, tokens, segments)
+        single, split = (o[0] if isinstance(o, tuple) else o for o in (single, split))
+        np.testing.assert_allclose(np.asarray(split), np.asarray(single), atol=2e-5, err_msg=strategy)
