@@ -32,14 +32,14 @@ def _load_triton():
     return op_features.tagged("triton", attention)
 
 
-def _flash_supports(mask=None, features=frozenset(), **_):
-    """The flash-attention kernels take everything but a general boolean `mask` and the issue-16 features not in
-    `features.NATIVE` (`jaxattn/dot_product/features.py`) (None then falls back to xla)."""
+def flash_supports(mask=None, features=frozenset(), **_):
+    """Needs no boolean `mask` (give a bias) and only the features in `features.NATIVE['pallas']`. The flash
+    kernels take everything else; None then falls back to xla."""
     return mask is None and features <= op_features.NATIVE["pallas"]
 
 
-def _triton_supports(mask=None, query=None, features=frozenset(), **_):
-    """The Triton kernel needs jax-triton (the `gpu` extra) and keeps a head of <= 256 features in registers."""
+def triton_supports(mask=None, query=None, features=frozenset(), **_):
+    """Needs jax-triton (the `gpu` extra), no boolean `mask`, and a head of <= 256 features (kept in registers)."""
     return (mask is None and features <= op_features.NATIVE["triton"] and query.shape[-1] <= 256
             and dispatch.module_available("jax_triton"))
 
@@ -47,9 +47,9 @@ def _triton_supports(mask=None, query=None, features=frozenset(), **_):
 dispatch.register(OP, dispatch.Backend("reference", _load_reference, platforms=(), priority=-1))
 dispatch.register(OP, dispatch.Backend("xla", _load_xla, platforms=None, priority=0))
 dispatch.register(OP, dispatch.Backend("pallas", _load_pallas, platforms=("tpu", "gpu"), priority=1,
-                                       supports=_flash_supports))
+                                       supports=flash_supports, takes_target=True))
 dispatch.register(OP, dispatch.Backend("triton", _load_triton, platforms=("gpu",), priority=2,
-                                       supports=_triton_supports))
+                                       supports=triton_supports, runs_on=("gpu",)))
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
@@ -88,7 +88,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         `[k, w]` (with `w` per query head and `K < N`, the keys and values are repeated per query head). Not
         combinable with `logits_soft_cap` (the cap applies before the bias). Gradients reach `u` and `w`.
       implementation: 'reference' (materialises `T x S` logits), 'xla' (blocked online softmax, memory
-        O(T * block)), kernels where registered, or None for the best available on this platform.
+        O(T * block)), 'pallas' (the flash kernels: Mosaic on TPU, Pallas-Triton on GPU, the interpreter on CPU),
+        'triton' (jax-triton, GPU only), or None: the best for the platform the program is lowered for (the
+        kernels on TPU and GPU where they take the arguments, 'xla' otherwise; `jaxattn.explain` says which).
 
     Returns:
       `out [B, T, N, Hv]` in the query dtype, or `(out, lse)`. A query that sees no key gets output 0 and
@@ -100,12 +102,14 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     extras = op_features.validate(query, key, value, spec, sinks=sinks, kv_lengths=kv_lengths,
                                   block_mask=block_mask, bias_factors=bias_factors)
     call = op_features.prepare(query, key, value, scale, extras)
-    impl = dispatch.resolve(OP, implementation, query=call.query, key=call.key, value=call.value, bias=bias,
-                            mask=mask, spec=spec, segment_ids=query_segment_ids is not None,
-                            features=op_features.used(spec, extras))
-    q, k, v, kwargs = op_features.for_backend(call, impl, query, key, value)
-    out, lse = impl(q, k, v, bias, mask, query_segment_ids, key_segment_ids, scale=scale, spec=spec, **kwargs)
-    out, lse = op_features.finish(out, lse, impl, call)
+    def run(impl):
+        q, k, v, kwargs = op_features.for_backend(call, impl, query, key, value)
+        out, lse = impl(q, k, v, bias, mask, query_segment_ids, key_segment_ids, scale=scale, spec=spec, **kwargs)
+        return op_features.finish(out, lse, impl, call)
+
+    out, lse = dispatch.call(OP, implementation, run, query=call.query, key=call.key, value=call.value, bias=bias,
+                             mask=mask, spec=spec, segment_ids=query_segment_ids is not None,
+                             features=op_features.used(spec, extras))
     return (out, lse) if return_lse else out
 
 

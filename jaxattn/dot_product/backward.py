@@ -2,7 +2,8 @@
 
 For callers that run the forward themselves and keep its results (ring attention, pipelined or fused layers):
 the backward recomputes each block's probabilities from `lse` (FlashAttention-2 style) and repeats no forward.
-Same validation and dispatch rule as `dot_product_attention` (`None`: the flash kernel on TPU/GPU, xla on CPU).
+Same validation and dispatch rule as `dot_product_attention` (`None`: the flash kernel lowered for TPU/GPU, xla
+for CPU).
 """
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ def _load_triton():
 dispatch.register(OP, dispatch.Backend("reference", _load_reference, platforms=(), priority=-1))
 dispatch.register(OP, dispatch.Backend("xla", _load_xla, platforms=None, priority=0))
 dispatch.register(OP, dispatch.Backend("pallas", _load_pallas, platforms=("tpu", "gpu"), priority=1,
-                                       supports=api._flash_supports))
+                                       supports=api.flash_supports, takes_target=True))
 dispatch.register(OP, dispatch.Backend("triton", _load_triton, platforms=("gpu",), priority=2,
-                                       supports=api._triton_supports))
+                                       supports=api.triton_supports, runs_on=("gpu",)))
 
 
 def dot_product_attention_backward(query, key, value, out, lse, d_out, *, bias=None, mask=None, scale=None,
@@ -92,15 +93,18 @@ def dot_product_attention_backward(query, key, value, out, lse, d_out, *, bias=N
         if tuple(x.shape) != want:
             raise ValueError(f"`{name}` must have shape {want} {layout} for query {tuple(query.shape)} and "
                              f"value {tuple(value.shape)}, got {tuple(x.shape)}")
-    impl = dispatch.resolve(OP, implementation, query=query, key=key, value=value, bias=bias, mask=mask,
-                            spec=spec, segment_ids=query_segment_ids is not None,
-                            features=op_features.used(spec, extras))
     lse = jnp.asarray(lse, jnp.float32)
     d_lse = None if d_lse is None else jnp.asarray(d_lse, jnp.float32)
     kwargs = {name: x for name, x in (("kv_lengths", extras.kv_lengths), ("block_mask", extras.block_mask))
               if x is not None}
-    dq, dk, dv, dbias = impl(query, key, value, bias, mask, query_segment_ids, key_segment_ids, out, lse, d_out,
-                             d_lse, scale=scale, spec=spec, want_dbias=bias is not None, **kwargs)
+
+    def run(impl):
+        return impl(query, key, value, bias, mask, query_segment_ids, key_segment_ids, out, lse, d_out, d_lse,
+                    scale=scale, spec=spec, want_dbias=bias is not None, **kwargs)
+
+    dq, dk, dv, dbias = dispatch.call(OP, implementation, run, query=query, key=key, value=value, bias=bias,
+                                      mask=mask, spec=spec, segment_ids=query_segment_ids is not None,
+                                      features=op_features.used(spec, extras))
     grads = (dq, dk, dv) if bias is None else (dq, dk, dv, dbias)
     if sinks is not None:
         delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)  # [B, T, N]

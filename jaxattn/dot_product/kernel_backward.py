@@ -15,8 +15,8 @@ def _bias_grad(dlogits, bias, t, s):
 
 
 def pallas_backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse, d_out, d_lse, *,
-                    scale, spec, want_dbias, kv_lengths=None, block_mask=None):
-    """The Pallas flash backward kernels, target from the platform ('interpret' on CPU)."""
+                    scale, spec, want_dbias, kv_lengths=None, block_mask=None, target=None):
+    """The Pallas flash backward kernels, for `target` (dispatch passes the lowering platform's)."""
     from jaxattn.kernels.flash_attention import pallas
     return _run(pallas.flash_attention_backward, "Pallas", **locals())
 
@@ -29,14 +29,14 @@ def triton_backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids,
 
 
 def _run(kernel_backward, kernel_name, *, query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse,
-         d_out, d_lse, scale, spec, want_dbias, kv_lengths=None, block_mask=None, **_):
+         d_out, d_lse, scale, spec, want_dbias, kv_lengths=None, block_mask=None, target=None, **_):
     _no_mask(mask, kernel_name)
     dq, dk, dv, dlogits = kernel_backward(
         query, key, value, out, lse, d_out, bias, d_lse=d_lse, q_segment_ids=q_segment_ids,
         k_segment_ids=k_segment_ids, scale=scale, is_causal=spec.is_causal,
         window=spec.window if spec.head_windows is None else spec.head_windows, causal_offset=spec.causal_offset,
         logits_soft_cap=spec.logits_soft_cap, kv_lengths=kv_lengths, block_mask=block_mask,
-        block_shape=spec.block_shape, want_dbias=want_dbias)
+        block_shape=spec.block_shape, want_dbias=want_dbias, **({} if target is None else {"target": target}))
     dbias = None if dlogits is None else _bias_grad(dlogits, bias, query.shape[1], key.shape[1])
     return dq, dk, dv, dbias
 

@@ -19,7 +19,22 @@ def _load_xla():
 
 
 dispatch.register(OP, dispatch.Backend("reference", _load_reference, platforms=(), priority=-1))
+def _load_small_windows():
+    import functools
+
+    from jaxattn.halo.xla import halo_attention_xla
+    return functools.partial(halo_attention_xla, small_windows=True)
+
+
+def _small_windows_supports(num_keys=None, **_):
+    """Needs windows of at most `dense_tiles.DENSE_MAX_KEYS` keys (larger ones go to xla)."""
+    from jaxattn.halo.dense_tiles import DENSE_MAX_KEYS
+    return num_keys is not None and num_keys <= DENSE_MAX_KEYS
+
+
 dispatch.register(OP, dispatch.Backend("xla", _load_xla, platforms=None, priority=0))
+dispatch.register(OP, dispatch.Backend("small_windows", _load_small_windows, platforms=("cpu",), priority=1,
+                                       supports=_small_windows_supports))
 
 
 def halo_attention(query, key, value, block_size, halo_size, *, rel_height=None, rel_width=None, scale=None,
@@ -76,9 +91,12 @@ def halo_attention(query, key, value, block_size, halo_size, *, rel_height=None,
                                  f"{(2 * win - 1, query.shape[-1])}, got {tuple(table.shape)}")
         tables[name] = table
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = dispatch.resolve(OP, implementation, query=query, key=key, value=value, **tables)
-    return impl(query, key, value, tables["rel_height"], tables["rel_width"], block_size=block_size,
-                halo_size=halo_size, query_stride=query_stride, scale=scale, mask_padding=bool(mask_padding))
+    def run(impl):
+        return impl(query, key, value, tables["rel_height"], tables["rel_width"], block_size=block_size,
+                    halo_size=halo_size, query_stride=query_stride, scale=scale, mask_padding=bool(mask_padding))
+
+    return dispatch.call(OP, implementation, run, query=query, key=key, value=value,
+                         num_keys=win * win, **tables)
 
 
 def _check_sizes(block_size, halo_size, query_stride):

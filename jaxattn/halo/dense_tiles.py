@@ -24,13 +24,10 @@ import jax.numpy as jnp
 
 from jaxattn.halo.relative import axis_logits
 
-# The dense path is taken on CPU for windows up to this many keys (the blocked path keeps larger ones bounded).
+# None takes this path ('small_windows') on CPU for windows up to this many keys (the blocked path keeps larger
+# ones bounded).
 DENSE_MAX_KEYS = 1024
 CHUNK_BYTES = 3 << 19  # fp32 logits per chunk of tiles (1.5 MiB: 2-8 tiles of HaloNet-H1 measured best)
-
-
-def use_dense_tiles(num_keys: int) -> bool:
-    return jax.default_backend() == "cpu" and num_keys <= DENSE_MAX_KEYS
 
 
 def dense_tile_attention(q, k, v, rel_height, rel_width, mask, *, scale):

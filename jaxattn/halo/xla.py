@@ -10,9 +10,9 @@
   `[tiles, N, T, win*win]` of the tile attention. (Folding them into the dot product instead, as extra one-hot
   channels on q and k, was measured too: it saves a little forward memory for tiny head dims but costs more in
   forward+backward.)
-- On CPU, windows of at most `dense_tiles.DENSE_MAX_KEYS` keys skip the bias and the blocked attention: the
-  relative terms go straight into dense per-tile logits, over cache-sized chunks of tiles (`dense_tiles.py`;
-  HaloNet-H1's attentions: -20 to -45% forward + backward).
+- `small_windows=True` (the op's 'small_windows' backend, None's choice on CPU for windows of at most
+  `dense_tiles.DENSE_MAX_KEYS` keys) skips the bias and the blocked attention: the relative terms go straight
+  into dense per-tile logits, over cache-sized chunks of tiles (`dense_tiles.py`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxattn.core import image_tiles
 from jaxattn.dot_product import dot_product_attention
-from jaxattn.halo.dense_tiles import chunked_tile_attention, use_dense_tiles
+from jaxattn.halo.dense_tiles import chunked_tile_attention
 from jaxattn.halo.relative import axis_logits
 
 
@@ -66,7 +66,7 @@ def _padding_mask(h, w, block, halo, batch):
 
 
 def halo_attention_xla(query, key, value, rel_height, rel_width, *, block_size, halo_size, query_stride, scale,
-                       mask_padding):
+                       mask_padding, small_windows=False):
     """Returns `[B, H/s, W/s, N, Dv]` in the query dtype (see `jaxattn.halo_attention`)."""
     b, hq, wq, n, d = query.shape
     h, w = key.shape[1:3]
@@ -75,7 +75,7 @@ def halo_attention_xla(query, key, value, rel_height, rel_width, *, block_size, 
     k = halo_windows(key, block_size, halo_size).reshape(-1, win, win, n, d)
     v = halo_windows(value, block_size, halo_size).reshape(-1, win * win, n, value.shape[-1])
     mask = _padding_mask(h, w, block_size, halo_size, b) if mask_padding else None
-    if use_dense_tiles(win * win):
+    if small_windows:
         out = chunked_tile_attention(q, k.reshape(-1, win * win, n, d), v, rel_height, rel_width, mask,
                                      scale=scale)
         return image_tiles.from_windows(out.reshape(b, -1, *out.shape[1:]), (bq, bq), (hq, wq))

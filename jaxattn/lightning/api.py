@@ -34,16 +34,17 @@ def _load_triton():
 
 
 def _triton_supports(query=None, value=None, **_):
-    """The Triton kernel needs jax-triton (the `gpu` extra) and keeps a `[H, <= 32]` fp32 state tile and
-    `[64, H]` operand tiles in registers: heads of <= 256 features."""
+    """Needs jax-triton (the `gpu` extra) and heads of <= 256 features (a `[H, <= 32]` fp32 state tile and
+    `[64, H]` operand tiles stay in registers)."""
     return max(query.shape[-1], value.shape[-1]) <= 256 and dispatch.module_available("jax_triton")
 
 
 dispatch.register(OP, dispatch.Backend("reference", _load_reference, platforms=(), priority=-1))
 dispatch.register(OP, dispatch.Backend("xla", _load_xla, platforms=None, priority=0))
-dispatch.register(OP, dispatch.Backend("pallas", _load_pallas, platforms=("tpu", "gpu"), priority=1))
+dispatch.register(OP, dispatch.Backend("pallas", _load_pallas, platforms=("tpu", "gpu"), priority=1,
+                                       takes_target=True))
 dispatch.register(OP, dispatch.Backend("triton", _load_triton, platforms=("gpu",), priority=2,
-                                       supports=_triton_supports))
+                                       supports=_triton_supports, runs_on=("gpu",)))
 
 
 def lightning_attention(query, key, value, *, slopes=None, is_causal=True, block_size=64, initial_state=None,
@@ -82,12 +83,16 @@ def lightning_attention(query, key, value, *, slopes=None, is_causal=True, block
     query, key, value, slopes, initial_state = _validate(query, key, value, slopes, is_causal, block_size,
                                                          initial_state, return_state)
     segment_ids = segments.check_segment_ids(segment_ids, query.shape[0], query.shape[1])
-    impl = dispatch.resolve(OP, implementation, query=query, key=key, value=value, is_causal=bool(is_causal))
+    dispatch.plan(OP, implementation, query=query, key=key, value=value, is_causal=bool(is_causal))  # checks the name
     if query.shape[1] == 0:
         return _empty(query, key, value, initial_state, return_state)
     kwargs = {} if segment_ids is None else {"segment_ids": jax.lax.stop_gradient(segment_ids)}
-    out, state = impl(query, key, value, slopes, initial_state, is_causal=bool(is_causal),
-                      block_size=int(block_size), **kwargs)
+
+    def run(impl):
+        return impl(query, key, value, slopes, initial_state, is_causal=bool(is_causal), block_size=int(block_size),
+                    **kwargs)
+
+    out, state = dispatch.call(OP, implementation, run, query=query, key=key, value=value, is_causal=bool(is_causal))
     return (out, state) if return_state else out
 
 

@@ -23,9 +23,19 @@ def _load_xla():
     return partition_attention_xla
 
 
+# Tiles of at most this many tokens take 'small_tiles' on CPU under None (measured: WORKSPACE, "MaxViT on CPU").
+SMALL_TILE_TOKENS = 64
+
+
+def _small_tiles_supports(size=None, **_):
+    """Needs tiles of at most SMALL_TILE_TOKENS tokens (larger ones go to xla)."""
+    return size is not None and size[0] * size[1] <= SMALL_TILE_TOKENS
+
+
 for _op in OPS.values():
     dispatch.register(_op, dispatch.Backend("reference", _load_reference, platforms=(), priority=-1))
-    dispatch.register(_op, dispatch.Backend("dense", _load_dense, platforms=(), priority=-1))
+    dispatch.register(_op, dispatch.Backend("small_tiles", _load_dense, platforms=("cpu",), priority=1,
+                                            supports=_small_tiles_supports))
     dispatch.register(_op, dispatch.Backend("xla", _load_xla, platforms=None, priority=0))
 
 
@@ -41,8 +51,9 @@ def block_attention(query, key, value, window_size, *, bias=None, scale=None, im
       bias: optional additive logits `[N, ph*pw, ph*pw]` (or broadcastable to it), shared by every window;
         the model turns its `(2p-1) x (2p-1)` relative-position table into this. Differentiable.
       scale: logit scale, default `D ** -0.5` (MaxViT's).
-      implementation: 'reference', 'dense' (the reference's fp32 softmax with a backward whose dots XLA:CPU runs
-        fast; for small tiles), 'xla' (tiles + `dot_product_attention`), or None for the best available.
+      implementation: 'reference', 'small_tiles' (the reference's fp32 softmax with a backward whose dots XLA:CPU
+        runs fast; None takes it for CPU at tiles of <= 64 tokens), 'xla' (tiles + `dot_product_attention`), or
+        None for the best on the lowering platform.
 
     Returns:
       `[B, H, W, N, Dv]` in the query dtype.
@@ -63,8 +74,9 @@ def grid_attention(query, key, value, grid_size, *, bias=None, scale=None, imple
       grid_size: `g` or `(gh, gw)`; `H` and `W` must be multiples of it (no implicit padding: pad first).
       bias: optional additive logits `[N, gh*gw, gh*gw]` (or broadcastable to it), shared by every tile.
       scale: logit scale, default `D ** -0.5`.
-      implementation: 'reference', 'dense' (the reference's fp32 softmax with a backward whose dots XLA:CPU runs
-        fast; for small tiles), 'xla' (tiles + `dot_product_attention`), or None for the best available.
+      implementation: 'reference', 'small_tiles' (the reference's fp32 softmax with a backward whose dots XLA:CPU
+        runs fast; None takes it for CPU at tiles of <= 64 tokens), 'xla' (tiles + `dot_product_attention`), or
+        None for the best on the lowering platform.
 
     Returns:
       `[B, H, W, N, Dv]` in the query dtype.
@@ -84,5 +96,6 @@ def _partition_attention(partition, size_name, query, key, value, size, bias, sc
         validation.check_floating("bias", bias)
         validation.check_broadcastable("bias", bias, (query.shape[3], tokens, tokens), "[N, T, T] (T = tile tokens)")
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = dispatch.resolve(OPS[partition], implementation, query=query, key=key, value=value, bias=bias)
-    return impl(query, key, value, bias, partition=partition, size=size, scale=scale)
+    return dispatch.call(OPS[partition], implementation,
+                         lambda impl: impl(query, key, value, bias, partition=partition, size=size, scale=scale),
+                         query=query, key=key, value=value, bias=bias, size=size)

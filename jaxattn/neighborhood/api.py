@@ -27,7 +27,7 @@ def _load_pallas():
 
 
 def _pallas_supports(**op_args):
-    """Everything but bias tables too large to expand in the kernel (those go to xla under None)."""
+    """Needs a relative position bias table small enough to expand in the kernel (larger ones go to xla)."""
     from jaxattn.kernels.neighborhood_attention.pallas import supports
     return supports(**op_args)
 
@@ -35,7 +35,7 @@ def _pallas_supports(**op_args):
 dispatch.register(OP, dispatch.Backend("reference", _load_reference, platforms=(), priority=-1))
 dispatch.register(OP, dispatch.Backend("xla", _load_xla, platforms=None, priority=0))
 dispatch.register(OP, dispatch.Backend("pallas", _load_pallas, platforms=("tpu", "gpu"), priority=1,
-                                       supports=_pallas_supports))
+                                       supports=_pallas_supports, takes_target=True))
 
 
 def neighborhood_attention(query, key, value, kernel_size, *, dilation=1, stride=1, is_causal=False, rpb=None,
@@ -76,8 +76,8 @@ def neighborhood_attention(query, key, value, kernel_size, *, dilation=1, stride
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     rpb = None if rpb is None else jnp.asarray(rpb)
     spec, scale = _validate(query, key, value, kernel_size, dilation, stride, is_causal, rpb, scale)
-    impl = dispatch.resolve(OP, implementation, query=query, key=key, value=value, rpb=rpb, spec=spec)
-    out, lse = impl(query, key, value, rpb, scale=scale, spec=spec)
+    out, lse = dispatch.call(OP, implementation, lambda impl: impl(query, key, value, rpb, scale=scale, spec=spec),
+                             query=query, key=key, value=value, rpb=rpb, spec=spec)
     return (out, lse) if return_lse else out
 
 

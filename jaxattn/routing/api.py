@@ -62,5 +62,6 @@ def bilevel_routing_attention(query, key, value, num_regions, topk, *, scale=Non
         raise ValueError(f"`topk` must be an int in [1, {regions}] (the number of regions {num_regions}), "
                          f"got {topk!r}")
     scale = (query.shape[3] * query.shape[4]) ** -0.5 if scale is None else float(scale)
-    impl = dispatch.resolve(OP, implementation, query=query, key=key, value=value)
-    return impl(query, key, value, num_regions=num_regions, topk=topk, scale=scale)
+    return dispatch.call(OP, implementation,
+                         lambda impl: impl(query, key, value, num_regions=num_regions, topk=topk, scale=scale),
+                         query=query, key=key, value=value)

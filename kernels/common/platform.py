@@ -7,26 +7,40 @@ Kernel targets:
   'tpu_interpret' -> `interpret=pltpu.InterpretParams()`: Mosaic TPU's own simulator on CPU, closer to the
                  hardware (output blocks are not read back from HBM, uninitialised memory is NaN); slower.
 
-The target is chosen in Python when the kernel is traced, from `jax.default_backend()` unless given. Lowering
-for another platform from this machine (tests) names the target explicitly.
+A kernel entry point decorated with `lowering_target` and called with `target=None` is staged once per target
+under `jax.lax.platform_dependent`, so the target follows the platform the program is lowered for (a program
+traced here and compiled for a TPU slice gets 'tpu'), never `jax.default_backend()`. The ops' dispatch
+(`jaxattn.core.dispatch`) passes the target itself.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import jax
 
 TARGETS = ("tpu", "triton", "interpret", "tpu_interpret")
-_BACKEND_TARGET = {"tpu": "tpu", "gpu": "triton", "cuda": "triton", "rocm": "triton"}
+LOWERING_TARGETS = {"cpu": "interpret", "cuda": "triton", "rocm": "triton", "tpu": "tpu"}
 
 
-def resolve_target(target: str | None = None) -> str:
-    """`None` -> the target for `jax.default_backend()` ('interpret' on CPU); otherwise checks the name."""
-    if target is None:
-        return _BACKEND_TARGET.get(jax.default_backend(), "interpret")
+def resolve_target(target: str) -> str:
+    """Checks a target name (entry points resolve None with `lowering_target`)."""
     if target not in TARGETS:
-        raise ValueError(f"`target` must be one of {TARGETS} or None, got {target!r}")
+        raise ValueError(f"`target` must be one of {TARGETS} (or None at a kernel's entry point), got {target!r}")
     return target
+
+
+def lowering_target(fn: Callable) -> Callable:
+    """`fn(..., target=None)` -> `fn(..., target=LOWERING_TARGETS[platform])` for the lowering platform (the
+    arrays are closed over: `platform_dependent` hoists them into the branches' operands)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, target=None, **kwargs):
+        if target is not None:
+            return fn(*args, target=target, **kwargs)
+        runs = {t: functools.partial(fn, *args, target=t, **kwargs) for t in dict.fromkeys(LOWERING_TARGETS.values())}
+        return jax.lax.platform_dependent(**{p: runs[t] for p, t in LOWERING_TARGETS.items()})
+    return wrapper
 
 
 def interpret(target: str):

@@ -39,6 +39,7 @@ class _Static:
     mode: str  # reduction walk: 'grid' (TPU) or 'fori' (Triton); both run in the interpreter
 
 
+@platform.lowering_target
 def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segment_ids=None, scale=None,
                     is_causal=False, window=None, causal_offset=None, sinks=None, logits_soft_cap=None,
                     kv_lengths=None, block_mask=None, block_shape=None, target=None,
@@ -63,7 +64,7 @@ def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segme
       block_mask, block_shape: bool `[B|1, N|1, ceil(T/bq), ceil(S/bk)]` and `(bq, bk)`: query `i` sees key `j`
         only if `block_mask[b, n, i // bq, j // bk]`; False blocks are skipped (on TPU never fetched). The
         kernel's tiles are fitted inside the mask's blocks.
-      target: 'tpu', 'triton', 'interpret' or 'tpu_interpret' (default: from `jax.default_backend()`,
+      target: 'tpu', 'triton', 'interpret' or 'tpu_interpret' (default: the platform the program is lowered for,
         'interpret' on CPU); see `kernels/common/platform.py`.
       block_sizes: tile sizes (default per target, see `blocks.py`); fitted to short lengths.
       reduction: 'grid' or 'fori' (default 'grid' on TPU, where it is the only choice, 'fori' elsewhere; see
@@ -150,6 +151,7 @@ def _flash_attention(query, key, value, bias, q_segment_ids, k_segment_ids, sink
     return _heads_last(out, t, hv), lse[:, :, :t, 0]
 
 
+@platform.lowering_target
 def flash_attention_backward(query, key, value, out, lse, d_out, bias=None, *, d_lse=None, q_segment_ids=None,
                              k_segment_ids=None, scale=None, is_causal=False, window=None, causal_offset=None,
                              logits_soft_cap=None, kv_lengths=None, block_mask=None, block_shape=None,

@@ -68,7 +68,7 @@ def dot_product_backend(flash_attention: Callable, kernel_name: str) -> Callable
     logits_soft_cap, block_shape; the arrays `sinks`, `kv_lengths`, `block_mask` as keyword arguments)."""
 
     def attention(query, key, value, bias, mask, q_segment_ids, k_segment_ids, *, scale, spec, sinks=None,
-                  kv_lengths=None, block_mask=None):
+                  kv_lengths=None, block_mask=None, target=None):
         if mask is not None:
             raise ValueError(f"the {kernel_name} flash-attention kernel does not take a boolean `mask`; use `bias` "
                              "or implementation='xla'")
@@ -78,7 +78,8 @@ def dot_product_backend(flash_attention: Callable, kernel_name: str) -> Callable
                                window=spec.window if head_windows is None else head_windows,
                                causal_offset=spec.causal_offset, sinks=sinks,
                                logits_soft_cap=getattr(spec, "logits_soft_cap", None), kv_lengths=kv_lengths,
-                               block_mask=block_mask, block_shape=getattr(spec, "block_shape", None))
+                               block_mask=block_mask, block_shape=getattr(spec, "block_shape", None),
+                               **({} if target is None else {"target": target}))
 
     attention.__doc__ = f"The `dot_product_attention` backend of the {kernel_name} flash-attention kernel."
     return attention

@@ -27,6 +27,7 @@ _causal = vjp.causal_lightning(pallas_scan.scan)
 _bidirectional = vjp.bidirectional_lightning(pallas_scan.scan)
 
 
+@platform.lowering_target
 def lightning_attention(query, key, value, slopes=None, *, initial_state=None, is_causal=True, segment_ids=None,
                         target=None, block_sizes: BlockSizes | None = None, reduction: str | None = None):
     """Lightning attention with the Pallas kernels. Returns `(out [B, T, N, Hv], final_state [B, N, H, Hv] fp32)`
@@ -35,7 +36,7 @@ def lightning_attention(query, key, value, slopes=None, *, initial_state=None, i
     Args:
       query, key `[B, T, N, H]`, value `[B, T, N, Hv]` (T >= 1); slopes `[N]` (no gradient) or None;
       initial_state `[B, N, H, Hv]` (causal only); segment_ids `[B, T]` integer or None (packed documents).
-      target: 'tpu', 'triton', 'interpret' or 'tpu_interpret' (default from `jax.default_backend()`).
+      target: 'tpu', 'triton', 'interpret' or 'tpu_interpret' (default: the platform the program is lowered for).
       block_sizes: rows per scan step and state columns per program (default per target, `blocks.py`).
       reduction: 'grid' or 'fori' (default 'grid' on TPU, 'fori' elsewhere; Triton needs 'fori').
     """
@@ -55,12 +56,13 @@ def lightning_attention(query, key, value, slopes=None, *, initial_state=None, i
     return _lightning(query, key, value, slopes, initial_state, docs, static, bool(is_causal))
 
 
-def attention(query, key, value, slopes, initial_state, *, is_causal, block_size=None, segment_ids=None):
+def attention(query, key, value, slopes, initial_state, *, is_causal, block_size=None, segment_ids=None,
+              target=None):
     """The `lightning_attention` backend signature. `block_size` (the 'xla' path's chunk) is not used: the kernels
     choose their blocks per platform (`blocks.py`; pass `block_sizes` to `lightning_attention` here to override)."""
     del block_size
     return lightning_attention(query, key, value, slopes, initial_state=initial_state, is_causal=is_causal,
-                               segment_ids=segment_ids)
+                               segment_ids=segment_ids, target=target)
 
 
 @functools.partial(jax.jit, static_argnums=(6, 7))

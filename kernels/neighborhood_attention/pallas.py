@@ -51,6 +51,7 @@ def supports(rpb=None, spec=None, **_) -> bool:
     return size <= MAX_RPB_ENTRIES
 
 
+@platform.lowering_target
 def neighborhood_attention(query, key, value, rpb=None, *, spec, scale=None, target=None, tiles=None,
                            key_tiles=None, reduction=None, generation=None):
     """Neighborhood attention with the Pallas kernels. Returns `(out [B, *spatial, N, Hv], lse [B, *spatial, N])`.
@@ -59,7 +60,7 @@ def neighborhood_attention(query, key, value, rpb=None, *, spec, scale=None, tar
     `implementation='pallas'` for validated arguments); `spec` is its `neighborhood_windows.NASpec`.
       query `[B, *spatial, N, H]`, key `[B, *spatial, K, H]`, value `[B, *spatial, K, Hv]` (N % K == 0);
       rpb: `[N, 2k1-1, ...]` or None; scale: default `H ** -0.5`.
-      target: 'tpu', 'triton', 'interpret' or 'tpu_interpret' (default from `jax.default_backend()`).
+      target: 'tpu', 'triton', 'interpret' or 'tpu_interpret' (default: the platform the program is lowered for).
       tiles, key_tiles: query tile and key box extents per axis in dilation-group indices (an int or a tuple;
         default per target and problem, `blocks.fit`).
       reduction: 'grid' or 'fori' (default 'grid' on TPU, 'fori' elsewhere; Triton needs 'fori').
@@ -80,9 +81,9 @@ def neighborhood_attention(query, key, value, rpb=None, *, spec, scale=None, tar
     return _neighborhood(query, key, value, rpb, _Static(geo, scale, target, mode))
 
 
-def attention(query, key, value, rpb, *, scale, spec):
+def attention(query, key, value, rpb, *, scale, spec, target=None):
     """The `neighborhood_attention` backend signature."""
-    return neighborhood_attention(query, key, value, rpb, spec=spec, scale=scale)
+    return neighborhood_attention(query, key, value, rpb, spec=spec, scale=scale, target=target)
 
 
 @functools.partial(jax.jit, static_argnums=(4,))

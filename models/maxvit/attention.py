@@ -19,12 +19,6 @@ from jaxattn.models.layers import DropPath
 from jaxattn.models.layers.dense import Dense
 
 LN_EPS = 1e-5
-# On CPU, tiles of at most this many tokens use the op's dense fp32 softmax ('dense': the reference's forward with a
-# backward whose dots all run in YNNPACK): cheaper than the blocked path's bookkeeping and custom backward at
-# MaxViT's 7x7 tiles (stage-0 layer, batch 8, fwd+bwd, one thread: 117 vs 130 ms CPU for 'reference'; forward 33
-# vs 44 ms). 'dense' vs 'reference' (2 threads, CPU time): attention core of a stage-0 layer 22.5 vs 25.5 ms; whole
-# layer fwd+bwd 0-5% less; the MaxViT-T train step changes by less than its run-to-run noise.
-DENSE_TILE_TOKENS = 64
 RESIZE_METHODS = ("bilinear", "bicubic")
 
 
@@ -118,8 +112,8 @@ class PartitionAttention(nnx.Module):
 
     `partition='block'`: attention inside non-overlapping `p x p` windows; `'grid'`: among the `g x g` tokens
     spaced `H/g` apart. `H` and `W` must be multiples of `size` (the model checks image sizes up front).
-    `implementation=None` picks the op's best path, except on CPU for tiles of at most `DENSE_TILE_TOKENS`
-    tokens, which use `'dense'` (dense softmax in fp32).
+    `implementation=None` lets the op pick for the lowering platform (on CPU, tiles of <= 64 tokens take its
+    'small_tiles' backend).
     """
 
     def __init__(self, dim: int, *, partition: str, size, head_dim: int = 32, mlp_ratio: float = 4.0,
@@ -148,10 +142,7 @@ class PartitionAttention(nnx.Module):
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
         op = jaxattn.block_attention if self.partition == "block" else jaxattn.grid_attention
         bias = self.rel_pos().astype(q.dtype)
-        impl = self.implementation
-        if impl is None and jax.default_backend() == "cpu" and self.size[0] * self.size[1] <= DENSE_TILE_TOKENS:
-            impl = "dense"
-        out = op(q, k, v, self.size, bias=bias, implementation=impl)
+        out = op(q, k, v, self.size, bias=bias, implementation=self.implementation)
         return self.proj(out.reshape(b, h, w, c))
 
     def __call__(self, x):

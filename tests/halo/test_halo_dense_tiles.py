@@ -4,20 +4,16 @@ the tiled bias + blocked `dot_product_attention` path: values and gradients of q
 import jax
 import pytest
 
-from jaxattn.halo import dense_tiles, xla
+import jaxattn
+from jaxattn.halo import dense_tiles
 from jaxattn.testing import assert_matches_reference, random_inputs
 
 
 def _halo(dense: bool, block, halo, stride, mask, tables):
     def run(q, k, v, rh, rw):
-        saved = xla.use_dense_tiles
-        xla.use_dense_tiles = lambda num_keys: dense  # read while tracing
-        try:
-            return xla.halo_attention_xla(q, k, v, rh if tables else None, rw if tables else None,
-                                          block_size=block, halo_size=halo, query_stride=stride,
-                                          scale=q.shape[-1] ** -0.5, mask_padding=mask)
-        finally:
-            xla.use_dense_tiles = saved
+        return jaxattn.halo_attention(q, k, v, block, halo, rel_height=rh if tables else None,
+                                      rel_width=rw if tables else None, query_stride=stride, mask_padding=mask,
+                                      implementation="small_windows" if dense else "xla")
     return run
 
 
@@ -46,7 +42,10 @@ def test_dense_tiles_match_blocked(name, dtype, chunk_bytes, monkeypatch):
                              names=["query", "key", "value", "rel_height", "rel_width"])
 
 
-def test_dense_path_is_cpu_only_and_small_windows():
-    on_cpu = jax.default_backend() == "cpu"
-    assert dense_tiles.use_dense_tiles(14 * 14) == on_cpu
-    assert not dense_tiles.use_dense_tiles(dense_tiles.DENSE_MAX_KEYS + 1)
+def test_small_windows_is_chosen_for_cpu_only():
+    from jaxattn.core import dispatch
+    from jaxattn.halo import api
+    small = {p: c.backend for p, c in dispatch.plan(api.OP, None, num_keys=14 * 14).items()}
+    assert small == {"cpu": "small_windows", "cuda": "xla", "rocm": "xla", "tpu": "xla"}
+    big = dispatch.plan(api.OP, None, num_keys=dense_tiles.DENSE_MAX_KEYS + 1)
+    assert {c.backend for c in big.values()} == {"xla"}

@@ -193,19 +193,20 @@ def test_fitted_blocks_share_one_padding(length, target):
 # ---- dispatch ----
 
 def test_dispatch_picks_kernels_per_platform(monkeypatch):
-    from jaxattn.kernels.flash_attention import triton as flash_triton
     q = jnp.zeros((1, 8, 2, 16))
     args = dict(query=q, key=q, value=q, bias=None, mask=None, spec=None, segment_ids=False)
     op = "dot_product_attention"
-    assert dispatch.resolve(op, None, **args).__name__ == "attention_blocked"  # CPU: xla
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert dispatch.resolve(op, None, **args) is pallas.attention
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+    def chosen(**kw):
+        return {p: (c.backend, c.target) for p, c in dispatch.plan(op, None, **{**args, **kw}).items()}
+
     monkeypatch.setattr(dispatch, "module_available", lambda name: name == "jax_triton")
-    assert dispatch.resolve(op, None, **args) is flash_triton.attention
-    assert dispatch.resolve(op, None, **{**args, "mask": jnp.ones((8, 8), bool)}).__name__ == "attention_blocked"
+    assert chosen() == {"cpu": ("xla", None), "tpu": ("pallas", "tpu"), "cuda": ("triton", None),
+                        "rocm": ("triton", None)}
+    assert set(chosen(mask=jnp.ones((8, 8), bool)).values()) == {("xla", None)}
     monkeypatch.setattr(dispatch, "module_available", lambda name: False)
-    assert dispatch.resolve(op, None, **args) is pallas.attention  # no jax-triton: Pallas-Triton
+    assert chosen()["cuda"] == ("pallas", "triton")  # no jax-triton: Pallas-Triton
+    assert dispatch.resolve(op, None, platform="tpu", **args).func is pallas.attention
 
 
 def test_mask_is_refused_by_name():

@@ -219,20 +219,20 @@ def test_fitted_blocks(length, target, dim):
 # ---- dispatch and bad arguments ----
 
 def test_dispatch_picks_kernels_per_platform(monkeypatch):
-    from jaxattn.kernels.lightning_attention import triton as lightning_triton
     q = jnp.zeros((1, 8, 2, 16))
     args = dict(query=q, key=q, value=q, is_causal=True)
     op = "lightning_attention"
-    assert dispatch.resolve(op, None, **args).__name__ == "lightning_chunked"  # CPU: xla
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert dispatch.resolve(op, None, **args) is pallas.attention
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+    def chosen(**kw):
+        return {p: (c.backend, c.target) for p, c in dispatch.plan(op, None, **{**args, **kw}).items()}
+
     monkeypatch.setattr(dispatch, "module_available", lambda name: name == "jax_triton")
-    assert dispatch.resolve(op, None, **args) is lightning_triton.attention
-    wide = jnp.zeros((1, 8, 2, 512))
-    assert dispatch.resolve(op, None, **{**args, "value": wide}) is pallas.attention  # too wide for registers
+    assert chosen() == {"cpu": ("xla", None), "tpu": ("pallas", "tpu"), "cuda": ("triton", None),
+                        "rocm": ("triton", None)}
+    assert chosen(value=jnp.zeros((1, 8, 2, 512)))["cuda"] == ("pallas", "triton")  # too wide for registers
     monkeypatch.setattr(dispatch, "module_available", lambda name: False)
-    assert dispatch.resolve(op, None, **args) is pallas.attention  # no jax-triton: Pallas on GPU
+    assert chosen()["cuda"] == ("pallas", "triton")  # no jax-triton: Pallas on GPU
+    assert dispatch.resolve(op, None, platform="tpu", **args).func is pallas.attention
 
 
 def test_bad_kernel_arguments_raise():

@@ -237,14 +237,15 @@ def test_op_api_runs_pallas_in_the_interpreter():
         assert_allclose(a, r)
 
 
-def test_dispatch_picks_pallas_on_accelerators(monkeypatch):
+def test_dispatch_picks_pallas_on_accelerators():
     q = jnp.zeros((1, 16, 2, 8))
     args = dict(query=q, key=q, value=q, rpb=None, spec=_spec(1, 3))
-    assert dispatch.resolve(OP, None, **args).__name__ == "neighborhood_blocked"  # CPU: xla
-    for backend in ("tpu", "gpu"):
-        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
-        assert dispatch.resolve(OP, None, **args) is pallas.attention
-        big = dict(args, rpb=jnp.zeros((2, 13, 13, 13)), spec=_spec(3, 7))  # 2197-entry table: xla
-        assert dispatch.resolve(OP, None, **big).__name__ == "neighborhood_blocked"
+    big = dict(args, rpb=jnp.zeros((2, 13, 13, 13)), spec=_spec(3, 7))  # 2197-entry table: xla
+    for platform, target in (("cpu", None), ("tpu", "tpu"), ("cuda", "triton")):
+        want = ("xla", None) if platform == "cpu" else ("pallas", target)
+        choice = dispatch.plan(OP, None, **args)[platform]
+        assert (choice.backend, choice.target) == want
+        assert dispatch.plan(OP, None, **big)[platform].backend == "xla"
+    assert dispatch.resolve(OP, None, **args).__name__ == "neighborhood_blocked"
     with pytest.raises(ValueError, match="does not support"):
         dispatch.resolve(OP, "pallas", **big)

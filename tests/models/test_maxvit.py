@@ -256,7 +256,7 @@ def test_resize_rel_pos_bias():
 
 @pytest.mark.parametrize("partition,size", [("block", 3), ("grid", (2, 3)), ("block", 9)])
 def test_default_attention_path_matches_blocked(partition, size):
-    """`implementation=None` (dense path on CPU for tiles of <= DENSE_TILE_TOKENS tokens, blocked above) agrees
+    """`implementation=None` (the op's small_tiles backend on CPU for tiles of <= 64 tokens, blocked above) agrees
     with the blocked 'xla' path in values and gradients."""
     from jaxattn.models.maxvit.attention import PartitionAttention
     x = jax.random.normal(jax.random.key(0), (2, 18, 18, 16))

@@ -1,4 +1,4 @@
-"""The 'dense' MaxViT block/grid attention (hand-written backward with explicit transposes) against the 'reference'
+"""The 'small_tiles' MaxViT block/grid attention (hand-written backward with explicit transposes) against the 'reference'
 path: forward and gradients (q, k, v, bias), fp32 and bf16, odd tiles, broadcast and absent bias; the tile core
 against autodiff of the plain formula and numerically; and that its backward dots keep their contracting dim
 minor (no TN dot for XLA:CPU's Eigen fallback)."""
@@ -31,14 +31,14 @@ def test_dense_matches_reference(tiling, dtype, case):
     b, h, w, n, d, dv, size, bias_shape = case
     op = OPS[tiling]
     inputs = _arrays(0, (b, h, w, n, d), (b, h, w, n, d), (b, h, w, n, dv), bias_shape)
-    impl = lambda q, k, v, bias: op(q, k, v, size, bias=bias, implementation="dense")  # noqa: E731
+    impl = lambda q, k, v, bias: op(q, k, v, size, bias=bias, implementation="small_tiles")  # noqa: E731
     ref = lambda q, k, v, bias: op(q, k, v, size, bias=bias, implementation="reference")  # noqa: E731
     assert_matches_reference(impl, ref, inputs, dtype=dtype, names=["query", "key", "value", "bias"])
 
 
 def test_dense_without_bias_and_with_scale():
     q, k, v = _arrays(1, (2, 4, 6, 2, 4), (2, 4, 6, 2, 4), (2, 4, 6, 2, 3))
-    impl = lambda q, k, v: jaxattn.grid_attention(q, k, v, 2, scale=0.3, implementation="dense")  # noqa: E731
+    impl = lambda q, k, v: jaxattn.grid_attention(q, k, v, 2, scale=0.3, implementation="small_tiles")  # noqa: E731
     ref = lambda q, k, v: jaxattn.grid_attention(q, k, v, 2, scale=0.3, implementation="reference")  # noqa: E731
     assert_matches_reference(impl, ref, (q, k, v), names=["query", "key", "value"])
 

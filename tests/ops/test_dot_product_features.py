@@ -150,7 +150,7 @@ def test_kernels_take_the_features_natively():
     """The flash kernels handle sinks, soft cap, per-head windows, kv_lengths and block masks themselves (their own
     numerics: tests/kernels/test_flash_attention_features*.py); through the op they match the reference."""
     q, k, v = random_inputs(11, _shapes(1, 8, 8, 2, 2, 8))
-    assert api._flash_supports(features=frozenset({"logits_soft_cap", "head_windows", "kv_lengths", "block_mask"}))
+    assert api.flash_supports(features=frozenset({"logits_soft_cap", "head_windows", "kv_lengths", "block_mask"}))
     kw = dict(logits_soft_cap=5.0, sinks=jnp.array([0.5, -1.0]), local_window_size=[(2, 0), None],
               kv_lengths=jnp.array([6], jnp.int32), is_causal=True, return_lse=True)
     got = jaxattn.dot_product_attention(q, k, v, implementation="pallas", **kw)

@@ -178,7 +178,7 @@ def test_empty_sequence_and_default_implementation():
     assert out.shape == (2, 0, 2, 4) and state.dtype == F32
     np.testing.assert_array_equal(state, s0)
     from jaxattn.lightning.xla import lightning_chunked
-    assert dispatch.resolve(api.OP, None) is lightning_chunked
+    assert dispatch.resolve(api.OP, None, query=q, key=k, value=v, is_causal=True) is lightning_chunked
 
 
 def test_memory_is_linear_in_length():
