@@ -4,8 +4,8 @@ Under autodiff, `depthwise_conv2d(implementation="shifted")` keeps its `kh*kw` s
 and builds the input gradient from `kh*kw` pads of the cotangent summed in one large fused loop. Here the input
 gradient is itself a shifted depthwise conv (of the stride-dilated cotangent, kernel flipped) and the kernel
 gradient one multiply-reduce per tap. Measured on a MaxViT MBConv train step (batch 8, 256 mid channels):
--18% at stride 2 (112 px), -10% at stride 1 (56 px). With stride > 1 (undilated) the input gradient is computed per output phase
-(`_strided_input_grad`): 57 -> 9 ms CPU for the dx of a stride-2 3x3 conv on [8, 112, 112, 256] (one thread).
+-18% at stride 2 (112 px), -10% at stride 1 (56 px). With stride > 1 (undilated) the input gradient is computed
+per output phase (`_strided_input_grad`): 57 -> 9 ms CPU for the dx of a stride-2 3x3 conv on [8, 112, 112, 256] (one thread).
 
 `shifted_depthwise_conv2d(x, kernel, stride, padding, dilation)`: NHWC `x`, `kernel [kh, kw, 1, C]`, integer
 pairs, `padding = ((top, bottom), (left, right))` already resolved (`resolve_padding`); the same values as
