@@ -9,11 +9,12 @@ of the flat pixel axis, because the cotangent is padded with zero rows at the bo
 never mixes images. A stride > 1 splits the rows by phase (`row % stride`) first. Measured on the shape above:
 ~88 -> ~62 ms CPU. The forward and the input gradient stay XLA's own convolutions (both fast).
 
-`conv_general_dilated` is a drop-in for `lax.conv_general_dilated` that takes this path on CPU for NHWC/HWIO
-convolutions without groups, dilation or `preferred_element_type` that are large enough for it to pay
-(`MIN_OUT_PIXELS`, `MIN_CHANNEL_PRODUCT`: XLA's own gradient is faster on small images), and calls
-`lax.conv_general_dilated` otherwise (other platforms keep XLA's gradients). HaloNet's wide k x k convs use it;
-an `nnx.Conv` can take it as its `conv_general_dilated=` argument.
+`conv_general_dilated` is a drop-in for `lax.conv_general_dilated` behind the dispatch op `conv2d_weight_grad`:
+in programs lowered for CPU it takes this path ('matmul_grad') for NHWC/HWIO convolutions without groups,
+dilation or `preferred_element_type` that are large enough for it to pay (`MIN_OUT_PIXELS`, `MIN_CHANNEL_PRODUCT`:
+XLA's own gradient is faster on small images), and `lax.conv_general_dilated` ('lax') otherwise and on every other
+platform (they keep XLA's gradients). HaloNet's wide k x k convs use it; an `nnx.Conv` can take it as its
+`conv_general_dilated=` argument.
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxattn.core import dispatch
+
+OP = "conv2d_weight_grad"
 NHWC = ("NHWC", "HWIO", "NHWC")
 # Where the matmul form pays (kernel gradient, batch 8, CPU ms, lax -> matmuls): 32->64 ch at 128 px 85 -> 70,
 # 64->64 at 112 px 133 -> 91; but 64->64 at 64 px 24 -> 29, 128->128 at 32 px 24 -> 29, 24->32 at 128 px 26 -> 33.
@@ -82,9 +86,13 @@ def _bwd(stride, padding, residuals, g):
 conv2d_matmul_grad.defvjp(_fwd, _bwd)
 
 
-def _fast_path_applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+def _fast_path_applies(*, lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                        feature_group_count, batch_group_count, precision, extra) -> bool:
-    if jax.default_backend() != "cpu" or extra or precision is not None:
+    """Needs a 2-D NHWC/HWIO conv without groups, dilation, `precision` or extra arguments, large enough to pay.
+
+    Large enough: at least `MIN_CHANNEL_PRODUCT` in x out channels and `MIN_OUT_PIXELS` output pixels per image
+    (below that XLA's own kernel gradient is the faster one); the padding must be non-negative."""
+    if extra or precision is not None:
         return False
     if lhs.ndim != 4 or rhs.ndim != 4 or lhs.dtype != rhs.dtype or feature_group_count != 1 or batch_group_count != 1:
         return False
@@ -109,20 +117,34 @@ def _fast_path_applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dila
     return out_pixels >= MIN_OUT_PIXELS
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-                         **kwargs):
-    """`lax.conv_general_dilated` with the same arguments and values; on CPU, 2-D NHWC/HWIO convolutions without
-    groups or dilation get `conv_weight_grad` as their kernel gradient (see the module docstring)."""
-    extra = {k: v for k, v in kwargs.items() if v is not None}
-    if not _fast_path_applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                              feature_group_count, batch_group_count, precision, extra):
-        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                            dimension_numbers, feature_group_count, batch_group_count, precision,
-                                            **kwargs)
+def _matmul_grad_conv(lhs, rhs, window_strides, padding, *defaults, **no_kwargs):
+    """`conv2d_matmul_grad` with `lax.conv_general_dilated`'s arguments; `_fast_path_applies` has checked that the
+    ones after `padding` (`defaults`, `no_kwargs`) change nothing."""
     stride = tuple(int(s) for s in window_strides)
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], stride, padding)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     return conv2d_matmul_grad(lhs, rhs, stride, padding)
 
+
+dispatch.register(OP, dispatch.Backend("matmul_grad", lambda: _matmul_grad_conv, platforms=("cpu",), priority=1,
+                                       supports=_fast_path_applies))
+dispatch.register(OP, dispatch.Backend("lax", lambda: jax.lax.conv_general_dilated, platforms=None, priority=0))
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                         implementation=None, **kwargs):
+    """`lax.conv_general_dilated` with the same arguments and values; in programs lowered for CPU, 2-D NHWC/HWIO
+    convolutions without groups or dilation get `conv_weight_grad` as their kernel gradient (see the module
+    docstring). `implementation`: 'matmul_grad', 'lax' or None (chosen per lowering platform)."""
+    extra = {k: v for k, v in kwargs.items() if v is not None}
+
+    def body(impl, lhs, rhs):
+        return impl(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                    feature_group_count, batch_group_count, precision, **kwargs)
+
+    return dispatch.call(OP, implementation, body, lhs, rhs, lhs=lhs, rhs=rhs, window_strides=window_strides,
+                         padding=padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                         batch_group_count=batch_group_count, precision=precision, extra=extra)

@@ -2,7 +2,9 @@
 
 XLA:CPU's grouped convolution (`feature_group_count=C`) is ~40x slower than the same result written as `kh*kw`
 shifted multiply-adds (platform.md: 131 ms vs 3.4 ms forward on [8, 56, 56, 256], 301 ms vs 102 ms gradient).
-On GPU/TPU the grouped convolution is the fast one. `implementation=None` picks per platform; both agree (tested).
+On GPU/TPU the grouped convolution is the fast one. The op `depthwise_conv2d` is registered with
+`jaxattn.core.dispatch`: `implementation=None` gets 'shifted' in programs lowered for CPU and 'lax' (the grouped
+convolution) everywhere else, decided at lowering time; both agree (tested).
 """
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-IMPLEMENTATIONS = ("shifted", "lax")
+from jaxattn.core import dispatch
+
+OP = "depthwise_conv2d"
 
 
 def resolve_padding(padding, size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -40,29 +44,42 @@ def _pairs(name, value):
     return value
 
 
-def depthwise_conv2d(x, kernel, *, stride=1, padding="SAME", dilation=1, implementation=None):
-    """Depthwise convolution of NHWC `x` with `kernel [kh, kw, 1, C]` (channel multiplier 1)."""
+def conv_geometry(x, kernel_shape, stride, padding, dilation):
+    """Checks NHWC `x` against `kernel_shape [kh, kw, 1, C]`; returns `(stride, padding, dilation)` as integer pairs,
+    the padding resolved per axis to `((top, bottom), (left, right))`."""
     if x.ndim != 4:
         raise ValueError(f"`x` must be NHWC (rank 4), got shape {tuple(x.shape)}")
-    kh, kw, one, c = kernel.shape
+    kh, kw, one, c = kernel_shape
     if one != 1 or c != x.shape[-1]:
-        raise ValueError(f"`kernel` must be [kh, kw, 1, C] with C = {x.shape[-1]} channels, got {tuple(kernel.shape)}")
-    sh, sw = _pairs("stride", stride)
-    dh, dw = _pairs("dilation", dilation)
-    if isinstance(padding, (str, int)):
-        pads = (resolve_padding(padding, x.shape[1], kh, sh, dh), resolve_padding(padding, x.shape[2], kw, sw, dw))
-    else:
-        pads = tuple(resolve_padding(p, s, k, st, d) for p, s, k, st, d in
-                     zip(padding, x.shape[1:3], (kh, kw), (sh, sw), (dh, dw)))
-    if implementation is None:
-        implementation = "shifted" if jax.default_backend() == "cpu" else "lax"
-    if implementation == "lax":
-        return jax.lax.conv_general_dilated(
-            x, kernel.astype(x.dtype), (sh, sw), pads, rhs_dilation=(dh, dw),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
-    if implementation != "shifted":
-        raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
-    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+        raise ValueError(f"`kernel` must be [kh, kw, 1, C] with C = {x.shape[-1]} channels, got {tuple(kernel_shape)}")
+    stride, dilation = _pairs("stride", stride), _pairs("dilation", dilation)
+    per_axis = (padding, padding) if isinstance(padding, (str, int)) else tuple(padding)
+    pads = tuple(resolve_padding(p, size, k, s, d) for p, size, k, s, d in
+                 zip(per_axis, x.shape[1:3], (kh, kw), stride, dilation))
+    return stride, pads, dilation
+
+
+def depthwise_conv2d(x, kernel, *, stride=1, padding="SAME", dilation=1, implementation=None):
+    """Depthwise convolution of NHWC `x` with `kernel [kh, kw, 1, C]` (channel multiplier 1); `implementation`:
+    'shifted', 'lax' or None (chosen per lowering platform, see the module docstring)."""
+    stride, pads, dilation = conv_geometry(x, kernel.shape, stride, padding, dilation)
+    return dispatch.call(OP, implementation, lambda impl, x, kernel: impl(x, kernel, stride, pads, dilation),
+                         x, kernel)
+
+
+def depthwise_conv2d_lax(x, kernel, stride, padding, dilation):
+    """The grouped `lax.conv_general_dilated` (`feature_group_count=C`); arguments as `depthwise_conv2d_shifted`."""
+    return jax.lax.conv_general_dilated(
+        x, kernel.astype(x.dtype), stride, padding, rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+
+
+def depthwise_conv2d_shifted(x, kernel, stride, padding, dilation):
+    """`kh*kw` strided slices of the padded input times their kernel tap, summed; `stride`, `dilation` integer pairs,
+    `padding = ((top, bottom), (left, right))` resolved (`resolve_padding`)."""
+    (sh, sw), (dh, dw) = stride, dilation
+    kh, kw, _, c = kernel.shape
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     ho = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
     wo = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
     kernel = kernel.astype(x.dtype)
@@ -75,6 +92,10 @@ def depthwise_conv2d(x, kernel, *, stride=1, padding="SAME", dilation=1, impleme
             term = tap * kernel[i, j, 0]
             out = term if out is None else out + term
     return out
+
+
+dispatch.register(OP, dispatch.Backend("shifted", lambda: depthwise_conv2d_shifted, platforms=("cpu",), priority=1))
+dispatch.register(OP, dispatch.Backend("lax", lambda: depthwise_conv2d_lax, platforms=None, priority=0))
 
 
 class DepthwiseConv2d(nnx.Module):

@@ -4,13 +4,14 @@ Under autodiff, `depthwise_conv2d(implementation="shifted")` keeps its `kh*kw` s
 and builds the input gradient from `kh*kw` pads of the cotangent summed in one large fused loop. Here the input
 gradient is itself a shifted depthwise conv (of the stride-dilated cotangent, kernel flipped) and the kernel
 gradient one multiply-reduce per tap. Measured on a MaxViT MBConv train step (batch 8, 256 mid channels):
--18% at stride 2 (112 px), -10% at stride 1 (56 px). With stride > 1 (undilated) the input gradient is computed per output phase
-(`_strided_input_grad`): 57 -> 9 ms CPU for the dx of a stride-2 3x3 conv on [8, 112, 112, 256] (one thread).
+-18% at stride 2 (112 px), -10% at stride 1 (56 px). With stride > 1 (undilated) the input gradient is computed
+per output phase (`_strided_input_grad`): 57 -> 9 ms CPU for the dx of a stride-2 3x3 conv on [8, 112, 112, 256] (one thread).
 
 `shifted_depthwise_conv2d(x, kernel, stride, padding, dilation)`: NHWC `x`, `kernel [kh, kw, 1, C]`, integer
 pairs, `padding = ((top, bottom), (left, right))` already resolved (`resolve_padding`); the same values as
 `depthwise_conv2d(..., implementation="shifted")`. `DepthwiseConv2dVJP`: `DepthwiseConv2d` (same parameters,
-same loaders) whose shifted path uses it.
+same loaders) whose shifted path uses it, through the dispatch op `depthwise_conv2d_vjp` ('shifted' in programs
+lowered for CPU, 'lax' elsewhere, as `depthwise_conv2d`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxattn.models.layers.depthwise import DepthwiseConv2d, _pairs, resolve_padding
+from jaxattn.core import dispatch
+from jaxattn.models.layers.depthwise import DepthwiseConv2d, conv_geometry, depthwise_conv2d_lax
+
+OP = "depthwise_conv2d_vjp"
 
 
 def _taps_sum(xp, kernel, stride, dilation, out_hw):
@@ -121,20 +125,15 @@ def _bwd(stride, padding, dilation, residuals, g):
 shifted_depthwise_conv2d.defvjp(_fwd, _bwd)
 
 
+dispatch.register(OP, dispatch.Backend("shifted", lambda: shifted_depthwise_conv2d, platforms=("cpu",), priority=1))
+dispatch.register(OP, dispatch.Backend("lax", lambda: depthwise_conv2d_lax, platforms=None, priority=0))
+
+
 class DepthwiseConv2dVJP(DepthwiseConv2d):
     """`DepthwiseConv2d` whose shifted (CPU) path differentiates with `shifted_depthwise_conv2d`'s VJP."""
 
     def __call__(self, x):
-        impl = self.implementation or ("shifted" if jax.default_backend() == "cpu" else "lax")
-        if impl != "shifted":
-            return super().__call__(x)
-        kh, kw = self.kernel.shape[:2]
-        stride, dilation = _pairs("stride", self.stride), _pairs("dilation", self.dilation)
-        if isinstance(self.padding, (str, int)):
-            padding = (self.padding, self.padding)
-        else:
-            padding = tuple(self.padding)
-        pads = tuple(resolve_padding(p, size, k, s, d) for p, size, k, s, d in
-                     zip(padding, x.shape[1:3], (kh, kw), stride, dilation))
-        y = shifted_depthwise_conv2d(x, self.kernel[...], stride, pads, dilation)
+        stride, pads, dilation = conv_geometry(x, self.kernel.shape, self.stride, self.padding, self.dilation)
+        y = dispatch.call(OP, self.implementation, lambda impl, x, kernel: impl(x, kernel, stride, pads, dilation),
+                          x, self.kernel[...])
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)

@@ -72,13 +72,12 @@ def test_drop_in_falls_back_to_lax(always_fast, kwargs):
 
 
 def test_fast_path_only_where_it_pays():
-    def takes_fast_path(x_shape, kernel_shape):
+    def takes_fast_path(x_shape, kernel_shape):  # staged (for CPU lowerings) on any host
         x, w = jnp.zeros(x_shape), jnp.zeros(kernel_shape)
         return "custom_vjp" in str(jax.make_jaxpr(
             lambda x, w: conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC))(x, w))
 
-    on_cpu = jax.default_backend() == "cpu"
-    assert takes_fast_path((1, 128, 128, 32), (3, 3, 32, 64)) == on_cpu
+    assert takes_fast_path((1, 128, 128, 32), (3, 3, 32, 64))
     assert not takes_fast_path((1, 64, 64, 64), (3, 3, 64, 64))  # XLA's own gradient is faster there
     assert not takes_fast_path((1, 128, 128, 3), (3, 3, 3, 64))
 
