@@ -29,6 +29,7 @@ _OPS = {
     "lightning_attention_step": "jaxattn.lightning",
     "lightning_slopes": "jaxattn.lightning",
     "agent_attention": "jaxattn.agent",
+    "explain": "jaxattn.core.dispatch",  # which backend each op call gets per lowering platform, and why
 }
 _SUBMODULES = ("core", "testing", "context_parallel", "kernels", "models", "train", "configs")
 
