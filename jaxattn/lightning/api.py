@@ -83,8 +83,8 @@ def lightning_attention(query, key, value, *, slopes=None, is_causal=True, block
     query, key, value, slopes, initial_state = _validate(query, key, value, slopes, is_causal, block_size,
                                                          initial_state, return_state)
     segment_ids = segments.check_segment_ids(segment_ids, query.shape[0], query.shape[1])
-    dispatch.plan(OP, implementation, query=query, key=key, value=value, is_causal=bool(is_causal))  # checks the name
     if query.shape[1] == 0:
+        dispatch.plan(OP, implementation, query=query, key=key, value=value, is_causal=bool(is_causal))  # checks it
         return _empty(query, key, value, initial_state, return_state)
     kwargs = {} if segment_ids is None else {"segment_ids": jax.lax.stop_gradient(segment_ids)}
 
