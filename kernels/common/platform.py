@@ -19,8 +19,10 @@ from collections.abc import Callable, Sequence
 
 import jax
 
+from jaxattn.core.dispatch import KERNEL_TARGETS
+
 TARGETS = ("tpu", "triton", "interpret", "tpu_interpret")
-LOWERING_TARGETS = {"cpu": "interpret", "cuda": "triton", "rocm": "triton", "tpu": "tpu"}
+LOWERING_TARGETS = KERNEL_TARGETS  # lowering platform -> kernel target, the one table in core.dispatch
 
 
 def resolve_target(target: str) -> str:
