@@ -21,7 +21,7 @@ from jaxattn.kernels.neighborhood_attention.geometry import Geometry, Walk
 from jaxattn.testing import assert_allclose, assert_lowers, assert_matches_reference, random_inputs
 from jaxattn.testing.lowering import pallas_call_costs, pallas_call_outputs
 
-OP = "neighborhood_attention"
+from jaxattn.neighborhood.api import OP  # importing the op registers its backends
 
 
 def _per_axis(x, nd):
