@@ -50,30 +50,49 @@ def assert_lowers(fn: Callable, *args, targets: Sequence[str] = ("tpu",), static
 
 
 def jaxpr_equations(fn: Callable, *args) -> list:
-    """Every equation of the jaxpr of `fn(*args)`, recursing into jit, scan, checkpoint, custom_vjp and other
-    nested jaxprs (not into Pallas kernels): how tests check which primitives and dtypes a program really uses."""
+    """Every equation of the jaxpr of `fn(*args)`, recursing into jit, scan, checkpoint, custom_vjp, cond branches
+    (so every platform's branch of a dispatched op) and other nested jaxprs (not into Pallas kernels): how tests check which primitives and dtypes a program really uses."""
     def eqns(jaxpr):
         for eqn in jaxpr.eqns:
             yield eqn
+            if eqn.primitive.name == "pallas_call":
+                continue
             for value in eqn.params.values():
-                inner = getattr(value, "jaxpr", value)
-                if isinstance(inner, jax.extend.core.Jaxpr) and eqn.primitive.name != "pallas_call":
-                    yield from eqns(inner)
+                for item in value if isinstance(value, (tuple, list)) else (value,):  # cond's branches
+                    inner = getattr(item, "jaxpr", item)
+                    if isinstance(inner, jax.extend.core.Jaxpr):
+                        yield from eqns(inner)
 
     return list(eqns(jax.make_jaxpr(fn)(*args).jaxpr))
 
 
-def _pallas_calls(fn: Callable, *args):
-    """Every `pallas_call` equation in the jaxpr of `fn(*args)` (nested jaxprs included, not kernels)."""
-    return [e for e in jaxpr_equations(fn, *args) if e.primitive.name == "pallas_call"]
+_KERNEL_PLATFORM = {"mosaic": "tpu", "triton": "gpu", "mosaic_gpu": "gpu"}
+
+
+def kernel_platform(eqn) -> str | None:
+    """'tpu' or 'gpu': which platform a `pallas_call` equation was built for (from its compiler parameters).
+
+    A dispatched op stages one branch per lowering platform, so its jaxpr holds the TPU and the GPU kernels side
+    by side; lowering keeps one of them."""
+    params = eqn.params.get("compiler_params")
+    module = type(params).__module__.split(".") if params is not None else ()
+    return next((_KERNEL_PLATFORM[m] for m in reversed(module) if m in _KERNEL_PLATFORM), None)
+
+
+def kernel_launches(fn: Callable, *args, platform: str | None = None) -> list:
+    """Every `pallas_call` equation in the jaxpr of `fn(*args)` (nested jaxprs included, not kernels), only those
+    built for `platform` ('tpu' / 'gpu') when given."""
+    return [e for e in jaxpr_equations(fn, *args) if e.primitive.name == "pallas_call"
+            and (platform is None or kernel_platform(e) == platform)]
 
 
 def pallas_call_outputs(fn: Callable, *args, name: str) -> list[int]:
     """The output counts of every `pallas_call` named `name` in `fn(*args)`: how tests check what a backward
     actually computes."""
-    return [len(e.outvars) for e in _pallas_calls(fn, *args) if e.params.get("name") == name]
+    return [len(e.outvars) for e in kernel_launches(fn, *args) if e.params.get("name") == name]
 
 
-def pallas_call_costs(fn: Callable, *args) -> dict:
-    """`{name: pl.CostEstimate or None}` of the `pallas_call`s in `fn(*args)` (what XLA's cost analysis adds up)."""
-    return {e.params.get("name"): e.params.get("cost_estimate") for e in _pallas_calls(fn, *args)}
+def pallas_call_costs(fn: Callable, *args, platform: str | None = None) -> dict:
+    """`{name: pl.CostEstimate or None}` of the `pallas_call`s in `fn(*args)` (what XLA's cost analysis adds up),
+    of the kernels built for `platform` ('tpu' / 'gpu') when given (a dispatched op holds both)."""
+    return {e.params.get("name"): e.params.get("cost_estimate") for e in kernel_launches(fn, *args, platform=platform)}

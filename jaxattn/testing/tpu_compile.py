@@ -1,10 +1,13 @@
-"""Compile the flash and lightning kernels for a TPU generation with libtpu, deviceless, and report what came out.
+"""Compile the flash and lightning kernels for a TPU generation with libtpu, deviceless, through the public ops.
 
-One program holds every kernel, forward and backward (`verify.with_vjp`): flash attention causal with GQA and
-segment ids, lightning attention causal with decay, bf16, at the models' production shape (T = 8192, d = 128),
-so one compile covers all of them. `quick=True` compiles with XLA's least execution-time optimisation effort
-(`exec_time_optimization_effort=-1`): Mosaic still compiles every kernel and still refuses a plan that overflows
-VMEM (`CompileTimeScopedVmemOom`, checked), at about a quarter of the compile time.
+One program holds every kernel, forward and backward (`verify.with_vjp`), reached the way a user reaches them:
+`jaxattn.dot_product_attention` and `jaxattn.lightning_attention` with `implementation=None`, lowered for the TPU
+devices of the mesh, so dispatch (at lowering time) must pick the Mosaic kernels. At the models' production shape
+(T = 8192, d = 128, bf16): flash attention causal with GQA and segment ids, flash attention with a local window and
+segment ids, lightning attention causal with decay; one compile covers all of them. `quick=True` compiles with
+XLA's least execution-time optimisation effort (`exec_time_optimization_effort=-1`): Mosaic still compiles every
+kernel and still refuses a plan that overflows VMEM (`CompileTimeScopedVmemOom`, checked), at about a quarter of
+the compile time.
 Used by `tests/kernels/test_kernel_blocks_tpu_compile.py` (v5e, v6e) and `benchmarks/kernels.py --tpu-compile`
 (all four generations). Needs `jax[tpu]` (libtpu) installed and
 `ALLOW_MULTIPLE_LIBTPU_LOAD=1` where several processes load it.
@@ -19,7 +22,8 @@ import numpy as np
 
 KERNELS = ("flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv", "lightning_scan",
            "lightning_scan_reverse")
-KERNEL_CALLS = 7  # flash: fwd, dq, dk/dv; lightning: the forward scan, then dq (forward), dv and dk (reverse)
+KERNEL_CALLS = 10  # flash, twice: fwd, dq, dk/dv; lightning: the forward scan, then dq (forward), dv and dk (reverse)
+WINDOW = (1024, 0)  # the windowed flash call: each query sees itself and the 1024 keys before it
 TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 
 
@@ -45,13 +49,12 @@ def single_device_mesh(generation: str) -> jax.sharding.Mesh:
 def compile_kernels(mesh: jax.sharding.Mesh, *, length: int = 8192, head_dim: int = 128, heads: int = 8,
                     kv_heads: int = 2, batch: int = 1, quick: bool = False) -> CompileResult:
     """Compiles the kernels for the devices of `mesh` (in context, so the blocks follow its generation)."""
+    import jaxattn
     from jaxattn.kernels.common import tpu
     from jaxattn.kernels.common.verify import with_vjp
     from jaxattn.kernels.flash_attention import blocks as flash_blocks
-    from jaxattn.kernels.flash_attention import pallas as flash
     from jaxattn.kernels.lightning_attention import blocks as scan_blocks
-    from jaxattn.kernels.lightning_attention import pallas as lightning
-    from jaxattn.testing.lowering import jaxpr_equations
+    from jaxattn.testing.lowering import kernel_launches
 
     with jax.set_mesh(mesh):
         sharding = jax.sharding.NamedSharding(mesh, jax.P())
@@ -62,19 +65,21 @@ def compile_kernels(mesh: jax.sharding.Mesh, *, length: int = 8192, head_dim: in
         q, kv = sds((batch, length, heads, head_dim)), sds((batch, length, kv_heads, head_dim))
         lq = sds((batch, length, heads, head_dim))
         slopes = np.linspace(0.05, 0.5, heads, dtype=np.float32)  # numpy: no array on the deviceless devices
+        # Two documents: the segment masks are built and cut the band, as in packed training.
+        seg_ids = np.repeat(np.arange(2, dtype=np.int32), length // 2)[None].repeat(batch, 0)
 
         def fn(q, k, v, lq, lk, lv):
-            out, _ = flash.flash_attention(q, k, v, q_segment_ids=seg_ids, k_segment_ids=seg_ids, is_causal=True,
-                                           target="tpu")
-            lout, state = lightning.lightning_attention(lq, lk, lv, slopes, target="tpu")
-            return out, lout, state
+            out = jaxattn.dot_product_attention(q, k, v, query_segment_ids=seg_ids, key_segment_ids=seg_ids,
+                                                is_causal=True)
+            windowed = jaxattn.dot_product_attention(q, k, v, query_segment_ids=seg_ids, key_segment_ids=seg_ids,
+                                                     local_window_size=WINDOW)
+            lout, state = jaxattn.lightning_attention(lq, lk, lv, slopes=slopes, return_state=True)
+            return out, windowed, lout, state
 
-        seg_ids = np.zeros((batch, length), np.int32)  # one segment: the masks are built, nothing is cut
         args = (q, kv, kv, lq, lq, lq)
-        cotangents = (q, lq, sds((batch, heads, head_dim, head_dim), jnp.float32))
+        cotangents = (q, q, lq, sds((batch, heads, head_dim, head_dim), jnp.float32))
         fwd_bwd = with_vjp(fn, range(len(args)))
-        estimates = [e.params["cost_estimate"] for e in jaxpr_equations(fwd_bwd, *args, cotangents)
-                     if e.primitive.name == "pallas_call"]
+        estimates = [e.params["cost_estimate"] for e in kernel_launches(fwd_bwd, *args, cotangents, platform="tpu")]
         options = {"exec_time_optimization_effort": -1.0} if quick else None
         compiled = jax.jit(fwd_bwd).trace(*args, cotangents).lower().compile(compiler_options=options)
         generation = tpu.current_generation()
@@ -88,3 +93,4 @@ def compile_kernels(mesh: jax.sharding.Mesh, *, length: int = 8192, head_dim: in
         estimated_flops=sum(e.flops for e in estimates if e is not None),
         xla_flops=float(compiled.cost_analysis()["flops"]),
         temp_bytes=int(compiled.memory_analysis().temp_size_in_bytes))
+

@@ -1,6 +1,7 @@
 """Real Mosaic compiles (libtpu, deviceless) of the neighborhood-attention kernels, forward and backward in one
-program, at production shapes for TPU v5e and v6e: the three kernel calls are in the compiled program, the tiles
-follow the generation of the mesh in context, and XLA's cost analysis includes the kernels' cost estimates."""
+program, at production shapes for TPU v5e and v6e, reached through the public op with `implementation=None` (so
+dispatch, at lowering time, must pick them): the three kernel calls are in the compiled program, the tiles follow
+the generation of the mesh in context, and XLA's cost analysis includes the kernels' cost estimates."""
 import os
 
 import numpy as np
@@ -13,9 +14,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from jaxattn.core import neighborhood_windows as windows  # noqa: E402
+import jaxattn  # noqa: E402
 from jaxattn.kernels.common.verify import with_vjp  # noqa: E402
-from jaxattn.kernels.neighborhood_attention import blocks, pallas  # noqa: E402
+from jaxattn.kernels.neighborhood_attention import blocks  # noqa: E402
 from jaxattn.testing.lowering import pallas_call_costs  # noqa: E402
 
 TOPOLOGIES = {"v5e": "v5e:2x2", "v6e": "v6e:2x2"}
@@ -39,7 +40,6 @@ def test_kernels_compile_for_tpu(mesh, name):
     generation, mesh = mesh
     spatial, kernel, (n, k), h, opts = CASES[name]
     nd = len(spatial)
-    spec = windows.NASpec((kernel,) * nd, (opts.get("dilation", 1),) * nd, (1,) * nd, (opts.get("causal", False),) * nd)
     with jax.set_mesh(mesh):
         sharding = jax.sharding.NamedSharding(mesh, jax.P())
 
@@ -49,14 +49,15 @@ def test_kernels_compile_for_tpu(mesh, name):
         args = [sds((8, *spatial, n, h)), sds((8, *spatial, k, h)), sds((8, *spatial, k, h))]
         if opts.get("rpb"):
             args.append(sds((n,) + (2 * kernel - 1,) * nd, jnp.float32))
-        cotangents = (sds((8, *spatial, n, h)), sds((8, *spatial, n), jnp.float32))
+        cotangents = sds((8, *spatial, n, h))
 
         def fn(q, kk, v, *table):
-            return pallas.neighborhood_attention(q, kk, v, table[0] if table else None, spec=spec, target="tpu")
+            return jaxattn.neighborhood_attention(q, kk, v, kernel, dilation=opts.get("dilation", 1),
+                                                  is_causal=opts.get("causal", False), rpb=table[0] if table else None)
 
         fwd_bwd = with_vjp(fn, range(len(args)))
         assert blocks.tpu_generation() == generation
-        costs = pallas_call_costs(fwd_bwd, *args, cotangents)
+        costs = pallas_call_costs(fwd_bwd, *args, cotangents, platform="tpu")
         compiled = jax.jit(fwd_bwd).trace(*args, cotangents).lower().compile()
     text = compiled.as_text()
     assert text.count('custom_call_target="tpu_custom_call"') == 3 and all(kname in text for kname in KERNELS)
