@@ -3,6 +3,8 @@
 - `@pytest.mark.devices(n)`: the test body runs in a child pytest process that sees `n` forced host CPU devices
   (the parent's JAX keeps its single device). Inside the child the mark is a no-op.
 - Hypothesis: no deadline (JIT compiles are slow on 2 cores); example counts kept small for CI.
+- libtpu (the test extra installs it, for the deviceless TPU compiles): `ALLOW_MULTIPLE_LIBTPU_LOAD=1`, since
+  every xdist worker and every `devices(n)` child loads it and libtpu's lockfile otherwise refuses the second.
 """
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ import os
 import subprocess
 import sys
 
-import pytest
-from hypothesis import settings
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from jaxattn.testing.devices import DEVICE_COUNT_ENV, device_env
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+from jaxattn.testing.devices import DEVICE_COUNT_ENV, device_env  # noqa: E402
 
 settings.register_profile("ci", deadline=None, max_examples=12, derandomize=True, print_blob=True)
 settings.register_profile("dev", deadline=None, max_examples=50)
