@@ -36,7 +36,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import jax
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 ROLES = ("b", "n", "k", ".")
 HEAD_AXES = ("tensor", "model", "heads")  # mesh axes that split attention heads (Megatron tensor parallelism)
@@ -66,9 +66,10 @@ def per_shard(fn: Callable, operands: Sequence, dims: Sequence, out_dims: Sequen
     if not auto or mesh.size == 1:
         return flat_fn(*leaves)
     layout = _Layout([x.shape for x in leaves], leaf_dims)
-    axes = layout.split_axes(mesh, heads=heads)
+    axes = layout.split_axes(mesh, heads=heads, types=[jax.typeof(x) for x in leaves], dims=leaf_dims)
     in_specs = tuple(layout.spec(axes, x.shape, d) for x, d in zip(leaves, leaf_dims))
     out_specs = tuple(layout.spec(axes, None, d) for d in out_dims)
+    leaves = [_reshard_explicit(x, spec, mesh) for x, spec in zip(leaves, in_specs)]
     # Manual over every axis left (a Mosaic call must not sit in a partly automatic region); what is not split
     # over an axis is replicated over it, and so is every result (the same on each of its devices).
     return jax.shard_map(flat_fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=set(auto),
@@ -114,12 +115,22 @@ class _Layout:
             raise ValueError(f"query heads ({num_q}) must be a multiple of key/value heads ({num_kv})")
         self.heads = num_kv or num_q or 1  # what a head split must divide (whole GQA groups)
 
-    def split_axes(self, mesh, *, heads: bool) -> dict[str, tuple[str, ...]]:
-        """The mesh axes that split the batch ('b') and the heads ('heads'), outermost first."""
-        free = [a for a, t in zip(mesh.axis_names, mesh.axis_types)
-                if t != AxisType.Manual and mesh.shape[a] > 1 and a not in SEQUENCE_AXES]
-        head_axes = [a for a in free if a in HEAD_AXES] if heads and "n" in self.sizes else []
-        batch_axes = [a for a in free if a not in HEAD_AXES] if "b" in self.sizes else []
+    def split_axes(self, mesh, *, heads: bool, types, dims) -> dict[str, tuple[str, ...]]:
+        """The mesh axes that split the batch ('b') and the heads ('heads'), outermost first. Auto axes by name;
+        an Explicit axis only where the operands' types already split that role over it."""
+        explicit = _explicit_splits(mesh, types, dims)
+        kinds = dict(zip(mesh.axis_names, mesh.axis_types))
+
+        def usable(a, role):
+            if kinds[a] == AxisType.Manual or mesh.shape[a] == 1:
+                return False
+            return a in explicit.get(role, ()) if kinds[a] == AxisType.Explicit else a not in SEQUENCE_AXES
+
+        head_role = "k" if "k" in self.sizes else "n"
+        head_axes = ([a for a in mesh.axis_names if a in HEAD_AXES and usable(a, head_role)]
+                     if heads and "n" in self.sizes else [])
+        batch_axes = ([a for a in mesh.axis_names if a not in HEAD_AXES and usable(a, "b")]
+                      if "b" in self.sizes else [])
         return {"b": _dividing(batch_axes, self.sizes.get("b", 1), mesh),
                 "heads": _dividing(head_axes, self.heads, mesh)}
 
@@ -131,6 +142,39 @@ class _Layout:
             split = () if whole else axes["b"] if role == "b" else axes["heads"]
             entries.append(None if not split else split[0] if len(split) == 1 else split)
         return PartitionSpec(*entries)
+
+
+def _explicit_splits(mesh, types, dims) -> dict[str, set[str]]:
+    """Per role, the Explicit mesh axes that some operand's type splits that role's dimension over."""
+    kinds = dict(zip(mesh.axis_names, mesh.axis_types))
+    found = {}
+    for t, d in zip(types, dims):
+        spec = getattr(getattr(t, "sharding", None), "spec", None) or ()
+        for role, entry in zip(d, spec):
+            names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            found.setdefault(role, set()).update(a for a in names if kinds.get(a) == AxisType.Explicit)
+    return found
+
+
+def _reshard_explicit(x, spec: PartitionSpec, mesh):
+    """`x` resharded where its type's split over Explicit axes differs from `spec`'s (shard_map checks those)."""
+    kinds = dict(zip(mesh.axis_names, mesh.axis_types))
+    if AxisType.Explicit not in kinds.values():
+        return x
+
+    def explicit(entries):
+        out = []
+        for entry in tuple(entries) + (None,) * (x.ndim - len(entries)):
+            names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            names = tuple(a for a in names if kinds.get(a) == AxisType.Explicit)
+            out.append(None if not names else names[0] if len(names) == 1 else names)
+        return PartitionSpec(*out)
+
+    have = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or PartitionSpec()
+    want = explicit(spec)
+    if explicit(have) == want:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, want))
 
 
 def _dividing(names, extent: int, mesh) -> tuple[str, ...]:
