@@ -32,7 +32,6 @@ The kernels' custom VJPs call `per_shard` for each launch, forward and backward,
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -62,8 +61,8 @@ def per_shard(fn: Callable, operands: Sequence, dims: Sequence, out_dims: Sequen
         return outs
 
     mesh = _mesh(leaves)
-    auto = [] if mesh is None else [a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual]
-    if not auto or mesh.size == 1:
+    free = [] if mesh is None else [a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual]
+    if not free or mesh.size == 1:
         return flat_fn(*leaves)
     layout = _Layout([x.shape for x in leaves], leaf_dims)
     axes = layout.split_axes(mesh, heads=heads, types=[jax.typeof(x) for x in leaves], dims=leaf_dims)
@@ -72,7 +71,7 @@ def per_shard(fn: Callable, operands: Sequence, dims: Sequence, out_dims: Sequen
     leaves = [_reshard_explicit(x, spec, mesh) for x, spec in zip(leaves, in_specs)]
     # Manual over every axis left (a Mosaic call must not sit in a partly automatic region); what is not split
     # over an axis is replicated over it, and so is every result (the same on each of its devices).
-    return jax.shard_map(flat_fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=set(auto),
+    return jax.shard_map(flat_fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=set(free),
                          check_vma=False)(*leaves)
 
 
@@ -151,8 +150,7 @@ def _explicit_splits(mesh, types, dims) -> dict[str, set[str]]:
     for t, d in zip(types, dims):
         spec = getattr(getattr(t, "sharding", None), "spec", None) or ()
         for role, entry in zip(d, spec):
-            names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-            found.setdefault(role, set()).update(a for a in names if kinds.get(a) == AxisType.Explicit)
+            found.setdefault(role, set()).update(a for a in _axis_names(entry) if kinds.get(a) == AxisType.Explicit)
     return found
 
 
@@ -165,8 +163,7 @@ def _reshard_explicit(x, spec: PartitionSpec, mesh):
     def explicit(entries):
         out = []
         for entry in tuple(entries) + (None,) * (x.ndim - len(entries)):
-            names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-            names = tuple(a for a in names if kinds.get(a) == AxisType.Explicit)
+            names = tuple(a for a in _axis_names(entry) if kinds.get(a) == AxisType.Explicit)
             out.append(None if not names else names[0] if len(names) == 1 else names)
         return PartitionSpec(*out)
 
@@ -177,8 +174,13 @@ def _reshard_explicit(x, spec: PartitionSpec, mesh):
     return jax.sharding.reshard(x, NamedSharding(mesh, want))
 
 
+def _axis_names(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _dividing(names, extent: int, mesh) -> tuple[str, ...]:
-    """The longest prefix-greedy choice of `names` whose sizes multiply to a divisor of `extent`."""
+    """`names` in order, each kept while the product of the kept axes' sizes still divides `extent`."""
     chosen, product = [], 1
     for a in names:
         if extent % (product * mesh.shape[a]) == 0:

@@ -49,13 +49,37 @@ OPS = {
                                         "neighborhood_attention_dkv")),
     "lightning": (_lightning, N, ("lightning_scan", "lightning_scan_reverse")),
 }
+
+
+def _dot_product_features(q, k, v, bias, sinks, implementation=None):
+    """Bias shared by the batch rows (its gradient summed over them), sinks, two documents per row."""
+    segments = (jnp.arange(q.shape[1]) >= q.shape[1] // 3).astype(jnp.int32)[None].repeat(q.shape[0], 0)
+    return jaxattn.dot_product_attention(q, k, v, bias, sinks=sinks, query_segment_ids=segments,
+                                         key_segment_ids=segments, implementation=implementation)
+
+
+def _neighborhood_rpb(q, k, v, rpb, implementation=None):
+    side = math.isqrt(q.shape[1])
+    shape = (q.shape[0], side, side, *q.shape[2:])
+    out = jaxattn.neighborhood_attention(q.reshape(shape), k.reshape(shape[:3] + k.shape[2:]),
+                                         v.reshape(shape[:3] + v.shape[2:]), (3, 3), dilation=2, rpb=rpb,
+                                         implementation=implementation)
+    return out.reshape(q.shape[:2] + out.shape[3:])
+
+
+# CPU only: differentiated extras (shapes for T tokens): the dlogits / d rpb kernels' outputs per shard too.
+WITH_FEATURES = {
+    "dot_product_features": (_dot_product_features, K, lambda t: [(1, N, t, t), (N,)]),
+    "neighborhood_rpb_dilated": (_neighborhood_rpb, N, lambda t: [(N, 5, 5)]),
+}
 MESHES = {"batch_over_4": ((4,), ("data",)), "data_2_tensor_2": ((2, 2), ("data", "tensor"))}
 
 
-def _loss_and_grads(op, implementation=None):
-    def loss(q, k, v):
-        return jnp.sum(op(q, k, v, implementation).astype(jnp.float32) ** 2)
-    return jax.value_and_grad(loss, argnums=(0, 1, 2))
+def _loss_and_grads(op, count=3, implementation=None):
+    """The sum of squares of `op(*args)` and its gradients for the first `count` arguments (all of them)."""
+    def loss(*args):
+        return jnp.sum(op(*args, implementation).astype(jnp.float32) ** 2)
+    return jax.value_and_grad(loss, argnums=tuple(range(count)))
 
 
 def _specs(mesh, kv_heads, dtype):
@@ -96,18 +120,18 @@ def test_kernels_compile_per_shard_for_tpu(tpu_devices, op_name, mesh_name):
 
 
 @pytest.mark.devices(4)
-@pytest.mark.parametrize("op_name", OPS)
+@pytest.mark.parametrize("op_name", [*OPS, *WITH_FEATURES])
 def test_sharded_pallas_kernels_match_unsharded(op_name):
-    op, kv_heads, _ = OPS[op_name]
+    op, kv_heads, extras = WITH_FEATURES[op_name] if op_name in WITH_FEATURES else (*OPS[op_name][:2], lambda t: [])
     mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    shapes = [(B, 64, N, 32), (B, 64, kv_heads, 32), (B, 64, kv_heads, 32)]
-    keys = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (jax.random.normal(key, s, jnp.float32) for key, s in zip(keys, shapes))
-    fn = _loss_and_grads(op, "pallas")
-    expected = jax.jit(fn)(q, k, v)
-    sharding = NamedSharding(mesh, P("data", None, "tensor", None))
-    sharded = jax.jit(fn)(*(jax.device_put(x, sharding) for x in (q, k, v)))
-    hlo = jax.jit(fn).lower(*(jax.device_put(x, sharding) for x in (q, k, v))).as_text()
-    assert "shard_map" in hlo or "sdy.manual_computation" in hlo
-    for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(expected)):
+    b, t = 2, 64  # one batch row per shard
+    shapes = [(b, t, N, 32), (b, t, kv_heads, 32), (b, t, kv_heads, 32), *extras(t)]
+    keys = jax.random.split(jax.random.key(0), len(shapes))
+    args = [jax.random.normal(key, s, jnp.float32) for key, s in zip(keys, shapes)]
+    fn = jax.jit(_loss_and_grads(op, len(args), "pallas"))
+    expected = fn(*args)
+    by_batch_and_heads = NamedSharding(mesh, P("data", None, "tensor", None))
+    sharded_args = [jax.device_put(x, by_batch_and_heads) for x in args[:3]] + args[3:]
+    assert "sdy.manual_computation" in fn.lower(*sharded_args).as_text()  # the kernels' shard_map
+    for got, want in zip(jax.tree.leaves(fn(*sharded_args)), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
