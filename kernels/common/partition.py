@@ -27,7 +27,7 @@ Dimension roles, one letter per dimension in `dims` / `out_dims` strings (space 
 
 Nothing changes on one device, or when every axis is manual: `fn` is called directly. Otherwise the region is
 manual over every remaining axis (Mosaic refuses partly automatic regions), and what cannot be split (a batch
-the axes do not divide, the dilated kernels' groups) is replicated: each device then runs that part whole.
+or heads the axes do not divide) is replicated: each device then runs that part whole.
 The kernels' custom VJPs call `per_shard` for each launch, forward and backward, so gradients are split the same.
 """
 from __future__ import annotations
