@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxattn.core import blocking, softmax
 from jaxattn.kernels.common import blocks as common_blocks
-from jaxattn.kernels.common import platform
+from jaxattn.kernels.common import partition, platform
 from jaxattn.kernels.flash_attention import blocks, cost, pallas_bwd, pallas_fwd, vjp, walk
 from jaxattn.kernels.flash_attention.blocks import BlockSizes
 from jaxattn.kernels.flash_attention.tile import Problem
@@ -201,7 +201,25 @@ def _walk_table(static: _Static, dynamic, q, k, block_q: int, block_k: int, *, k
                       num_k=k.shape[2] // block_k, key_major=key_major)
 
 
+# Roles of the kernels' operands for `partition.per_shard`: batch 'b', query heads 'n', key/value heads 'k'.
+ROWS = "b n . ."  # q, out, lse, d_out, delta, bias (its broadcast batch/heads stay whole), dlogits
+KV = "b k . ."  # k, v, dk, dv
+INPUT_DIMS = (ROWS, KV, KV, ROWS, "b . .", "b . .")  # q, k, v, bias, q_seg, k_seg
+SINKS, DYNAMIC = ". n . .", ("b", "b n . .")  # sinks [1, N, Tp, 1]; kv_lengths [B], block_mask [B|1, N|1, ...]
+
+
+def _splits_heads(static: _Static) -> bool:
+    """Per-head windows are static data of every head: such kernels run with whole heads."""
+    return static.problem.head_windows is None
+
+
 def _forward(q, k, v, bias, q_seg, k_seg, sinks, dynamic, static: _Static):
+    return partition.per_shard(functools.partial(_forward_shard, static=static),
+                               (q, k, v, bias, q_seg, k_seg, sinks, dynamic), (*INPUT_DIMS, SINKS, DYNAMIC),
+                               (ROWS, ROWS), heads=_splits_heads(static))
+
+
+def _forward_shard(q, k, v, bias, q_seg, k_seg, sinks, dynamic, static: _Static):
     sizes = static.sizes
     estimate = cost.kernel_cost("fwd", static.problem, q, k, v, bias, q_seg, block_q=sizes.block_q,
                                 block_k=sizes.block_k)
@@ -216,21 +234,37 @@ def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, sinks, dynamic, out,
     if d_lse is not None:
         delta = delta - d_lse
     lse = softmax.finite_or_zero(lse)
-    args = (q, k, v, bias, q_seg, k_seg, d_out, lse, delta)
-    common = dict(problem=static.problem, target=static.target, mode=static.mode)
-    sizes = static.sizes
-    dq_cost = cost.kernel_cost("dq", static.problem, q, k, v, bias, q_seg, block_q=sizes.block_q_dq,
-                               block_k=sizes.block_k_dq, dlogits=want_dbias)
-    dkv_cost = cost.kernel_cost("dkv", static.problem, q, k, v, bias, q_seg, block_q=sizes.block_q_dkv,
-                                block_k=sizes.block_k_dkv)
-    dq, dlogits = pallas_bwd.dq(*args, _walk_table(static, dynamic, q, k, sizes.block_q_dq, sizes.block_k_dq),
-                                want_dbias=want_dbias, block_q=sizes.block_q_dq, block_k=sizes.block_k_dq,
-                                cost_estimate=dq_cost, **common)
-    dk, dv = pallas_bwd.dkv(*args, _walk_table(static, dynamic, q, k, sizes.block_q_dkv, sizes.block_k_dkv,
-                                               key_major=True),
-                            block_q=sizes.block_q_dkv, block_k=sizes.block_k_dkv, cost_estimate=dkv_cost, **common)
+    args = (q, k, v, bias, q_seg, k_seg, d_out, lse, delta, dynamic)
+    dims = (*INPUT_DIMS, ROWS, ROWS, ROWS, DYNAMIC)
+    heads = _splits_heads(static)
+    dq_out = partition.per_shard(functools.partial(_dq_shard, static=static, want_dbias=want_dbias), args, dims,
+                                 (ROWS, ROWS) if want_dbias else (ROWS,), heads=heads)
+    dq, dlogits = dq_out[0], (dq_out[1] if want_dbias else None)
+    dk, dv = partition.per_shard(functools.partial(_dkv_shard, static=static), args, dims, (KV, KV), heads=heads)
     dsinks = None if sinks is None else softmax.sink_gradient(sinks, lse, delta, 0)[None]
     return dq, dk, dv, dlogits, dsinks
+
+
+def _dq_shard(q, k, v, bias, q_seg, k_seg, d_out, lse, delta, dynamic, *, static: _Static, want_dbias: bool):
+    sizes = static.sizes
+    estimate = cost.kernel_cost("dq", static.problem, q, k, v, bias, q_seg, block_q=sizes.block_q_dq,
+                                block_k=sizes.block_k_dq, dlogits=want_dbias)
+    dq, dlogits = pallas_bwd.dq(q, k, v, bias, q_seg, k_seg, d_out, lse, delta,
+                                _walk_table(static, dynamic, q, k, sizes.block_q_dq, sizes.block_k_dq),
+                                want_dbias=want_dbias, block_q=sizes.block_q_dq, block_k=sizes.block_k_dq,
+                                cost_estimate=estimate, problem=static.problem, target=static.target,
+                                mode=static.mode)
+    return (dq, dlogits) if want_dbias else (dq,)
+
+
+def _dkv_shard(q, k, v, bias, q_seg, k_seg, d_out, lse, delta, dynamic, *, static: _Static):
+    sizes = static.sizes
+    estimate = cost.kernel_cost("dkv", static.problem, q, k, v, bias, q_seg, block_q=sizes.block_q_dkv,
+                                block_k=sizes.block_k_dkv)
+    table = _walk_table(static, dynamic, q, k, sizes.block_q_dkv, sizes.block_k_dkv, key_major=True)
+    return pallas_bwd.dkv(q, k, v, bias, q_seg, k_seg, d_out, lse, delta, table, block_q=sizes.block_q_dkv,
+                          block_k=sizes.block_k_dkv, cost_estimate=estimate, problem=static.problem,
+                          target=static.target, mode=static.mode)
 
 
 _flash = flash_vjp(_forward, _backward)

@@ -10,11 +10,13 @@ Sinks, the soft cap, per-head windows, `kv_lengths` and block masks as in `palla
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from jaxattn.core import softmax
+from jaxattn.kernels.common import partition
 from jaxattn.kernels.flash_attention import triton_launch, vjp, walk
 from jaxattn.kernels.flash_attention.tile import Problem
 from jaxattn.kernels.flash_attention.vjp import flash_vjp
@@ -119,36 +121,65 @@ def _operands(q, k, v, bias, q_seg, k_seg, sinks, table):
             jnp.zeros((1,), jnp.float32) if sinks is None else sinks.astype(jnp.float32), table)
 
 
+# `partition.per_shard` roles of the heads-last arrays: batch 'b', query heads 'n', key/value heads 'k'.
+ROWS, KV, PER_ROW = "b . n .", "b . k .", "b n ."  # [B, T, N, .], [B, S, K, .], [B, N, T] (lse, delta)
+# q, k, v, bias [Bb, Nb, T, S], q_seg [B, T], k_seg [B, S], sinks [N], (kv_lengths [B], block_mask [B|1, N|1, ..])
+INPUT_DIMS = (ROWS, KV, KV, "b n . .", "b .", "b .", "n", ("b", "b n . ."))
+
+
+def _per_shard(kernel, static: _Static, operands, dims, out_dims):
+    """`kernel(*operands, static=)` per shard of batch and heads (whole heads with per-head windows)."""
+    return partition.per_shard(functools.partial(kernel, static=static), operands, dims, out_dims,
+                               heads=static.problem.head_windows is None)
+
+
 def _forward(q, k, v, bias, q_seg, k_seg, sinks, dynamic, static: _Static):
+    return _per_shard(_forward_shard, static, (q, k, v, bias, q_seg, k_seg, sinks, dynamic), INPUT_DIMS,
+                      (ROWS, PER_ROW))
+
+
+def _forward_shard(q, k, v, bias, q_seg, k_seg, sinks, dynamic, *, static: _Static):
     b, t, n, _ = q.shape
     launch = _plan("flash_fwd", static, q, k, v, bias, q_seg, sinks, dynamic)
     out_shape = [jax.ShapeDtypeStruct((b, t, n, v.shape[-1]), q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)]
     operands = _operands(q, k, v, bias, q_seg, k_seg, sinks, _walk_table(launch, static, q, k, dynamic))
-    out, lse = _launch(launch, operands, out_shape)
-    return out, lse
+    return tuple(_launch(launch, operands, out_shape))
 
 
 def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, sinks, dynamic, out, lse, d_out, d_lse, want_dbias):
-    b, t, n, _ = q.shape
     delta = jnp.einsum("btnd,btnd->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
     if d_lse is not None:
         delta = delta - d_lse
     lse = softmax.finite_or_zero(lse)
-
-    def inputs(launch):
-        return (*_operands(q, k, v, bias, q_seg, k_seg, sinks, _walk_table(launch, static, q, k, dynamic)), d_out,
-                lse, delta)
-
-    dkv = _plan("flash_bwd_dkv", static, q, k, v, bias, q_seg, sinks, dynamic)
-    dk, dv = _launch(dkv, inputs(dkv), [jax.ShapeDtypeStruct(k.shape, k.dtype),
-                                        jax.ShapeDtypeStruct(v.shape, v.dtype)])
-    dq_launch = _plan("flash_bwd_dq", static, q, k, v, bias, q_seg, sinks, dynamic, store_ds=want_dbias)
-    ds_shape = (b, n, t, k.shape[1]) if want_dbias else (1,)
-    dq, ds = _launch(dq_launch, inputs(dq_launch), [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                                                    jax.ShapeDtypeStruct(ds_shape, jnp.float32)],
-                     zeroed_outputs=(1,) if want_dbias else ())
+    args = (q, k, v, bias, q_seg, k_seg, sinks, dynamic, d_out, lse, delta)
+    dims = (*INPUT_DIMS, ROWS, PER_ROW, PER_ROW)
+    dk, dv = _per_shard(_dkv_shard, static, args, dims, (KV, KV))
+    dq, ds = _per_shard(functools.partial(_dq_shard, want_dbias=want_dbias), static, args, dims,
+                        (ROWS, "b n . ." if want_dbias else "."))
     dsinks = None if sinks is None else softmax.sink_gradient(sinks[None, :, None], lse, delta, (0, 2))
     return dq, dk, dv, (ds if want_dbias else None), dsinks
+
+
+def _shard_inputs(launch, static: _Static, q, k, v, bias, q_seg, k_seg, sinks, dynamic, d_out, lse, delta):
+    return (*_operands(q, k, v, bias, q_seg, k_seg, sinks, _walk_table(launch, static, q, k, dynamic)), d_out, lse,
+            delta)
+
+
+def _dkv_shard(q, k, v, bias, q_seg, k_seg, sinks, dynamic, d_out, lse, delta, *, static: _Static):
+    launch = _plan("flash_bwd_dkv", static, q, k, v, bias, q_seg, sinks, dynamic)
+    inputs = _shard_inputs(launch, static, q, k, v, bias, q_seg, k_seg, sinks, dynamic, d_out, lse, delta)
+    return tuple(_launch(launch, inputs, [jax.ShapeDtypeStruct(k.shape, k.dtype),
+                                          jax.ShapeDtypeStruct(v.shape, v.dtype)]))
+
+
+def _dq_shard(q, k, v, bias, q_seg, k_seg, sinks, dynamic, d_out, lse, delta, *, static: _Static, want_dbias):
+    b, t, n, _ = q.shape
+    launch = _plan("flash_bwd_dq", static, q, k, v, bias, q_seg, sinks, dynamic, store_ds=want_dbias)
+    inputs = _shard_inputs(launch, static, q, k, v, bias, q_seg, k_seg, sinks, dynamic, d_out, lse, delta)
+    ds_shape = (b, n, t, k.shape[1]) if want_dbias else (1,)
+    return tuple(_launch(launch, inputs, [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                                          jax.ShapeDtypeStruct(ds_shape, jnp.float32)],
+                         zeroed_outputs=(1,) if want_dbias else ()))
 
 
 _attention = jax.jit(flash_vjp(_forward, _backward), static_argnums=(8,))

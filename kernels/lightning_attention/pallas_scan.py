@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxattn.core import segments
-from jaxattn.kernels.common import cost, platform
+from jaxattn.kernels.common import cost, partition, platform
 from jaxattn.kernels.common.loops import Reduction
 from jaxattn.kernels.lightning_attention import blocks
 
@@ -58,7 +58,22 @@ def _dot(a, b, *, transpose_a=False, transpose_b=False):
 
 def scan(a, b, c, slopes, init, docs, static: ScanStatic, *, reverse: bool, want_state: bool, out_dtype=None):
     """Returns `(o [B, N, Tp, Dc] in out_dtype (default c.dtype), state [B, N, Da, Dc] fp32 or None)`.
-    `docs`: document ids `[B, Tp]` int32 (padded with the edge id) or None."""
+    `docs`: document ids `[B, Tp]` int32 (padded with the edge id) or None. Runs per shard of batch and heads
+    (`partition.per_shard`)."""
+    def local(*operands):
+        return _scan(*operands, static, reverse=reverse, want_state=want_state, out_dtype=out_dtype)
+
+    outs = partition.per_shard(local, (a, b, c, slopes, init, docs), SCAN_DIMS,
+                               SCAN_OUT_DIMS[:1 + want_state])
+    return outs[0], (outs[1] if want_state else None)
+
+
+SCAN_DIMS = ("b n . .", "b n . .", "b n . .", "n", "b n . .", "b .")  # a, b, c, slopes, init, docs
+SCAN_OUT_DIMS = ("b n . .", "b n . .")  # o, state
+
+
+def _scan(a, b, c, slopes, init, docs, static: ScanStatic, *, reverse: bool, want_state: bool, out_dtype=None):
+    """`scan` on one shard: a tuple `(o,)` or `(o, state)`."""
     batch, heads, tp, da = a.shape
     dc = c.shape[-1]
     block = static.sizes.block
@@ -116,7 +131,7 @@ def scan(a, b, c, slopes, init, docs, static: ScanStatic, *, reverse: bool, want
         cost_estimate=scan_cost(a, c, out_shape[0].dtype, static, decay=slopes is not None, init=init is not None,
                                 want_state=want_state),
     )(*operands)
-    return outs[0], (outs[1] if want_state else None)
+    return tuple(outs)
 
 
 def scan_cost(a, c, out_dtype, static: ScanStatic, *, decay: bool, init: bool, want_state: bool) -> pl.CostEstimate:

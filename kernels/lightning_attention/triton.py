@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.core import segments
+from jaxattn.kernels.common import partition
 from jaxattn.kernels.lightning_attention import triton_launch, vjp
 
 
@@ -30,7 +31,20 @@ def _triton_call():
 
 def _scan(a, b, c, slopes, init, docs, static: _Static, *, reverse: bool, want_state: bool, out_dtype=None):
     """The `vjp.py` scan on heads-last arrays: `(o [B, T, N, Dc], state [B, N, Da, Dc] fp32 or None)`; `docs`:
-    document ids `[B, T]` or None."""
+    document ids `[B, T]` or None. Runs per shard of batch and heads (`partition.per_shard`)."""
+    def local(*operands):
+        out, state = _scan_shard(*operands, static, reverse=reverse, want_state=want_state, out_dtype=out_dtype)
+        return (out, state) if want_state else (out,)
+
+    outs = partition.per_shard(local, (a, b, c, slopes, init, docs), SCAN_DIMS, SCAN_OUT_DIMS[:1 + want_state])
+    return outs[0], (outs[1] if want_state else None)
+
+
+SCAN_DIMS = ("b . n .", "b . n .", "b . n .", "n", "b n . .", "b .")  # a, b, c, slopes, init, docs (heads-last)
+SCAN_OUT_DIMS = ("b . n .", "b n . .")  # o, state
+
+
+def _scan_shard(a, b, c, slopes, init, docs, static: _Static, *, reverse: bool, want_state: bool, out_dtype=None):
     from jaxattn.kernels.lightning_attention import triton_kernels
     batch, t, heads, da = a.shape
     dc = c.shape[-1]

@@ -25,7 +25,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from jaxattn.core import blocking
 from jaxattn.kernels.common import blocks as common_blocks
-from jaxattn.kernels.common import platform
+from jaxattn.kernels.common import partition, platform
 from jaxattn.kernels.neighborhood_attention import blocks, pallas_bwd, pallas_fwd
 from jaxattn.kernels.neighborhood_attention.geometry import Geometry
 
@@ -113,8 +113,53 @@ def _bias_tiles(rows, geo: Geometry):
 
 
 def _forward(q, k, v, rows, static: _Static):
-    return pallas_fwd.forward(q, k, v, _bias_tiles(rows, static.geo), geo=static.geo, scale=static.scale,
-                              target=static.target, mode=static.mode)
+    def forward(q, k, v, bias, *, geo):
+        return pallas_fwd.forward(q, k, v, bias, geo=geo, scale=static.scale, target=static.target,
+                                  mode=static.mode)
+
+    return _per_shard(forward, static.geo, (q, k, v), (_bias_tiles(rows, static.geo),), (ROWS, KV, KV),
+                      (BIAS_TILES,), (ROWS, ROWS))
+
+
+# `partition.per_shard` roles of the kernels' arrays (their batch `Bd = groups x B`, see `_per_shard`).
+ROWS, KV = "b n . .", "b k . ."  # [Bd, N, Sq, .] (q, out, lse, d_out, delta, dq), [Bd, K, Sk, .] (k, v, dk, dv)
+BIAS_TILES, RPB_ROWS = "n . . .", "n . ."  # [N, offsets, bq, bk], [N, 1, Pp]
+
+
+def _per_shard(kernel, geo: Geometry, batched, others, batched_dims, other_dims, out_dims):
+    """`kernel(*batched, *others, geo=)` run per shard of batch rows and heads. `batched` (q, k first) and the
+    results have the kernels' batch `Bd`, dilation groups leading: it is split as `[groups, B]`, so that B
+    splits like the op's batch; each shard gets the geometry of its rows and heads."""
+    g = geo.groups
+
+    def local(*args):
+        xs = [x.reshape(-1, *x.shape[2:]) for x in args[:len(batched)]]
+        shard = dataclasses.replace(geo, batch=xs[0].shape[0] // g, heads=xs[0].shape[1], kv_heads=xs[1].shape[1])
+        outs = kernel(*xs, *args[len(batched):], geo=shard)
+        return tuple(o.reshape(g, -1, *o.shape[1:]) for o in outs)
+
+    grouped = tuple(x.reshape(g, -1, *x.shape[1:]) for x in batched)
+    outs = partition.per_shard(local, (*grouped, *others), (*(". " + d for d in batched_dims), *other_dims),
+                               [". " + d for d in out_dims])
+    return tuple(o.reshape(-1, *o.shape[2:]) for o in outs)
+
+
+def _backward_kernels(q, k, v, bias, rows, d_out, lse, delta, static: _Static):
+    """`(dq, d rpb partials or None, dk, dv)`, each kernel run per shard."""
+    common = dict(scale=static.scale, target=static.target, mode=static.mode)
+    batched, dims = (q, k, v, d_out, lse, delta), (ROWS, KV, KV, ROWS, ROWS, ROWS)
+
+    def dq(q, k, v, d_out, lse, delta, bias, rows, *, geo):
+        dq, drows = pallas_bwd.dq(q, k, v, bias, rows, d_out, lse, delta, geo=geo, **common)
+        return (dq,) if rows is None else (dq, drows)
+
+    def dkv(q, k, v, d_out, lse, delta, bias, *, geo):
+        return pallas_bwd.dkv(q, k, v, bias, d_out, lse, delta, geo=geo, **common)
+
+    dq_out = _per_shard(dq, static.geo, batched, (bias, rows), dims, (BIAS_TILES, RPB_ROWS),
+                        (ROWS,) if rows is None else (ROWS, ROWS + " ."))
+    dk, dv = _per_shard(dkv, static.geo, batched, (bias,), dims, (BIAS_TILES,), (KV, KV))
+    return dq_out[0], (dq_out[1] if rows is not None else None), dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -139,12 +184,9 @@ def _attend_bwd(static: _Static, residuals, cotangents):
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     if not isinstance(d_lse, SymbolicZero):
         delta = delta - d_lse
-    common = dict(geo=static.geo, scale=static.scale, target=static.target, mode=static.mode)
     d_out = d_out.astype(q.dtype)
-    bias = _bias_tiles(rows, static.geo)
-    dq, drows = pallas_bwd.dq(q, k, v, bias, rows if wants_drows is not None else None, d_out, lse, delta,
-                              **common)
-    dk, dv = pallas_bwd.dkv(q, k, v, bias, d_out, lse, delta, **common)
+    dq, drows, dk, dv = _backward_kernels(q, k, v, _bias_tiles(rows, static.geo),
+                                          rows if wants_drows is not None else None, d_out, lse, delta, static)
     if drows is not None:
         drows = jnp.sum(drows, axis=(0, 2)).astype(rows.dtype)  # [N, 1, Pp]
     elif rows is not None:

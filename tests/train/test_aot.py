@@ -223,3 +223,20 @@ def test_unknown_topology_is_one_line_exit_2():
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--topology='v9x:2x2'" in errors[0] and "Traceback" not in result.stderr
+
+
+def test_softmax_lm_compiles_for_a_pod_with_the_flash_kernels_per_shard(tmp_path):
+    """`configs/softmax_lm.py` (softmax_lm_tiny, short windows) on v5e:2x2 as data 2 x fsdp 2: the train step
+    compiles with the Mosaic flash kernels in it, each on its shard of the batch (8 rows / 4 devices)."""
+    pytest.importorskip("libtpu")
+    hlo = tmp_path / "step.hlo"
+    result = subprocess.run([sys.executable, "-m", "train.aot", "--config=configs/softmax_lm.py", "--topology=v5e:2x2",
+                             "--eval_step=false", "--config.seq_len=128", "--config.batch_size=8",
+                             "--config.compile_fast=true", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+                             f"--hlo={hlo}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Mosaic kernels compiled: flash_attention_dkv x4, flash_attention_dq x4, flash_attention_fwd x4" in (
+        result.stdout), result.stdout
+    forward = [line for line in hlo.read_text().splitlines()
+               if "%flash_attention_fwd" in line and "custom-call(" in line]
+    assert forward and all("= (f32[2,4,128," in line for line in forward), forward[:1]
