@@ -12,10 +12,11 @@ Causal masks from global chunk positions, per step:
   the source's early chunk or this device's late chunk against the whole source shard. Every device does the
   same work.
 
-Backward (`custom_vjp`): the same ring again; each step runs the op's backward alone
-(`dot_product_attention_backward`: the platform's flash backward, no forward repeated) on its block with the
-GLOBAL merged output and lse, and the dK/dV accumulators travel round the ring with their K/V, arriving home
-after `n` hops. Memory stays O(local shard).
+Backward (`custom_vjp`): `delta = rowsum(d_out * out) - d_lse` of the GLOBAL merged output is computed once,
+before the ring; then the same ring again, each step running the op's backward alone
+(`dot_product_attention_backward`: the platform's flash backward, no forward repeated) on its block with that
+`delta` and the global merged lse (the output itself is not read again), and the dK/dV accumulators travel round
+the ring with their K/V, arriving home after `n` hops. Memory stays O(local shard).
 
 Segment ids (packed sequences): the key ids travel round the ring with K/V, each block gets its slice of both.
 Local windows (`local_window_size`): no ring at all; each device receives only the border tokens its window
@@ -48,17 +49,18 @@ def block_partial(q, k, v, causal, scale, implementation, q_ids=None, k_ids=None
     return out.astype(jnp.float32), jnp.swapaxes(lse, 1, 2)
 
 
-def block_grads(q, k, v, out, lse, d_out, d_lse, causal, scale, implementation, q_ids=None, k_ids=None,
+def block_grads(q, k, v, lse, d_out, delta, causal, scale, implementation, q_ids=None, k_ids=None,
                 soft_cap=None):
-    """This block's share of `(dq, dk, dv)` (fp32) given the final merged fp32 `out` and `lse` [B, T, N].
+    """This block's share of `(dq, dk, dv)` (fp32) given the final merged fp32 `lse` and
+    `delta = rowsum(d_out * out) - d_lse` of the merged `out`, both `[B, T, N]`.
 
     The merged softmax restricted to this block's keys is `p = exp(s - lse)` with the merged `lse`, and its
-    `delta = rowsum(d_out * out)` uses the merged `out`; the op's backward computes exactly that, so the block's
-    `dk`, `dv` and its share of `dq` come out exact with no forward recomputation (5 block matmuls, not 7).
+    `delta` is the merged one; the op's backward computes exactly that, so the block's `dk`, `dv` and its share
+    of `dq` come out exact with no forward recomputation (5 block matmuls, not 7).
     """
-    dq, dk, dv = dot_product_attention_backward(q, k, v, out, jnp.swapaxes(lse, 1, 2), d_out, scale=scale,
+    dq, dk, dv = dot_product_attention_backward(q, k, v, None, jnp.swapaxes(lse, 1, 2), d_out, scale=scale,
                                                 is_causal=causal, query_segment_ids=q_ids, key_segment_ids=k_ids,
-                                                d_lse=jnp.swapaxes(d_lse, 1, 2), logits_soft_cap=soft_cap,
+                                                delta=jnp.swapaxes(delta, 1, 2), logits_soft_cap=soft_cap,
                                                 implementation=implementation)
     return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)
 
@@ -166,11 +168,12 @@ def _ring_bwd(cfg, residuals, cotangents):
     q, k, v, q_ids, k_ids, out, lse = residuals
     d_out, d_lse = cotangents
     n = jax.lax.axis_size(axis_name)
-    q_side = (q, out, lse, d_out, d_lse) + (() if q_ids is None else (q_ids,))
+    delta = softmax.backward_delta(out, d_out, d_lse)  # [B, T, N], once for every step
+    q_side = (q, lse, d_out, delta) + (() if q_ids is None else (q_ids,))
 
     def fn(q_side, kv_side, causal):
-        return block_grads(q_side[0], kv_side[0], kv_side[1], *q_side[1:5], causal, scale, implementation,
-                           *q_side[5:], *kv_side[2:], soft_cap=soft_cap)
+        return block_grads(q_side[0], kv_side[0], kv_side[1], *q_side[1:4], causal, scale, implementation,
+                           *q_side[4:], *kv_side[2:], soft_cap=soft_cap)
 
     def body(s, carry, last=False):
         kv, dq, dk, dv = carry

@@ -109,9 +109,28 @@ def merge_sink(out, lse, sink):
     return out * weight[..., None], lse_total
 
 
+def backward_delta(out, d_out, d_lse=None, *, keepdims=False):
+    """`delta = rowsum(d_out * out) - d_lse` in fp32: the per-row term of every attention backward's
+    `ds = p * (d_out v^T - delta)` (and of `sink_gradient`), computed once per backward from the finished output.
+
+    out, d_out: `[..., rows, dim]` (any float dtypes; fp32 keeps it exact); d_lse: the lse cotangent shaped like
+    the result (`[..., rows]`, or `[..., rows, 1]` with `keepdims`) or None. Returns fp32 `[..., rows]`
+    (`[..., rows, 1]` with `keepdims`).
+    """
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=keepdims)
+    return delta if d_lse is None else delta - d_lse.astype(jnp.float32)
+
+
+def backward_delta_heads_last(out, d_out, d_lse=None):
+    """`backward_delta` in the ops' layout: out, d_out `[B, T, N, Hv]`, d_lse `[B, N, T]` or None -> fp32
+    `[B, N, T]` (the layout of `lse`)."""
+    d_lse_rows = None if d_lse is None else jnp.swapaxes(d_lse, 1, 2)
+    return jnp.swapaxes(backward_delta(out, d_out, d_lse_rows), 1, 2)
+
+
 def sink_gradient(sink, lse, delta, reduce_axes):
     """Cotangent of the sink logits: `d sink = -sum p_sink * delta` over `reduce_axes`, with `p_sink =
-    exp(sink - lse)` (lse including the sink) and `delta = rowsum(d_out * out) - d_lse` per row (the same
+    exp(sink - lse)` (lse including the sink) and `delta = backward_delta(...)` per row (the same
     `delta` as the keys' `ds = p * (dp - delta)`). sink broadcastable to `lse`, `delta` shaped like `lse`."""
     p_sink = jnp.exp(jnp.asarray(sink, jnp.float32) - lse)
     return -jnp.sum(p_sink * delta, axis=reduce_axes)

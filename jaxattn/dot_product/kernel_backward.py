@@ -2,7 +2,8 @@
 
 Each adapter calls its kernel module's public `flash_attention_backward` (the backward its `custom_vjp` runs), so
 no forward kernel is launched: `p = exp(s - lse)` is recomputed per tile from
-the given `lse`, and `delta = rowsum(d_out * out) - d_lse` from the given `out`.
+the given `lse`; `delta = rowsum(d_out * out) - d_lse` is the given one (the op computes it once), else the
+kernel computes it from the given `out`.
 """
 from __future__ import annotations
 
@@ -15,24 +16,24 @@ def _bias_grad(dlogits, bias, t, s):
 
 
 def pallas_backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse, d_out, d_lse, *,
-                    scale, spec, want_dbias, kv_lengths=None, block_mask=None, target=None):
+                    scale, spec, want_dbias, kv_lengths=None, block_mask=None, target=None, delta=None):
     """The Pallas flash backward kernels, for `target` (dispatch passes the lowering platform's)."""
     from jaxattn.kernels.flash_attention import pallas
     return _run(pallas.flash_attention_backward, "Pallas", **locals())
 
 
 def triton_backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse, d_out, d_lse, *,
-                    scale, spec, want_dbias, kv_lengths=None, block_mask=None):
+                    scale, spec, want_dbias, kv_lengths=None, block_mask=None, delta=None):
     """The Triton flash backward kernels, on the heads-last arrays in place."""
     from jaxattn.kernels.flash_attention import triton
     return _run(triton.flash_attention_backward, "Triton", **locals())
 
 
 def _run(kernel_backward, kernel_name, *, query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse,
-         d_out, d_lse, scale, spec, want_dbias, kv_lengths=None, block_mask=None, target=None, **_):
+         d_out, d_lse, scale, spec, want_dbias, kv_lengths=None, block_mask=None, target=None, delta=None, **_):
     _no_mask(mask, kernel_name)
     dq, dk, dv, dlogits = kernel_backward(
-        query, key, value, out, lse, d_out, bias, d_lse=d_lse, q_segment_ids=q_segment_ids,
+        query, key, value, out, lse, d_out, bias, d_lse=d_lse, delta=delta, q_segment_ids=q_segment_ids,
         k_segment_ids=k_segment_ids, scale=scale, is_causal=spec.is_causal,
         window=spec.window if spec.head_windows is None else spec.head_windows, causal_offset=spec.causal_offset,
         logits_soft_cap=spec.logits_soft_cap, kv_lengths=kv_lengths, block_mask=block_mask,

@@ -68,11 +68,11 @@ def attention_reference(query, key, value, bias, mask, q_segment_ids, k_segment_
 
 
 def attention_backward_reference(query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse, d_out,
-                                 d_lse, *, scale, spec, kv_lengths=None, block_mask=None):
+                                 d_lse, *, scale, spec, kv_lengths=None, block_mask=None, delta=None):
     """The backward formula from a given `out [B, T, N, Hv]` and `lse [B, N, T]`, materialised in fp32:
-    `p = exp(s - lse)`, `ds = p * (d_out v^T - delta)`, `delta = rowsum(d_out * out) - d_lse`, then `ds` pulled
-    back through the logits (soft-cap included) by autodiff. Returns `(dq, dk, dv, dbias or None)` in the inputs'
-    dtypes."""
+    `p = exp(s - lse)`, `ds = p * (d_out v^T - delta)`, `delta = rowsum(d_out * out) - d_lse` (or the given fp32
+    `delta [B, N, T]`; `out` and `d_lse` are then not read), then `ds` pulled back through the logits (soft-cap
+    included) by autodiff. Returns `(dq, dk, dv, dbias or None)` in the inputs' dtypes."""
     b, t, n, _ = query.shape
     num_kv = key.shape[2]
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
@@ -86,8 +86,9 @@ def attention_backward_reference(query, key, value, bias, mask, q_segment_ids, k
     logits, pullback = jax.vjp(logits_of, f32(query), f32(key), None if bias is None else f32(bias))
     p = jnp.exp(logits - softmax.finite_or_zero(rows(lse))[..., None])
     do = heads(d_out)
-    delta = jnp.sum(do * heads(out), axis=-1) - (0.0 if d_lse is None else rows(d_lse))
-    ds = p * (jnp.einsum("bkgth,bskh->bkgts", do, f32(value)) - delta[..., None])
+    if delta is None:
+        delta = softmax.backward_delta_heads_last(out, d_out, d_lse)
+    ds = p * (jnp.einsum("bkgth,bskh->bkgts", do, f32(value)) - rows(delta)[..., None])
     dq, dk, dbias = pullback(ds)
     dv = jnp.einsum("bkgts,bkgth->bskh", p, do)
     dbias = None if bias is None else dbias.astype(bias.dtype)

@@ -133,27 +133,30 @@ def _attention_bwd(scale, spec, block_k, residuals, cotangents):
     query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths, block_mask, out, lse = residuals
     d_out, d_lse = cotangents
     dq, dk, dv, dbias = _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths,
-                                  block_mask, out, lse, d_out, d_lse, scale, spec, block_k)
+                                  block_mask, lse, d_out, softmax.backward_delta_heads_last(out, d_out, d_lse),
+                                  scale, spec, block_k)
     return dq, dk, dv, dbias, None, None, None, None, None
 
 
 def attention_blocked_backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, out, lse, d_out,
-                               d_lse, *, scale, spec, block_k=DEFAULT_BLOCK_K, kv_lengths=None, block_mask=None):
+                               d_lse, *, scale, spec, block_k=DEFAULT_BLOCK_K, kv_lengths=None, block_mask=None,
+                               delta=None):
     """The blocked backward alone: `(dq, dk, dv, dbias or None)` from the saved `out [B, T, N, Hv]` and
     `lse [B, N, T]` (fp32), `d_out` like `out` and `d_lse [B, N, T]` or None. Recomputes `p = exp(s - lse)`
-    per key block and uses `delta = rowsum(d_out * out) - d_lse`; no forward pass is repeated. A `block_mask` is
-    applied per key block here (every block computed)."""
+    per key block and uses `delta = rowsum(d_out * out) - d_lse` (`softmax.backward_delta_heads_last`), or the
+    given fp32 `delta [B, N, T]`, and then reads neither `out` nor `d_lse`; no forward pass is repeated. A
+    `block_mask` is applied per key block here (every block computed)."""
     if block_mask is not None:
         block_k = spec.block_shape[1]
     block_k = max(1, min(block_k, key.shape[1]))
-    if d_lse is None:
-        d_lse = jnp.zeros(lse.shape, jnp.float32)
-    return _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths, block_mask, out, lse,
-                     d_out, d_lse, scale, spec, block_k)
+    if delta is None:
+        delta = softmax.backward_delta_heads_last(out, d_out, d_lse)
+    return _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths, block_mask, lse,
+                     d_out, delta, scale, spec, block_k)
 
 
-def _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths, block_mask, out, lse, d_out,
-              d_lse, scale, spec, block_k):
+def _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_lengths, block_mask, lse, d_out,
+              delta, scale, spec, block_k):
     b, t, n, h = query.shape
     s, num_kv = key.shape[1], key.shape[2]
     g = n // num_kv
@@ -166,8 +169,7 @@ def _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_le
 
     lse_safe = softmax.finite_or_zero(grouped_rows(lse))[..., None]
     do_g = jnp.moveaxis(common.group_queries(d_out, num_kv), 1, 3)  # [B, K, G, T, Hv]
-    o_g = jnp.moveaxis(common.group_queries(out, num_kv), 1, 3)
-    delta = jnp.sum(do_g.astype(jnp.float32) * o_g.astype(jnp.float32), axis=-1) - grouped_rows(d_lse)
+    delta = grouped_rows(delta)
     bias_g = common.grouped_bnts(common.as_4d(bias), num_kv)
     bias_keys_whole = bias is not None and xs["bias"] is None
 
@@ -192,7 +194,7 @@ def _backward(query, key, value, bias, mask, q_segment_ids, k_segment_ids, kv_le
 
     dq0 = jnp.zeros(q_grouped.shape, jnp.float32)
     db0 = jnp.zeros(bias_g.shape, jnp.float32) if bias_keys_whole else None
-    init = vma.varying_like((dq0, db0), xs, whole, query, q_segment_ids, out, lse, d_out, d_lse)
+    init = vma.varying_like((dq0, db0), xs, whole, query, q_segment_ids, lse, d_out, delta)
     (dq, dbias_whole), (dk, dv, dbias_blocks) = jax.lax.scan(body, init, xs)
     dk = blocking.merge_blocks(dk, 1, s).astype(key.dtype)
     dv = blocking.merge_blocks(dv, 1, s).astype(value.dtype)

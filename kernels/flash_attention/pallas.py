@@ -152,21 +152,24 @@ def _flash_attention(query, key, value, bias, q_segment_ids, k_segment_ids, sink
 
 
 @platform.lowering_target
-def flash_attention_backward(query, key, value, out, lse, d_out, bias=None, *, d_lse=None, q_segment_ids=None,
-                             k_segment_ids=None, scale=None, is_causal=False, window=None, causal_offset=None,
-                             logits_soft_cap=None, kv_lengths=None, block_mask=None, block_shape=None,
-                             want_dbias=None, target=None, block_sizes: BlockSizes | None = None,
+def flash_attention_backward(query, key, value, out, lse, d_out, bias=None, *, d_lse=None, delta=None,
+                             q_segment_ids=None, k_segment_ids=None, scale=None, is_causal=False, window=None,
+                             causal_offset=None, logits_soft_cap=None, kv_lengths=None, block_mask=None,
+                             block_shape=None, want_dbias=None, target=None, block_sizes: BlockSizes | None = None,
                              reduction: str | None = None):
     """The backward kernels alone, from a saved `out [B, T, N, Hv]` and `lse [B, N, T]` (no forward kernel runs).
 
     `p = exp(s - lse)` is recomputed per tile from the given `lse` and `delta = rowsum(d_out * out) - d_lse` from
-    the given `out`, so with the global `out`/`lse` of a softmax merged over key blocks (ring attention) each
-    block gets its exact share of the gradient (with sinks, `lse` includes them; their gradient is
+    the given `out` (`softmax.backward_delta`), or `delta` is the given fp32 `[B, N, T]` and then `out` and
+    `d_lse` are not used (pass `out=None`). So with the global `out`/`lse` of a softmax merged over key blocks
+    (ring attention) each block gets its exact share of the gradient (with sinks, `lse` includes them; their gradient is
     `softmax.sink_gradient`). Returns `(dq, dk, dv, dlogits)`; `dlogits` (`[B, N, T, S]` fp32, the bias's broadcast
     axes not yet summed) only when `want_dbias` (default: a bias is given).
     """
     vjp.check_segment_ids(q_segment_ids, k_segment_ids)
     vjp.check_features(query, key, sinks=None, kv_lengths=kv_lengths, block_mask=block_mask, block_shape=block_shape)
+    if delta is not None and d_lse is not None:
+        raise ValueError("give `d_lse` or a precomputed `delta`, not both (`delta` already contains `-d_lse`)")
     t, h, s, hv = query.shape[1], query.shape[3], key.shape[1], value.shape[-1]
     static = _static(t, s, h, query.shape[2], scale=scale, is_causal=is_causal, window=window,
                      causal_offset=causal_offset,
@@ -176,10 +179,12 @@ def flash_attention_backward(query, key, value, out, lse, d_out, bias=None, *, d
     want_dbias = bias is not None if want_dbias is None else want_dbias
     q, k, v, bias_k, q_seg, k_seg = _kernel_inputs(query, key, value, bias, q_segment_ids, k_segment_ids, static)
     tp = q.shape[2]
-    o, do = _kernel_layout(out, tp, v.shape[3]), _kernel_layout(d_out.astype(query.dtype), tp, v.shape[3])
-    rows = lambda x: blocking.pad_axis(x.astype(jnp.float32), 2, tp)[..., None]  # noqa: E731  [B, N, Tp, 1]
+    do = _kernel_layout(d_out.astype(query.dtype), tp, v.shape[3])
+    def rows(x):  # [B, N, T] -> [B, N, Tp, 1] fp32
+        return None if x is None else blocking.pad_axis(x.astype(jnp.float32), 2, tp)[..., None]
+    o = None if delta is not None else _kernel_layout(out, tp, v.shape[3])
     dq, dk, dv, dlogits, _ = _backward(static, q, k, v, bias_k, q_seg, k_seg, None, _dynamic(kv_lengths, block_mask),
-                                       o, rows(lse), do, None if d_lse is None else rows(d_lse), want_dbias)
+                                       o, rows(lse), do, rows(d_lse), want_dbias, delta=rows(delta))
     dlogits = None if dlogits is None else dlogits[:, :, :t, :s]
     return _heads_last(dq, t, h), _heads_last(dk, s, h), _heads_last(dv, s, hv), dlogits
 
@@ -229,10 +234,11 @@ def _forward_shard(q, k, v, bias, q_seg, k_seg, sinks, dynamic, static: _Static)
                               target=static.target, mode=static.mode, cost_estimate=estimate)
 
 
-def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, sinks, dynamic, out, lse, d_out, d_lse, want_dbias):
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    if d_lse is not None:
-        delta = delta - d_lse
+def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, sinks, dynamic, out, lse, d_out, d_lse, want_dbias,
+              delta=None):
+    """`flash_vjp`'s backward (kernel layout, rows `[B, N, Tp, 1]`); a given `delta` replaces `out`/`d_lse`."""
+    if delta is None:
+        delta = softmax.backward_delta(out, d_out, d_lse, keepdims=True)
     lse = softmax.finite_or_zero(lse)
     args = (q, k, v, bias, q_seg, k_seg, d_out, lse, delta, dynamic)
     dims = (*INPUT_DIMS, ROWS, ROWS, ROWS, DYNAMIC)

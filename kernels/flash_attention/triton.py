@@ -40,19 +40,23 @@ def flash_attention(query, key, value, bias=None, *, q_segment_ids=None, k_segme
     return _attention(query, key, value, bias, q_seg, k_seg, sinks, _dynamic(kv_lengths, block_mask), static)
 
 
-def flash_attention_backward(query, key, value, out, lse, d_out, bias=None, *, d_lse=None, q_segment_ids=None,
-                             k_segment_ids=None, scale=None, is_causal=False, window=None, causal_offset=None,
-                             logits_soft_cap=None, kv_lengths=None, block_mask=None, block_shape=None,
-                             want_dbias=None, blocks: dict | None = None):
+def flash_attention_backward(query, key, value, out, lse, d_out, bias=None, *, d_lse=None, delta=None,
+                             q_segment_ids=None, k_segment_ids=None, scale=None, is_causal=False, window=None,
+                             causal_offset=None, logits_soft_cap=None, kv_lengths=None, block_mask=None,
+                             block_shape=None, want_dbias=None, blocks: dict | None = None):
     """The backward kernels alone, from a saved `out` and `lse` (see `pallas.flash_attention_backward`); works on
-    the heads-last arrays in place. Returns `(dq, dk, dv, dlogits or None)`."""
+    the heads-last arrays in place; a given fp32 `delta [B, N, T]` replaces `out` and `d_lse` as there. Returns
+    `(dq, dk, dv, dlogits or None)`."""
     vjp.check_features(query, key, sinks=None, kv_lengths=kv_lengths, block_mask=block_mask, block_shape=block_shape)
+    if delta is not None and d_lse is not None:
+        raise ValueError("give `d_lse` or a precomputed `delta`, not both (`delta` already contains `-d_lse`)")
     static, bias4, q_seg, k_seg = _prepare(query, key, bias, q_segment_ids, k_segment_ids, scale, is_causal, window,
                                            causal_offset, blocks, logits_soft_cap, kv_lengths, block_mask,
                                            block_shape)
     want_dbias = bias is not None if want_dbias is None else want_dbias
     return _backward(static, query, key, value, bias4, q_seg, k_seg, None, _dynamic(kv_lengths, block_mask), out,
-                     lse.astype(jnp.float32), d_out.astype(query.dtype), d_lse, want_dbias)[:4]
+                     lse.astype(jnp.float32), d_out.astype(query.dtype), d_lse, want_dbias,
+                     delta=None if delta is None else delta.astype(jnp.float32))[:4]
 
 
 def _dynamic(kv_lengths, block_mask):
@@ -146,10 +150,11 @@ def _forward_shard(q, k, v, bias, q_seg, k_seg, sinks, dynamic, *, static: _Stat
     return tuple(_launch(launch, operands, out_shape))
 
 
-def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, sinks, dynamic, out, lse, d_out, d_lse, want_dbias):
-    delta = jnp.einsum("btnd,btnd->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    if d_lse is not None:
-        delta = delta - d_lse
+def _backward(static: _Static, q, k, v, bias, q_seg, k_seg, sinks, dynamic, out, lse, d_out, d_lse, want_dbias,
+              delta=None):
+    """`flash_vjp`'s backward (heads-last, rows `[B, N, T]`); a given `delta` replaces `out`/`d_lse`."""
+    if delta is None:
+        delta = softmax.backward_delta_heads_last(out, d_out, d_lse)
     lse = softmax.finite_or_zero(lse)
     args = (q, k, v, bias, q_seg, k_seg, sinks, dynamic, d_out, lse, delta)
     dims = (*INPUT_DIMS, ROWS, PER_ROW, PER_ROW)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -74,6 +75,11 @@ def test_strategies_on_context8_mesh():
             out = jax.jit(functools.partial(strategy, is_causal=True, zigzag_order=True))(zq, zk, zv)
             np.testing.assert_allclose(zigzag.zigzag_unpermute(np.asarray(out), 8), expected, atol=2e-5)
 
+    # The backward's `delta = rowsum(d_out * out) - d_lse` is one reduction before the ring, not one per step.
+    grad = jax.grad(lambda q, k, v: ring_attention(q, k, v, mesh=mesh, is_causal=True).sum(), argnums=(0, 1, 2))
+    local_rows = (B, T // 8, 4, H)  # the merged out of one device's queries
+    assert _count_row_sums(jax.make_jaxpr(grad)(q, k, v).jaxpr, local_rows) == 1
+
     # The per-device zigzag moves (ppermutes) agree with the global permutation, and invert each other.
     x = jnp.arange(8 * T * 3, dtype=jnp.float32).reshape(8, T, 3)
     to_local = jax.jit(shard_sequence(lambda a: zigzag.to_zigzag_local(a, "context"), mesh, "context", (), 1, 1,
@@ -83,6 +89,23 @@ def test_strategies_on_context8_mesh():
     moved = to_local(x)
     np.testing.assert_array_equal(np.asarray(moved), np.asarray(zigzag.zigzag_permute(x, 8)))
     np.testing.assert_array_equal(np.asarray(back(moved)), np.asarray(x))
+
+
+def _count_row_sums(jaxpr, shape):
+    """`reduce_sum` over the last axis of a `shape` operand, in `jaxpr` and every jaxpr nested in it (a loop's
+    body counts once, as traced)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if (eqn.primitive.name == "reduce_sum" and tuple(eqn.invars[0].aval.shape) == shape
+                and tuple(eqn.params["axes"]) == (len(shape) - 1,)):
+            count += 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    sub = sub.jaxpr
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    count += _count_row_sums(sub, shape)
+    return count
 
 
 # ------------------------------------------------------------------------------------------------------------

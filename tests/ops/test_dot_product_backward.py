@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jaxattn.core import softmax
 from jaxattn.dot_product import dot_product_attention, dot_product_attention_backward
 from jaxattn.testing import assert_allclose, random_inputs
 
@@ -122,6 +123,34 @@ def test_blocks_with_global_out_lse_sum_to_the_gradient(causal):
     assert_allclose(jnp.concatenate([parts[0][2], parts[1][2]], 1), want[2], kind="grad", name="dv")
 
 
+@pytest.mark.parametrize("impl", ["xla", "reference", "pallas"])
+def test_precomputed_delta_replaces_out_and_d_lse(impl):
+    """`delta` (with `out=None`, as ring attention passes it) gives the grads `out`/`d_lse` give, and those of the
+    reference's VJP: causal GQA with sinks (their gradient from the given delta too)."""
+    b, t, n, kh, h = 1, 24, 4, 2, 8
+    q, k, v, d_out = random_inputs(11, [(b, t, n, h), (b, t, kh, h), (b, t, kh, h), (b, t, n, h)])
+    d_lse, sinks = random_inputs(12, [(b, n, t), (n,)])
+    kw = {"is_causal": True, "sinks": sinks}
+
+    @jax.jit
+    def run(q, k, v, d_out, d_lse):
+        out, lse = dot_product_attention(q, k, v, return_lse=True, implementation="xla", **kw)
+        delta = softmax.backward_delta_heads_last(out, d_out, d_lse)
+        from_out = dot_product_attention_backward(q, k, v, out, lse, d_out, d_lse=d_lse, implementation=impl, **kw)
+        from_delta = dot_product_attention_backward(q, k, v, None, lse, d_out, delta=delta, implementation=impl,
+                                                    **kw)
+
+        def fwd(q_, k_, v_, sinks_):
+            return dot_product_attention(q_, k_, v_, return_lse=True, is_causal=True, sinks=sinks_,
+                                         implementation="reference")
+        return from_out, from_delta, jax.vjp(fwd, q, k, v, sinks)[1]((d_out, d_lse))
+
+    from_out, from_delta, want = run(q, k, v, d_out, d_lse)
+    for name, a, b_, e in zip(("dq", "dk", "dv", "dsinks"), from_out, from_delta, want):
+        np.testing.assert_allclose(b_, a, rtol=1e-6, atol=1e-6, err_msg=f"{impl} {name}")
+        assert_allclose(b_, e, kind="grad", name=f"{impl} {name}")
+
+
 @settings(max_examples=4)
 @given(t=st.integers(1, 20), s=st.integers(1, 20), group=st.sampled_from([1, 2]), causal=st.booleans())
 def test_property_shapes(t, s, group, causal):
@@ -139,6 +168,16 @@ def test_rejects_bad_inputs():
         dot_product_attention_backward(q, k, v, out[..., :2], lse, d_out)
     with pytest.raises(ValueError, match="`d_lse` must have shape"):
         dot_product_attention_backward(q, k, v, out, lse, d_out, d_lse=lse[:, :1])
+    delta = softmax.backward_delta_heads_last(out, d_out)
+    with pytest.raises(ValueError, match="`d_lse` or a precomputed `delta`, not both"):
+        dot_product_attention_backward(q, k, v, None, lse, d_out, d_lse=lse, delta=delta)
+    with pytest.raises(ValueError, match="`out` is required unless a precomputed `delta`"):
+        dot_product_attention_backward(q, k, v, None, lse, d_out)
+    with pytest.raises(ValueError, match=r"`delta` must have shape \(1, 2, 8\)"):
+        dot_product_attention_backward(q, k, v, None, lse, d_out, delta=jnp.swapaxes(delta, 1, 2))
+    from jaxattn.kernels.flash_attention import pallas
+    with pytest.raises(ValueError, match="not both"):
+        pallas.flash_attention_backward(q, k, v, None, lse, d_out, d_lse=lse, delta=delta)
     with pytest.raises(ValueError, match="key"):  # the forward's own checks
         dot_product_attention_backward(q, k[..., :3], v, out, lse, d_out)
     with pytest.raises(ValueError, match="local_window_size"):
