@@ -278,8 +278,8 @@ _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
 def memory_bytes(module: Module, *, loops: bool = True) -> float:
     """Per-device HBM traffic estimate: result and operand bytes in HBM (not on-chip `S(n)` buffers) of every
     instruction outside fused computations (a fusion reads its operands and writes its result once; a fused
-    dynamic-slice reads only its slice and a fused dynamic-update-slice writes only its update, as a scanned
-    layer does with stacked weights; an async `-start` reads its operands and writes as much, its `-done` is not
+    dynamic-slice reads only its slice, nested fusions included, and a fused dynamic-update-slice writes only its
+    update, as a scanned layer does with stacked weights; an async `-start` reads its operands and writes as much, its `-done` is not
     counted again), each computation weighted by how often it runs. `train.aot` scales XLA's `bytes accessed`
     by the ratio of `loops=True` to `loops=False`: what a cost analysis misses in loops."""
     runs, total = executions(module, loops=loops), 0.0
@@ -307,22 +307,45 @@ def memory_bytes(module: Module, *, loops: bool = True) -> float:
 def _fusion_traffic(module: Module, inst: Instruction, callee: str, shapes: dict[str, str]) -> float:
     body = module.computations[callee]
     inner = {i.name: i.shape for i in body}
-    params = {int(m.group(1)): i.name for i in body if i.opcode == "parameter"
-              for m in [re.match(r"(\d+)\)", i.rest)] if m}
-    users = collections.defaultdict(list)
-    for i in body:
-        for position, operand in enumerate(i.operands()):
-            users[operand].append((i, position))
     total = 0.0
     for index, operand in enumerate(inst.operands()):
-        uses = users.get(params.get(index, ""), [])
-        if uses and all(u.opcode == "dynamic-slice" and pos == 0 for u, pos in uses):
-            total += sum(hbm_array_bytes(u.shape) for u, _ in uses)
-        elif uses and all(u.opcode == "dynamic-update-slice" and pos == 0 for u, pos in uses):
-            continue  # updated in place: the update is counted as written below
-        else:
+        sliced = _sliced_reads(module, callee, index)
+        if sliced is None:
             total += hbm_array_bytes(shapes.get(operand, ""))
+        else:
+            total += sliced  # 0 for a buffer updated in place: the update is counted as written below
     root = body[-1] if body else None  # the text ends each computation with its ROOT
     if root is not None and root.opcode == "dynamic-update-slice":
         return total + hbm_array_bytes(inner.get(root.operands()[1], ""))
     return total + hbm_array_bytes(inst.shape)
+
+
+def _sliced_reads(module: Module, computation: str, index: int, depth: int = 0) -> float | None:
+    """Bytes a fused computation reads of its parameter `index` when it reads only slices of it: every use is a
+    `dynamic-slice` of it (its slice is read), the buffer of a `dynamic-update-slice` (updated in place: 0), or
+    the same parameter of a nested fusion that does so (XLA:TPU nests the slice of a scanned layer's stacked
+    weights in an inner fusion). None when some use reads the whole array."""
+    body = module.computations.get(computation)
+    if body is None or depth > 8:
+        return None
+    params = {int(m.group(1)): i.name for i in body if i.opcode == "parameter"
+              for m in [re.match(r"(\d+)\)", i.rest)] if m}
+    name = params.get(index)
+    uses = [(i, position) for i in body for position, o in enumerate(i.operands()) if o == name]
+    if name is None or not uses:
+        return None
+    total = 0.0
+    for use, position in uses:
+        nested = (use.attribute("calls") or "").lstrip("%")
+        if use.opcode == "dynamic-slice" and position == 0:
+            total += hbm_array_bytes(use.shape)
+        elif use.opcode == "dynamic-update-slice" and position == 0:
+            continue
+        elif use.opcode == "fusion" and nested in module.computations:
+            reads = _sliced_reads(module, nested, position, depth + 1)
+            if reads is None:
+                return None
+            total += reads
+        else:
+            return None
+    return total

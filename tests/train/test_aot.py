@@ -133,8 +133,20 @@ ENTRY %main (s: f32[4,8]) -> (s32[], f32[4,8]) {
 """
 
 
-def test_memory_traffic_reads_only_the_slice_of_stacked_weights():
-    module = aot_hlo.parse(SLICED)
+# XLA:TPU often nests the slice: the layer's fusion passes the stacked weights on to an inner fusion that slices.
+NESTED = SLICED.replace("%body (p:", """%outer (stack.o: f32[4,8], i.o: s32[]) -> f32[1,8] {
+  %stack.o = f32[4,8]{1,0} parameter(0)
+  %i.o = s32[] parameter(1)
+  %sl = f32[1,8]{1,0} fusion(%stack.o, %i.o), kind=kLoop, calls=%slice
+  ROOT %neg = f32[1,8]{1,0} negate(%sl)
+}
+
+%body (p:""").replace("fusion(%stack, %i), kind=kLoop, calls=%slice", "fusion(%stack, %i), kind=kOutput, calls=%outer")
+
+
+@pytest.mark.parametrize("text", [SLICED, NESTED], ids=["slice", "nested_slice"])
+def test_memory_traffic_reads_only_the_slice_of_stacked_weights(text):
+    module = aot_hlo.parse(text)
     # per trip: the slice fusion reads one row (32 B) and the index (4 B), writes a row (32 B); the add reads two
     # rows and writes one (96 B); the condition's compare reads 4 + 4 B and writes a 1-byte pred
     per_trip = 32 + 4 + 32 + 96 + 9
