@@ -279,8 +279,8 @@ def memory_bytes(module: Module, *, loops: bool = True) -> float:
     """Per-device HBM traffic estimate: result and operand bytes in HBM (not on-chip `S(n)` buffers) of every
     instruction outside fused computations (a fusion reads its operands and writes its result once; a fused
     dynamic-slice reads only its slice, nested fusions included, and a fused dynamic-update-slice writes only its
-    update, as a scanned layer does with stacked weights; an async `-start` reads its operands and writes as much, its `-done` is not
-    counted again), each computation weighted by how often it runs. `train.aot` scales XLA's `bytes accessed`
+    update, as a scanned layer does with stacked weights; an async `-start` reads its operands and writes as
+    much, its `-done` is not counted again), each computation weighted by how often it runs. `train.aot` scales XLA's `bytes accessed`
     by the ratio of `loops=True` to `loops=False`: what a cost analysis misses in loops."""
     runs, total = executions(module, loops=loops), 0.0
     fused = {callee for instructions in module.computations.values() for inst in instructions
