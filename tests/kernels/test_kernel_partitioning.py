@@ -3,7 +3,8 @@
 TPU (libtpu, deviceless, `v5e:2x2`): a train-step-like forward + gradient of dot-product (causal, GQA),
 neighborhood (2-D) and lightning attention, with the batch split over the four chips and with a (data 2 x
 tensor 2) mesh splitting batch and heads, compiles with the Mosaic kernels in the program, each running on its
-shard's rows and heads, and without an all-gather of q/k/v. CPU (4 forced host devices): the sharded `jit` of
+shard's rows and heads, and without an all-gather of q/k/v; ring attention on a (data 2 x context 2)
+mesh runs its kernels on the `data` shards inside its `context` shard_map. CPU (4 forced host devices): the sharded `jit` of
 the Pallas kernels (interpret mode) equals their unsharded result, forward and gradients.
 """
 import math
@@ -117,6 +118,24 @@ def test_kernels_compile_per_shard_for_tpu(tpu_devices, op_name, mesh_name):
     for gathered in re.findall(r"= (\w+)\[([\d,]*)\][^\n]* all-gather\(", hlo):
         size = int(np.prod([int(d) for d in gathered[1].split(",") if d] or [1]))
         assert size < B * T * N * H // 8, gathered
+
+
+def test_ring_attention_runs_the_kernels_on_a_data_x_context_mesh(tpu_devices):
+    """Context parallelism on a pod: ring attention's shard_map is manual over `context` only, and the kernels
+    inside split the rest (`data`) themselves; forward and gradient compile with the flash kernels per shard."""
+    from jaxattn import context_parallel
+    mesh = jax.sharding.Mesh(np.array(tpu_devices).reshape(2, 2), ("data", "context"))
+    sharding = NamedSharding(mesh, P("data", "context"))
+    q, k = (jax.ShapeDtypeStruct((B, 4 * T, n, H), jnp.bfloat16, sharding=sharding) for n in (N, K))
+
+    def loss(q, k, v):
+        out = context_parallel.ring_attention(q, k, v, mesh=mesh, axis_name="context", is_causal=True)
+        return out.astype(jnp.float32).sum()
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower().compile().as_text()
+    calls = re.findall(r"%([a-z_]+)(?:\.\d+)? = \(?(\w+)\[(\d+),.*custom_call_target=\"tpu_custom_call\"", text)
+    assert {"flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv"} <= {c[0] for c in calls}, calls
+    assert {int(c[2]) for c in calls} == {B // 2}, calls  # each kernel runs on its `data` shard's rows
 
 
 @pytest.mark.devices(4)
