@@ -14,7 +14,7 @@ from jaxattn.models import convert
 from jaxattn.models.biformer import BiFormer
 from jaxattn.models.biformer.model import BiLevelRoutingAttention
 from jaxattn.models.convert import StateDictError
-from jaxattn.models.layers.tracing import count_params
+from jaxattn.models.layers.tracing import count_params, eval_shape_model
 from jaxattn.testing import model_checks
 from jaxattn.testing.fixtures import load_model_fixture
 from jaxattn.testing.model_init import abstract_model
@@ -27,11 +27,18 @@ def _forward(model, x):
     return model(x)
 
 
-_jit_forward = nnx.jit(_forward)  # also runs single layers
+# Without XLA's backend optimisations: compile time dominates these small models' tests.
+_compiled_forward = jax.jit(lambda graph, state, x: nnx.merge(graph, state)(x), static_argnums=0,
+                            compiler_options=feature_checks.FAST_COMPILE)
 
 
-def _images(seed, b, h, w, c=3):
-    return jax.random.normal(jax.random.key(seed), (b, h, w, c), jnp.float32)
+def _jit_forward(model, x):
+    """`model(x)` jitted (also runs single layers; modes that update no state: eval, or no BatchNorm)."""
+    return _compiled_forward(*nnx.split(model), x)
+
+
+def _images(seed, b, h, w, c=3):  # numpy: no eager random-number compile per shape
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((b, h, w, c)), jnp.float32)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +80,7 @@ def test_stage_features_match_official(reduced):
 
 def test_exact_parameter_counts():
     for name, expected in EXACT_PARAMS.items():
-        abstract = nnx.eval_shape(lambda name=name: models.create_model(name, rngs=nnx.Rngs(0)))
+        abstract = eval_shape_model(lambda name=name: models.create_model(name, rngs=nnx.Rngs(0)))
         count = count_params(abstract)
         assert count == expected, name
     assert set(EXACT_PARAMS) | {"biformer_pico"} == set(models.list_models(family="biformer"))
