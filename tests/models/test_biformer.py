@@ -27,14 +27,7 @@ def _forward(model, x):
     return model(x)
 
 
-# Without XLA's backend optimisations: compile time dominates these small models' tests.
-_compiled_forward = jax.jit(lambda graph, state, x: nnx.merge(graph, state)(x), static_argnums=0,
-                            compiler_options=feature_checks.FAST_COMPILE)
-
-
-def _jit_forward(model, x):
-    """`model(x)` jitted (also runs single layers; modes that update no state: eval, or no BatchNorm)."""
-    return _compiled_forward(*nnx.split(model), x)
+_jit_forward = feature_checks.jit_forward  # also runs single layers
 
 
 def _images(seed, b, h, w, c=3):  # numpy: no eager random-number compile per shape
@@ -139,7 +132,8 @@ def test_bra_layer_matches_numpy_port(h, w, n_win, topk_frac, heads):
     layer = abstract_model(lambda: BiLevelRoutingAttention(8 * heads, heads, n_win, topk, qk_dim=4 * heads,
                                                            side_dwconv=3, auto_pad=True, rngs=nnx.Rngs(0)),
                            seed=h * 17 + w)
-    layer.qkv.bias[...] = jax.random.normal(jax.random.key(7), layer.qkv.bias.shape)  # padded tokens carry it
+    # padded tokens carry the bias
+    layer.qkv.bias[...] = np.random.default_rng(7).standard_normal(layer.qkv.bias.shape, np.float32)
     x = _images(h + w, 2, h, w, 8 * heads)
     np.testing.assert_allclose(np.asarray(_jit_forward(layer, x)), _bra_numpy(layer, x), atol=2e-5, rtol=0)
 
