@@ -13,7 +13,7 @@ from jaxattn.models import convert
 from jaxattn.models.convert import StateDictError
 from jaxattn.models.dinat import DiNAT, default_dilations
 from jaxattn.models.dinat.model import NATLayer, NeighborhoodAttention2D
-from jaxattn.models.layers.tracing import count_params
+from jaxattn.models.layers.tracing import count_params, eval_shape_model
 from jaxattn.testing import model_checks
 from jaxattn.testing.model_init import abstract_model
 
@@ -26,7 +26,7 @@ def _forward(model, x):
     return model(x)
 
 
-_jit_forward = nnx.jit(_forward)  # also runs single layers
+_jit_forward = feature_checks.jit_forward  # also runs single layers
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,8 @@ def pico():
     return abstract_model(lambda: models.create_model("dinat_pico", num_classes=5, img_size=PICO_SIZE))
 
 
-def _images(seed, b, h, w, c=3):
-    return jax.random.normal(jax.random.key(seed), (b, h, w, c), jnp.float32)
+def _images(seed, b, h, w, c=3):  # numpy: no eager random-number compile per shape
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((b, h, w, c)), jnp.float32)
 
 
 # -- the reference fixture ----------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def test_stage_features_match_official_backbone(reduced):
 # -- configuration --------------------------------------------------------------------------------------------------
 def test_exact_parameter_counts():
     for name, expected in EXACT_PARAMS.items():
-        abstract = nnx.eval_shape(lambda name=name: models.create_model(name, rngs=nnx.Rngs(0)))
+        abstract = eval_shape_model(lambda name=name: models.create_model(name, rngs=nnx.Rngs(0)))
         assert count_params(abstract) == expected, name
     assert set(EXACT_PARAMS) | {"dinat_pico"} == set(models.list_models(family="dinat"))
 
@@ -126,7 +126,7 @@ def test_attention_layer_matches_dense_numpy(h, w, k, d, heads):
     """Includes maps smaller than the window: they are zero-padded before qkv, so padded keys carry the bias."""
     layer = abstract_model(lambda: NeighborhoodAttention2D(4 * heads, heads, k, d, rngs=nnx.Rngs(0)),
                            seed=h * 31 + w)
-    layer.qkv.bias[...] = jax.random.normal(jax.random.key(d), layer.qkv.bias.shape)
+    layer.qkv.bias[...] = np.random.default_rng(d).standard_normal(layer.qkv.bias.shape, np.float32)
     x = _images(h + w, 1, h, w, 4 * heads)
     np.testing.assert_allclose(np.asarray(_jit_forward(layer, x)), _attention_layer_numpy(layer, x), atol=2e-5,
                                rtol=0)

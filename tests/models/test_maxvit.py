@@ -143,10 +143,10 @@ def test_pico_train_step_and_modes():
     args = (params, rest, images, labels)
     loss, train_logits, grads, stats = _compile(train_step, *args)(*args)
     assert np.isfinite(float(loss))
-    grads = jax.tree.leaves(grads)
+    grads = [np.asarray(g) for g in jax.tree.leaves(grads)]  # numpy: no eager compile per leaf shape
     assert len(grads) == len(jax.tree.leaves(params))
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
-    assert sum(float(jnp.sum(jnp.abs(g))) for g in grads) > 0
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    assert sum(float(np.sum(np.abs(g))) for g in grads) > 0
     old_mean = model.stem.norm1.mean[...]
     nnx.update(model, stats)
     assert float(jnp.max(jnp.abs(model.stem.norm1.mean[...] - old_mean))) > 0  # train mode moved BN statistics

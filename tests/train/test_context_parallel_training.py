@@ -4,8 +4,9 @@ ring attention over `context`), train exactly like the same config on `context =
 gradient-norm curves on the same fixed data); the config key reaches the models, and bad combinations fail naming
 the key.
 
-The 8-device cases run in two child processes (`@pytest.mark.devices(8)`): language models, then vision models.
-Each family's reference curve is computed once and shared by its strategies and meshes.
+The 8-device cases run in one child process (`@pytest.mark.devices(8)`: language models, the command line, then
+vision models; a child's start-up is paid once). Each family's reference curve is computed once and shared by its
+strategies and meshes.
 """
 from __future__ import annotations
 
@@ -62,7 +63,13 @@ def _assert_lm_split_over_tensor(state_shardings):
 
 
 @pytest.mark.devices(8)
-def test_language_models_train_alike_on_context_and_tensor_meshes(tmp_path, monkeypatch):
+def test_models_train_alike_on_context_and_tensor_meshes(tmp_path, monkeypatch):
+    check_language_models()
+    _run_main_with_context(tmp_path, monkeypatch)
+    check_vision_models()
+
+
+def check_language_models():
     batches = mesh_curves.lm_batches(32)
     softmax = [(f"softmax_lm/{s}", mesh_curves.config("softmax_lm_tiny", strategy=s, **LM), CONTEXT4)
                for s in ("ring", "allgather", "ulysses")]
@@ -74,7 +81,6 @@ def test_language_models_train_alike_on_context_and_tensor_meshes(tmp_path, monk
     transnormer = mesh_curves.config("transnormer_tiny", strategy="lasp2", block_size=4, **LM)
     _compare_family([("transnormer/lasp2", transnormer, CONTEXT4), ("transnormer tensor=2", transnormer, TENSOR2)],
                     batches, 260)
-    _run_main_with_context(tmp_path, monkeypatch)
 
 
 def _run_main_with_context(tmp_path, monkeypatch):
@@ -111,8 +117,7 @@ def _rows_sharded(config, layers, mesh_axes):
         return [layer.shards_rows(rows) for layer, rows in layers(model)]
 
 
-@pytest.mark.devices(8)
-def test_vision_models_train_alike_on_context_meshes():
+def check_vision_models():
     dinat = _vision_config("dinat_pico", 64, **DINAT)
     assert _rows_sharded(dinat, lambda m: [(lv.blocks[0].attn, r) for lv, r in zip(m.levels, (16, 8, 4))],
                          CONTEXT4) == [True, True, False]
