@@ -154,7 +154,7 @@ def _attention_bwd(scale, spec, residuals, cotangents):
         return jnp.moveaxis(x, 2, 4)
 
     do = rows(d_out)
-    delta = jnp.sum(do * rows(out), axis=-1) - rows(jnp.swapaxes(d_lse, 1, 2)[..., None])[..., 0]
+    delta = rows(jnp.swapaxes(softmax.backward_delta_heads_last(out, d_out, d_lse), 1, 2)[..., None])[..., 0]
     lse_rows = softmax.finite_or_zero(rows(jnp.swapaxes(lse, 1, 2)[..., None])[..., 0])
     xs = (walk.grouped_queries(query), jnp.arange(walk.nq * walk.bq).reshape(walk.nq, walk.bq),
           walk.query_blocks(q_segment_ids, -2), walk.indices, walk.counts, walk.steps, do, delta, lse_rows)
