@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from jaxattn.core import blocking
+from jaxattn.core import blocking, softmax
 from jaxattn.kernels.common import blocks as common_blocks
 from jaxattn.kernels.common import partition, platform
 from jaxattn.kernels.neighborhood_attention import blocks, pallas_bwd, pallas_fwd
@@ -181,9 +181,7 @@ def _attend_bwd(static: _Static, residuals, cotangents):
     d_out, d_lse = cotangents
     if isinstance(d_out, SymbolicZero):
         d_out = jnp.zeros(out.shape, out.dtype)
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    if not isinstance(d_lse, SymbolicZero):
-        delta = delta - d_lse
+    delta = softmax.backward_delta(out, d_out, None if isinstance(d_lse, SymbolicZero) else d_lse, keepdims=True)
     d_out = d_out.astype(q.dtype)
     dq, drows, dk, dv = _backward_kernels(q, k, v, _bias_tiles(rows, static.geo),
                                           rows if wants_drows is not None else None, d_out, lse, delta, static)
