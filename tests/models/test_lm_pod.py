@@ -14,7 +14,7 @@ from flax import nnx
 from jaxattn import models
 from jaxattn.models.layers import axes, remat
 from jaxattn.models.lm.stacking import from_per_layer, to_per_layer
-from jaxattn.testing.lowering import jaxpr_equations
+from jaxattn.testing import pod_checks
 from jaxattn.testing.model_init import abstract_model
 
 # 3 layers: TransNormer's LRPE layer 0 is one segment, layers 1-2 a scanned segment of two.
@@ -23,10 +23,6 @@ FAMILIES = {
     "transnormer": ("transnormer_tiny", dict(block_size=4)),
     "softmax_gqa": ("softmax_lm_tiny", dict(num_kv_heads=2)),
 }
-KNOWN_NAMES = set(axes.RULES) | {None}
-# Primitives that must never see bf16 inputs: softmax statistics, norms, every reduction (losses included).
-FP32_ONLY = {"exp", "exp2", "log", "log1p", "rsqrt", "sqrt", "pow", "reduce_sum", "reduce_max", "reduce_min",
-             "argmax", "cumsum", "cumlogsumexp", "cummax"}
 
 
 def build(family, fill="zeros", **options):
@@ -58,30 +54,21 @@ def reference(family):
     return build(family, fill="random")
 
 
+def next_token_loss(model, tok):
+    logits = model(tok[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tok[:, 1:]).mean(), logits
+
+
 @functools.cache
 def loss_and_grads(model):
-    """`(loss, logits), grads` of the next-token loss on `TOKENS`, compiled once per model (XLA's backend
-    optimisations off: compile time dominates these tiny programs)."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def run(params, tok):
-        def loss(p):
-            logits = nnx.merge(graphdef, p, rest)(tok[:, :-1])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, tok[:, 1:]).mean(), logits
-        return jax.value_and_grad(loss, has_aux=True)(params)
-    compiled = jax.jit(run).lower(params, TOKENS).compile(compiler_options={"xla_backend_optimization_level": 0})
-    return compiled(params, TOKENS)
+    """`(loss, logits), grads` of the next-token loss on `TOKENS`, compiled once per model."""
+    return pod_checks.loss_and_grads(model, next_token_loss, TOKENS)
 
 
 @pytest.mark.parametrize("name", models.list_models(kind="lm"))
 def test_every_parameter_is_named(name):
     model = nnx.eval_shape(lambda: models.create_model(name, rngs=nnx.Rngs(0)))
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        names = axes.logical_names(variable)
-        assert names is not None and len(names) == variable.get_value().ndim, (path, names)
-        assert set(names) <= KNOWN_NAMES, (path, names)
-        in_scan = "segments" in path
-        assert (names[0] == axes.LAYERS) == in_scan, (path, names)
+    pod_checks.assert_every_parameter_named(model, stacked=lambda path: "segments" in path)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -129,15 +116,7 @@ def test_every_remat_policy_gives_the_same_gradients(family, policy):
 def test_bf16_compute_keeps_fp32_where_it_must(family):
     fp32 = reference(family)
     bf16 = load(build(family, dtype="bfloat16"), per_layer_params(fp32))
-    graphdef, params, rest = nnx.split(bf16, nnx.Param, ...)
-    assert {v.dtype for v in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}  # param_dtype: fp32 storage
-
-    def loss(p):
-        logits = nnx.merge(graphdef, p, rest)(TOKENS[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, TOKENS[:, 1:]).mean()
-    eqns = jaxpr_equations(jax.value_and_grad(loss), params)
-    on_bf16 = {e.primitive.name for e in eqns if any(getattr(v.aval, "dtype", None) == jnp.bfloat16 for v in e.invars)}
-    assert "dot_general" in on_bf16 and not on_bf16 & FP32_ONLY, sorted(on_bf16 & FP32_ONLY)
+    pod_checks.assert_bf16_keeps_fp32(bf16, next_token_loss, TOKENS)
     (bf16_loss, logits), grads = loss_and_grads(bf16)
     assert logits.dtype == jnp.float32 and {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
     (fp32_loss, fp32_logits), _ = loss_and_grads(fp32)
