@@ -17,22 +17,40 @@ def drop_path_rates(max_rate: float, depths) -> list[list[float]]:
     return out
 
 
+class DropRate(nnx.Variable):
+    """A stochastic-depth rate held as data: the per-block rates of a scanned `Stack` (not trained)."""
+
+
 class DropPath(nnx.Module):
     """Zeroes the input for a random subset of samples (probability `rate`) and rescales the rest by
-    `1 / (1 - rate)`. Active only in training mode: `model.eval()` sets `deterministic=True`."""
+    `1 / (1 - rate)`. Active only in training mode: `model.eval()` sets `deterministic=True`.
 
-    def __init__(self, rate: float, *, deterministic: bool = False, rngs: nnx.Rngs | None = None):
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"`rate` must be in [0, 1), got {rate}")
-        self.rate = rate
+    `rate` is a Python float, or a scalar array: a block built by a scanned `Stack` gets its rate as a traced
+    value (`Stack(..., block_args=(rates,))`), stored as a `DropRate` variable that the scan slices per block.
+    """
+
+    def __init__(self, rate, *, deterministic: bool = False, rngs: nnx.Rngs | None = None):
+        if isinstance(rate, (int, float)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"`rate` must be in [0, 1), got {rate}")
+            self.rate, active = float(rate), rate > 0
+        else:
+            rate = jnp.asarray(rate)
+            if rate.shape != () or not jnp.issubdtype(rate.dtype, jnp.floating):
+                raise ValueError(f"`rate` must be a float or a float scalar array, got shape {rate.shape} "
+                                 f"dtype {rate.dtype}")
+            if not isinstance(rate, jax.core.Tracer) and not 0.0 <= float(rate) < 1.0:
+                raise ValueError(f"`rate` must be in [0, 1), got {float(rate)}")
+            self.rate, active = DropRate(rate), True
         self.deterministic = deterministic
-        self.rngs = rngs["dropout"].fork() if (rngs is not None and rate > 0) else nnx.data(None)
+        self.rngs = rngs["dropout"].fork() if (rngs is not None and active) else nnx.data(None)
 
     def __call__(self, x):
-        if self.deterministic or self.rate == 0.0:
+        rate = self.rate[...] if isinstance(self.rate, DropRate) else self.rate
+        if self.deterministic or (isinstance(rate, float) and rate == 0.0):
             return x
         if self.rngs is None:
             raise ValueError("DropPath with rate > 0 in training mode needs `rngs` with a 'dropout' stream")
-        keep = 1.0 - self.rate
+        keep = 1.0 - rate
         mask = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+        return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))

@@ -24,7 +24,12 @@ _AXIS_NAME = {nnx.PARTITION_NAME: LAYERS}
 
 
 class Stack(nnx.Module):
-    """`n` blocks made by `make_block(rngs)` (which must build the same structure on every call).
+    """`n` blocks made by `make_block(rngs, *args_i)` (which must build the same structure on every call).
+
+    `block_args`: sequences of length `n` whose `i`-th items are block `i`'s constructor arguments (per-block
+    drop-path rates, say). Unrolled, block `i` gets the items as they are (Python floats stay static); scanned, each
+    sequence becomes an array and block construction sees one traced item, so anything built from it must hold
+    it as data (`DropPath` stores a traced rate as a `DropRate` variable, sliced per block by the scan).
 
     `stack(x, *shared)` runs `x = block(x, *shared)` through the blocks; `stack.apply(fn, x, per_block, *shared)`
     runs `x, out = fn(block, x, per_block[i], *shared)` and returns `(x, outs)` with `outs` stacked on a leading
@@ -35,16 +40,19 @@ class Stack(nnx.Module):
     back inside), so a model closed over by `jax.jit` works like one passed in.
     """
 
-    def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], n: int, *, rngs: nnx.Rngs, scan: bool = True,
-                 remat: str = "none"):
+    def __init__(self, make_block: Callable[..., nnx.Module], n: int, *, rngs: nnx.Rngs, scan: bool = True,
+                 remat: str = "none", block_args: tuple = ()):
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ValueError(f"`n` (blocks in a stack) must be a positive int, got {n!r}")
         self.n, self.scan, self.remat = int(n), bool(scan), check_remat(remat)
+        for j, arg in enumerate(block_args):
+            if len(arg) != self.n:
+                raise ValueError(f"`block_args[{j}]` must hold one item per block ({self.n}), got {len(arg)}")
         if self.scan:
             self.blocks = nnx.vmap(make_block, in_axes=0, out_axes=0, transform_metadata=_AXIS_NAME)(
-                rngs.split(self.n))
+                rngs.split(self.n), *(jnp.asarray(arg) for arg in block_args))
         else:
-            self.blocks = nnx.List([make_block(rngs) for _ in range(self.n)])
+            self.blocks = nnx.List([make_block(rngs, *(arg[i] for arg in block_args)) for i in range(self.n)])
 
     @property
     def template(self) -> nnx.Module:

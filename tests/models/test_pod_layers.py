@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 from jaxattn.models.layers import axes, precision, remat
+from jaxattn.models.layers.drop_path import DropPath, DropRate
 from jaxattn.models.layers.stack import Stack, blocks_to_stacked, stacked_to_blocks
 from jaxattn.testing.lowering import jaxpr_equations
 
@@ -129,6 +130,34 @@ def test_stack_carries_state_inputs_and_outputs_and_works_closed_over_by_jit():
     stack, unrolled = _stack(True), _stack(False)
     jax.jit(lambda h: unrolled(h))(x)  # a model captured by jit, not passed in
     np.testing.assert_allclose(jax.jit(lambda h: stack(h, 0.0))(x), x)
+
+
+class _DropBlock(nnx.Module):
+    """`x + DropPath(rate)(1)`: what reaches the output shows which samples each block dropped."""
+
+    def __init__(self, rngs, rate):
+        self.drop = DropPath(rate, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.drop(jnp.ones_like(x))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_per_block_drop_path_rates(scan):
+    stack = Stack(_DropBlock, 2, rngs=nnx.Rngs(0, dropout=1), scan=scan, block_args=((0.0, 0.5),))
+    if scan:
+        assert isinstance(stack.blocks.drop.rate, DropRate) and stack.blocks.drop.rate.shape == (2,)
+    else:
+        assert [b.drop.rate for b in stack.blocks] == [0.0, 0.5]  # static: block 0 draws no mask
+    added = np.asarray(jax.jit(lambda s, x: s(x))(stack, jnp.zeros((4000, 1))))
+    assert set(np.unique(added)) == {1.0, 3.0}  # block 0 always kept; block 1 dropped, or kept and scaled by 2
+    assert abs(np.mean(added == 1.0) - 0.5) < 0.05
+    stack.eval()
+    np.testing.assert_array_equal(stack(jnp.zeros((3, 1))), 2.0)
+    with pytest.raises(ValueError, match="one item per block"):
+        Stack(_DropBlock, 2, rngs=nnx.Rngs(0), block_args=((0.1,),))
+    with pytest.raises(ValueError, match="`rate` must be in"):
+        DropPath(jnp.float32(1.0))
 
 
 def test_block_state_conversion_round_trip():
