@@ -101,9 +101,9 @@ class NeighborhoodAttention2D(nnx.Module):
     the scaled logits; the op is called with the pre-scaled q and `scale=1.0` to reproduce exactly that.
 
     `context_parallel='halo'`: under a mesh whose `'context'` axis is > 1, a map whose rows split into shards that
-    hold the border rows a window needs (`shards_rows`) runs `jaxattn.context_parallel.halo_neighborhood_attention`
-    over image rows (neighbours exchange those rows); any other map (a deep stage with few rows) runs the
-    single-device op, which GSPMD gathers for. Same result either way.
+    hold the border rows a window needs runs `jaxattn.context_parallel.halo_neighborhood_attention` over image rows
+    (neighbours exchange those rows); any other map (a deep stage with few rows) runs the single-device op, which
+    GSPMD gathers for. Same result either way (`models/context_parallel.attention` decides).
     """
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int, dilation: int = 1, *, qkv_bias: bool = True,
@@ -132,25 +132,10 @@ class NeighborhoodAttention2D(nnx.Module):
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         q = q * jnp.asarray(self.scale, q.dtype)
         rpb = self.rpb[...].astype(q.dtype)
-        if self.shards_rows(hp):
-            from jaxattn.context_parallel import halo_neighborhood_attention
-            out = halo_neighborhood_attention(q, k, v, self.kernel_size, dilation=self.dilation, rpb=rpb,
-                                              scale=1.0, axis=1)
-        else:
-            out = jaxattn.neighborhood_attention(q, k, v, self.kernel_size, dilation=self.dilation, rpb=rpb,
-                                                 scale=1.0, implementation=self.implementation)
+        out = cp.attention("neighborhood_attention", self.context_parallel, q, k, v, self.kernel_size,
+                           dilation=self.dilation, rpb=rpb, scale=1.0, implementation=self.implementation)
         out = out[:, :h, :w].reshape(b, h, w, c)
         return self.proj_drop(self.proj(out))
-
-    def shards_rows(self, rows: int) -> bool:
-        """Whether a map of `rows` (after padding) runs the halo strategy now: context parallelism is on and the
-        strategy accepts the rows over the mesh's context size (`halo_exchange.neighborhood_shardable`: shards
-        that hold the border rows a window needs from each neighbour)."""
-        n = cp.active(self.context_parallel)
-        if not n:
-            return False
-        from jaxattn.context_parallel.halo_exchange import neighborhood_shardable
-        return neighborhood_shardable(rows, n, self.kernel_size, self.dilation)
 
 
 class NATLayer(nnx.Module):

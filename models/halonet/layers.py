@@ -151,7 +151,7 @@ class HaloAttention(nnx.Module):
     resolution and a 2x2 average pool follows (timm's fallback).
 
     `cfg.context_parallel='halo'`: under a mesh whose `'context'` axis is > 1, a map whose rows split into whole
-    blocks per device and at least `halo_size` rows (`shards_rows`, `halo_exchange.halo_attention_shardable`)
+    blocks per device and at least `halo_size` rows (`models/context_parallel.attention` decides)
     runs `jaxattn.context_parallel.halo_exchange_halo_attention` over image rows (neighbours exchange the
     `halo_size` border rows); other maps run the single-device op, which GSPMD gathers for. Same result either way.
     """
@@ -193,23 +193,10 @@ class HaloAttention(nnx.Module):
             rel_h, rel_w = rel_h * self.scale, rel_w * self.scale
         rel = dict(rel_height=rel_h.astype(q.dtype), rel_width=rel_w.astype(q.dtype), scale=self.scale,
                    query_stride=self.query_stride)
-        if self.shards_rows(h):
-            from jaxattn.context_parallel import halo_exchange_halo_attention
-            out = halo_exchange_halo_attention(q, k, v, self.block_size, self.halo_size, **rel)
-        else:
-            out = jaxattn.halo_attention(q, k, v, self.block_size, self.halo_size, implementation=self.implementation,
-                                         **rel)
+        out = cp.attention("halo_attention", self.context_parallel, q, k, v, self.block_size, self.halo_size,
+                           implementation=self.implementation, **rel)
         out = out.reshape(*out.shape[:3], self.num_heads * self.dim_head_v)
         if self.avg_pool:  # torch AvgPool2d(2, 2): floor, no padding
             out = jax.lax.reduce_window(out, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0
         return out
 
-    def shards_rows(self, rows: int) -> bool:
-        """Whether an input map of `rows` runs the halo strategy now: context parallelism is on and the strategy
-        accepts the rows over the mesh's context size (`halo_exchange.halo_attention_shardable`: whole blocks
-        and at least the `halo_size` rows its neighbours need per shard)."""
-        n = cp.active(self.context_parallel)
-        if not n:
-            return False
-        from jaxattn.context_parallel.halo_exchange import halo_attention_shardable
-        return halo_attention_shardable(rows, n, self.block_size, self.halo_size)

@@ -105,17 +105,9 @@ class SoftmaxAttention(nnx.Module):
         return self.o_proj(axes.constrain(o, HEADS_ACTIVATION)), state
 
     def _full_sequence(self, q, k, v, segment_ids):
-        if not cp.active(self.context_parallel):
-            seg = {} if segment_ids is None else {"query_segment_ids": segment_ids, "key_segment_ids": segment_ids}
-            return jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation,
-                                                 **seg, **self._extras())
-        from jaxattn import context_parallel as strategies
         seg = {} if segment_ids is None else {"query_segment_ids": segment_ids, "key_segment_ids": segment_ids}
-        kwargs = dict(is_causal=True, implementation=self.implementation, **seg, **self._extras())
-        if self.context_parallel == "ulysses":
-            return strategies.ulysses_attention(q, k, v, **kwargs)
-        fn = strategies.ring_attention if self.context_parallel == "ring" else strategies.allgather_attention
-        return fn(q, k, v, load_balance=True, **kwargs)
+        return cp.attention("dot_product_attention", self.context_parallel, q, k, v, is_causal=True,
+                            implementation=self.implementation, **seg, **self._extras())
 
 
 def softmax_lm(*, vocab_size: int, d_model: int, num_layers: int, num_heads: int, glu_dim: int, rngs: nnx.Rngs,

@@ -56,13 +56,9 @@ class GLA(nnx.Module):
         q, k = nnx.silu(q), nnx.silu(k)
         if self.theta is not None:
             q, k = lrpe(q, self.theta[...], pos), lrpe(k, self.theta[...], pos)
-        if state is None and cp.active(self.context_parallel):
-            from jaxattn.context_parallel import lasp2_lightning_attention
-            o = lasp2_lightning_attention(q, k, v, slopes=slopes, block_size=self.block_size,
-                                          segment_ids=segment_ids, implementation=self.implementation)
-        elif state is None:
-            o = jaxattn.lightning_attention(q, k, v, slopes=slopes, block_size=self.block_size,
-                                            segment_ids=segment_ids, implementation=self.implementation)
+        if state is None:
+            o = cp.attention("lightning_attention", self.context_parallel, q, k, v, slopes=slopes,
+                             block_size=self.block_size, segment_ids=segment_ids, implementation=self.implementation)
         elif t == 1:
             o, state = jaxattn.lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], state, slopes=slopes)
             o = o[:, None]

@@ -14,6 +14,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import mesh_curves
 import numpy as np
 import pytest
@@ -110,21 +111,32 @@ def _vision_config(model, image_size, **model_kwargs):
 
 
 def _rows_sharded(config, layers, mesh_axes):
-    """Which attention layers (`layers(model)` -> `[(layer, rows)]`) run the halo strategy on `mesh_axes`."""
+    """Which attention layers (`layers(model)` -> `[(op, layer, query, key, positional args, keyword args)]`) run
+    the halo strategy on `mesh_axes`."""
+    from jaxattn.models import context_parallel as cp
     from jaxattn.train import sharding
     model = nnx.eval_shape(lambda: state_lib.build_model(config, 10, nnx.Rngs(0)))
     with jax.set_mesh(sharding.make_mesh(mesh_axes, devices=jax.devices()[:math.prod(mesh_axes.values())])):
-        return [layer.shards_rows(rows) for layer, rows in layers(model)]
+        return [cp.strategy_function(op, layer.context_parallel, q, k, k, *args, **kwargs) is not None
+                for op, layer, q, k, args, kwargs in layers(model)]
+
+
+def _map(rows, channels=8):
+    return jax.ShapeDtypeStruct((1, rows, rows, 1, channels), jnp.float32)
 
 
 def check_vision_models():
     dinat = _vision_config("dinat_pico", 64, **DINAT)
-    assert _rows_sharded(dinat, lambda m: [(lv.blocks[0].attn, r) for lv, r in zip(m.levels, (16, 8, 4))],
-                         CONTEXT4) == [True, True, False]
+    def dinat_layers(m):
+        attn = [lv.blocks[0].attn for lv in m.levels]
+        return [("neighborhood_attention", a, _map(r), _map(r), (a.kernel_size,), dict(dilation=a.dilation))
+                for a, r in zip(attn, (16, 8, 4))]
+    assert _rows_sharded(dinat, dinat_layers, CONTEXT4) == [True, True, False]
     _compare_family([("dinat/halo", dinat, CONTEXT4)], mesh_curves.image_batches(64), 10)
     halonet = _vision_config("halonet_pico", 32, **_halonet_kwargs())
-    assert _rows_sharded(halonet, lambda m: [(s[0].self_attn, r) for s, r in zip(m.stages, (8, 8, 4))],
-                         CONTEXT4) == [True, True, False]
+    assert _rows_sharded(halonet, lambda m: [("halo_attention", s[0].self_attn, _map(r), _map(r),
+                                               (s[0].self_attn.block_size, s[0].self_attn.halo_size), {})
+                                              for s, r in zip(m.stages, (8, 8, 4))], CONTEXT4) == [True, True, False]
     _compare_family([("halonet/halo", halonet, CONTEXT4)], mesh_curves.image_batches(32), 10)
 
 
