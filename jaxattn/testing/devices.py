@@ -10,9 +10,15 @@ DEVICE_COUNT_ENV = "JAXATTN_FORCED_DEVICES"
 
 
 def device_env(n: int, env: dict | None = None) -> dict:
-    """Environment for a child process that sees `n` CPU devices."""
+    """Environment for a child process that sees `n` CPU devices.
+
+    The child compiles with XLA:CPU's backend (LLVM) optimisations off unless `XLA_FLAGS` sets a level: these
+    processes check values and shardings of small programs, where compile time dominates.
+    """
     env = dict(os.environ if env is None else env)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    if not any("xla_backend_optimization_level" in f for f in flags):
+        flags.append("--xla_backend_optimization_level=0")
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
     env["JAX_PLATFORMS"] = "cpu"
     env[DEVICE_COUNT_ENV] = str(n)

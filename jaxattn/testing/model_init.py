@@ -18,11 +18,13 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxattn.models.layers.tracing import eval_shape_model
 
 
 def abstract_model(constructor, *, fill: str = "random", seed: int = 0) -> nnx.Module:
-    """`constructor()` (e.g. `lambda: models.create_model(...)`) built under `nnx.eval_shape`, then materialised."""
-    return materialize(nnx.eval_shape(constructor), fill=fill, seed=seed)
+    """`constructor()` (e.g. `lambda: models.create_model(...)`) built under `nnx.eval_shape` (with
+    `fast_tracing`), then materialised."""
+    return materialize(eval_shape_model(constructor), fill=fill, seed=seed)
 
 
 def _fill(index, path, spec, variable_type, fill, rng, seed):
