@@ -23,6 +23,8 @@ OUT = os.path.join(ROOT, "results", "pods")
 
 LM_8K = ["--config.seq_len=8192", "--config.batch_size=256", "--config.eval_batch_size=256",
          "--config.dtype=bfloat16", "--config.remat=full"]
+# The other remat policies of the 8k rows (the MFU bound each allows; 'full' is the rows above).
+REMAT = {"dots": "dots_saveable", "dots_nobatch": "dots_with_no_batch_dims_saveable", "none": "none"}
 LM_32K = ["--config.seq_len=32768", "--config.batch_size=64", "--config.eval_batch_size=64",
           "--config.dtype=bfloat16", "--config.remat=full", "--config.mesh.fsdp=16", "--config.mesh.context=4"]
 LM_128K = ["--config.seq_len=131072", "--config.batch_size=32", "--config.eval_batch_size=32",
@@ -44,9 +46,16 @@ ROWS = {
     "sm7b_8k": ("softmax_lm.py:7b_lm1b", "v5p:4x4x4", LM_8K),
     "tn7b_32k_lasp2": ("transnormer.py:7b_lm1b", "v5p:4x4x4", LM_32K + ["--config.context_parallel=lasp2"]),
     "sm7b_32k_ring": ("softmax_lm.py:7b_lm1b", "v5p:4x4x4", LM_32K + ["--config.context_parallel=ring"]),
+    "sm1b_32k_ring_v5e": ("softmax_lm.py:1b_lm1b", "v5e:4x4",
+                          ["--config.seq_len=32768", "--config.batch_size=16", "--config.eval_batch_size=16",
+                           "--config.dtype=bfloat16", "--config.remat=full", "--config.mesh.fsdp=4",
+                           "--config.mesh.context=4", "--config.context_parallel=ring"]),
     "tn7b_128k_lasp2": ("transnormer.py:7b_lm1b", "v5p:4x4x8", LM_128K + ["--config.context_parallel=lasp2"]),
     "sm7b_128k_ring": ("softmax_lm.py:7b_lm1b", "v5p:4x4x8", LM_128K + ["--config.context_parallel=ring"]),
 }
+ROWS.update({f"{lm}7b_8k_remat_{short}": (config, "v5p:4x4x4", LM_8K[:-1] + [f"--config.remat={policy}"])
+             for lm, config in (("tn", "transnormer.py:7b_lm1b"), ("sm", "softmax_lm.py:7b_lm1b"))
+             for short, policy in REMAT.items()})
 QUICK = {"tiny_lm_v5e": (os.path.join("..", "tests", "train", "tiny_config.py:lm"), "v5e:2x2",
                          ["--config.compile_fast=false"])}
 

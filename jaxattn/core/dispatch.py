@@ -92,12 +92,6 @@ def _refusal(backend: Backend, op_args) -> str | None:
     return doc.split(". ")[0].split("\n\n")[0].replace("\n", " ").rstrip(".") or "does not support these arguments"
 
 
-def _varying(op_args) -> bool:
-    """Whether an array argument varies over a manual mesh axis (traced inside a user's checked `shard_map`)."""
-    from jaxattn.core import vma
-    return bool(vma.varying_axes(*[x for x in op_args.values() if isinstance(x, jax.Array)]))
-
-
 def _choice(backend: Backend, platform: str, skipped=()) -> Choice:
     return Choice(platform, backend.name, KERNEL_TARGETS[platform] if backend.takes_target else None, tuple(skipped))
 
@@ -120,16 +114,12 @@ def plan(op: str, implementation: str | None, **op_args) -> dict[str, Choice]:
                            f"{', '.join(backend.runs_on)}); ask for another implementation or None")
                 for p in PLATFORMS}
     out = {}
-    varying = _varying(op_args)
     for platform in PLATFORMS:
         skipped = []
         for backend in sorted(backends.values(), key=lambda b: -b.priority):
             if not _allowed(backend.platforms, platform) or not _allowed(backend.runs_on, platform):
                 continue
             refusal = _refusal(backend, op_args)
-            if refusal is None and backend.takes_target and varying:
-                refusal = ("inside shard_map(check_vma=True) (the Pallas kernels do not declare varying outputs "
-                           "yet; ask for it by name under check_vma=False)")
             if refusal is None:
                 out[platform] = _choice(backend, platform, skipped)
                 break

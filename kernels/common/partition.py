@@ -25,7 +25,8 @@ Dimension roles, one letter per dimension in `dims` / `out_dims` strings (space 
   bias with one batch row, one head) is replicated. `heads=False` keeps heads whole (kernels with static per-head
   data, e.g. per-head windows).
 
-Nothing changes on one device, or when every axis is manual: `fn` is called directly. Otherwise the region is
+Nothing changes on one device, or when every axis is manual: `fn` is called directly (inside a user's
+`shard_map(check_vma=True)`, with the check off for the launch and the results typed varying like the operands). Otherwise the region is
 manual over every remaining axis (Mosaic refuses partly automatic regions), and what cannot be split (a batch
 or heads the axes do not divide) is replicated: each device then runs that part whole.
 The kernels' custom VJPs call `per_shard` for each launch, forward and backward, so gradients are split the same.
@@ -36,6 +37,8 @@ from collections.abc import Callable, Sequence
 
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from jaxattn.core import vma
 
 ROLES = ("b", "n", "k", ".")
 HEAD_AXES = ("tensor", "model", "heads")  # mesh axes that split attention heads (Megatron tensor parallelism)
@@ -63,7 +66,7 @@ def per_shard(fn: Callable, operands: Sequence, dims: Sequence, out_dims: Sequen
     mesh = _mesh(leaves)
     free = [] if mesh is None else [a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual]
     if not free or mesh.size == 1:
-        return flat_fn(*leaves)
+        return _unchecked(flat_fn, leaves, len(out_dims))
     layout = _Layout([x.shape for x in leaves], leaf_dims)
     axes = layout.split_axes(mesh, heads=heads, types=[jax.typeof(x) for x in leaves], dims=leaf_dims)
     in_specs = tuple(layout.spec(axes, x.shape, d) for x, d in zip(leaves, leaf_dims))
@@ -73,6 +76,17 @@ def per_shard(fn: Callable, operands: Sequence, dims: Sequence, out_dims: Sequen
     # over an axis is replicated over it, and so is every result (the same on each of its devices).
     return jax.shard_map(flat_fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=set(free),
                          check_vma=False)(*leaves)
+
+
+def _unchecked(flat_fn, leaves, num_outs):
+    """`flat_fn(*leaves)`; inside a user's `shard_map(check_vma=True)` (operands varying over manual axes) the
+    launch is traced with the check off (a kernel's `out_shape` declares no varying axes) and its results are
+    typed varying over every axis an operand varies over: each device computed them from its own shard."""
+    if not vma.varying_axes(*leaves):
+        return flat_fn(*leaves)
+    outs = jax.shard_map(flat_fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=(PartitionSpec(),) * len(leaves),
+                         out_specs=(PartitionSpec(),) * num_outs, axis_names=set(), check_vma=False)(*leaves)
+    return vma.varying_like(outs, *leaves)
 
 
 def _leaf_dims(operands, dims) -> list[tuple[str, ...]]:

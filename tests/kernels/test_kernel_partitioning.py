@@ -4,7 +4,8 @@ TPU (libtpu, deviceless, `v5e:2x2`): a train-step-like forward + gradient of dot
 neighborhood (2-D) and lightning attention, with the batch split over the four chips and with a (data 2 x
 tensor 2) mesh splitting batch and heads, compiles with the Mosaic kernels in the program, each running on its
 shard's rows and heads, and without an all-gather of q/k/v; ring attention on a (data 2 x context 2)
-mesh runs its kernels on the `data` shards inside its `context` shard_map. CPU (4 forced host devices): the sharded `jit` of
+mesh runs its kernels on the `data` shards inside its `context` shard_map, and a user's `shard_map(check_vma=True)`
+gets them from dispatch too. CPU (4 forced host devices): the sharded `jit` of
 the Pallas kernels (interpret mode) equals their unsharded result, forward and gradients.
 """
 import math
@@ -136,6 +137,22 @@ def test_ring_attention_runs_the_kernels_on_a_data_x_context_mesh(tpu_devices):
     calls = re.findall(r"%([a-z_]+)(?:\.\d+)? = \(?(\w+)\[(\d+),.*custom_call_target=\"tpu_custom_call\"", text)
     assert {"flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv"} <= {c[0] for c in calls}, calls
     assert {int(c[2]) for c in calls} == {B // 2}, calls  # each kernel runs on its `data` shard's rows
+
+
+def test_dispatch_picks_the_kernels_inside_a_checked_shard_map(tpu_devices):
+    """A user's `shard_map(check_vma=True)` manual over every axis: `implementation=None` still lowers the flash
+    kernels for TPU (their results typed varying like the operands), forward and gradients."""
+    mesh = jax.sharding.Mesh(np.array(tpu_devices).reshape(4), ("data",))
+    sharding = NamedSharding(mesh, P("data"))
+    q, k = (jax.ShapeDtypeStruct((B, T, n, H), jnp.bfloat16, sharding=sharding) for n in (N, K))
+    attend = jax.shard_map(_dot_product, mesh=mesh, in_specs=P("data"), out_specs=P("data"), check_vma=True)
+
+    def loss(q, k, v):
+        return attend(q, k, v).astype(jnp.float32).sum()
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower().compile().as_text()
+    calls = re.findall(r"%([a-z_]+)(?:\.\d+)? = \(?(\w+)\[(\d+),.*custom_call_target=\"tpu_custom_call\"", text)
+    assert {"flash_attention_fwd", "flash_attention_dq", "flash_attention_dkv"} <= {c[0] for c in calls}, calls
+    assert {int(c[2]) for c in calls} == {B // 4}, calls
 
 
 @pytest.mark.devices(4)
