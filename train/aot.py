@@ -13,8 +13,8 @@ Reported (`--json` writes exactly these keys):
 - `memory_per_device`: `compiled.memory_analysis()` of the train step (arguments, outputs, temporaries, aliased
   = donated); `fits` is `arguments + outputs + temporaries - aliased <= hbm_per_device` (the chip table).
 - `flops_per_step` (all devices): XLA's cost analysis of the per-device program x devices, corrected for loops
-  (the analysis counts a `while` body once; the dot/convolution FLOPs of the extra trips are added from the HLO,
-  `train/aot_hlo.py`); the HBM bytes (not a key, used below): XLA's `bytes accessed` scaled by the HLO's traffic
+  (the analysis counts a `while` body once; the dot/convolution FLOPs and the Mosaic kernels' `pl.CostEstimate`
+  FLOPs of the extra trips are added from the HLO, `train/aot_hlo.py`); the HBM bytes (not a key, used below): XLA's `bytes accessed` scaled by the HLO's traffic
   estimate with loop trips over that without.
 - `model_flops_per_step`: analytic (`train/aot_flops.py`: `6 N D` plus attention).
 - `collective_bytes_per_device`: the data of every all-gather, reduce-scatter, all-reduce, all-to-all and

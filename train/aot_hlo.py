@@ -14,7 +14,7 @@ the two is what a cost analysis misses in loops (`train.aot` adds it).
   kernel's input features x the window taps that land on input points: taps on padding or on the holes of an
   input dilation multiply zeros and are not counted). XLA:TPU writes most dots as convolutions.
 - Kernel calls: `custom-call`s with `custom_call_target="tpu_custom_call"` (Mosaic, i.e. Pallas TPU kernels),
-  by kernel name.
+  by kernel name; their FLOPs are their `pl.CostEstimate`s (`kernel_flops`, with the same loop convention).
 """
 from __future__ import annotations
 
@@ -249,6 +249,22 @@ def matmul_flops(module: Module, *, loops: bool = True) -> float:
                 total += dot_flops(inst, shapes) * runs[name]
             elif inst.opcode == "convolution":
                 total += convolution_flops(inst, shapes) * runs[name]
+    return total
+
+
+_COST_FLOPS = re.compile(r'"cost_estimate":\{"flops":"(\d+)"')
+
+
+def kernel_flops(module: Module, *, loops: bool = True) -> float:
+    """Per-device FLOPs of the Mosaic kernels: each call's `pl.CostEstimate` (its backend config's
+    `cost_estimate.flops`, which XLA's cost analysis also counts, once per loop body), weighted by how often its
+    computation runs."""
+    runs, total = executions(module, loops=loops), 0.0
+    for name, instructions in module.computations.items():
+        for inst in instructions:
+            if runs[name] and inst.opcode == "custom-call" and f'custom_call_target="{MOSAIC_TARGET}"' in inst.rest:
+                match = _COST_FLOPS.search(inst.rest)
+                total += float(match.group(1)) * runs[name] if match else 0.0
     return total
 
 

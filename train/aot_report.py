@@ -63,7 +63,8 @@ def compile_report(config, topology: str, *, eval_step: bool = True, hlo_path: s
     module = aot_hlo.parse(text)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    in_loops = aot_hlo.matmul_flops(module) - aot_hlo.matmul_flops(module, loops=False)
+    in_loops = (aot_hlo.matmul_flops(module) - aot_hlo.matmul_flops(module, loops=False)
+                + aot_hlo.kernel_flops(module) - aot_hlo.kernel_flops(module, loops=False))
     flops_per_device = float(cost.get("flops", 0.0)) + in_loops
     once = aot_hlo.memory_bytes(module, loops=False)
     hbm_bytes = float(cost.get("bytes accessed", 0.0)) * (aot_hlo.memory_bytes(module) / once if once else 1.0)
@@ -89,7 +90,7 @@ def compile_report(config, topology: str, *, eval_step: bool = True, hlo_path: s
     details.update(collectives=collectives, compute_s=compute_s, hbm_s=hbm_s, hbm_bytes_per_device=hbm_bytes,
                    xla_flops_per_device=float(cost.get("flops", 0.0)), loop_flops_per_device=in_loops,
                    matmul_flops_per_device=aot_hlo.matmul_flops(module), chip=chip,
-                   kernels=aot_hlo.kernel_calls(module),
+                   kernels=aot_hlo.kernel_calls(module), kernel_flops_per_device=aot_hlo.kernel_flops(module),
                    implementation=config.model_kwargs.get("implementation", None))
     return report, details
 

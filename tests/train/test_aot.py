@@ -160,6 +160,18 @@ def test_mosaic_kernel_calls_are_named():
     assert aot_hlo.kernel_calls(aot_hlo.parse(text)) == {"flash_attention_fwd": 1}
 
 
+def test_kernel_flops_count_every_loop_trip():
+    """A Mosaic call's `cost_estimate` flops, once per run of its computation (XLA's cost analysis counts a loop
+    body's kernels once: `train.aot` adds the other trips)."""
+    kernel = ('%k = f32[4,8]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", '
+              'backend_config={"custom_call_config": {"cost_estimate":{"flops":"1000","transcendentals":"0",'
+              '"bytes_accessed":"64"}}}, metadata={op_name="jit(f)/flash_attention_fwd/pallas_call"}')
+    module = aot_hlo.parse(HLO.replace("  %one = s32[] constant(1)\n", f"  {kernel}\n  %one = s32[] constant(1)\n"))
+    assert aot_hlo.kernel_calls(module) == {"flash_attention_fwd": 4}
+    assert aot_hlo.kernel_flops(module) == 4000 and aot_hlo.kernel_flops(module, loops=False) == 1000
+    assert aot_hlo.kernel_flops(aot_hlo.parse(HLO)) == 0
+
+
 def _tiny_lm_config():
     sys.path.insert(0, HERE)
     import tiny_config
