@@ -24,7 +24,9 @@ Reported (`--json` writes exactly these keys):
 - `compile_seconds`: wall time of the train step's (and eval step's) compile on this host.
 
 Exit status 0 when the step compiled, fitting or not; 2 with a one-line error naming the setting for an unknown
-topology, a mesh that does not match the slice, or a sharding that does not divide.
+topology, a mesh that does not match the slice, or a sharding that does not divide; 3 with `fits: false` and
+XLA's shortfall when XLA:TPU itself refuses to compile a step that needs more HBM than the chip has (it then
+reports no memory breakdown and no JSON).
 """
 from __future__ import annotations
 
@@ -53,6 +55,14 @@ def main(argv):
     except ValueError as e:  # ConfigError, TopologyError, shardings that do not divide
         print(f"error: {aot_report.first_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - XLA's own refusal, below; anything else is a real failure
+        shortfall = aot_report.out_of_memory(e)
+        if shortfall is None:
+            raise
+        print(f"fits: false ({shortfall}); XLA refuses to compile a program that needs more HBM than the chip has",
+              flush=True)
+        print(f"error: does not fit: {shortfall}", file=sys.stderr)
+        return 3
     print(aot_report.format_report(report, details), flush=True)
     if _JSON.value:
         aot_report.write_json(report, _JSON.value)

@@ -5,6 +5,7 @@ No flags are defined here, so tests and scripts can import it beside `train.main
 from __future__ import annotations
 
 import json
+import re
 import time
 
 KEYS = ("topology", "device_kind", "num_devices", "mesh", "memory_per_device", "hbm_per_device", "fits",
@@ -103,6 +104,16 @@ def memory_per_device(compiled) -> dict:
 
 def peak_bytes(memory: dict) -> int:
     return memory["arguments"] + memory["outputs"] + memory["temporaries"] - memory["aliased"]
+
+
+_OOM = re.compile(r"RESOURCE_EXHAUSTED: [^\n]*?(Ran out of memory[^\n]*)")
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """The shortfall XLA:TPU names when it refuses a program larger than HBM (`RESOURCE_EXHAUSTED: Ran out of
+    memory ...`), else None."""
+    match = _OOM.search(str(e))
+    return match.group(1).strip().rstrip(".") if match else None
 
 
 def first_line(e: BaseException) -> str:

@@ -160,6 +160,16 @@ def test_mosaic_kernel_calls_are_named():
     assert aot_hlo.kernel_calls(aot_hlo.parse(text)) == {"flash_attention_fwd": 1}
 
 
+def test_out_of_memory_refusals_are_read_as_a_shortfall():
+    from jaxattn.train import aot_report
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(210.50G) exceeds available HBM (95.74G).\nmore")
+    assert aot_report.out_of_memory(RuntimeError(message)) == (
+        "Ran out of memory on HBM, the total memory required for HLO temporaries (210.50G) exceeds available HBM "
+        "(95.74G)")
+    assert aot_report.out_of_memory(RuntimeError("INTERNAL: something else")) is None
+
+
 def test_kernel_flops_count_every_loop_trip():
     """A Mosaic call's `cost_estimate` flops, once per run of its computation (XLA's cost analysis counts a loop
     body's kernels once: `train.aot` adds the other trips)."""
