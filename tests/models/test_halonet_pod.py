@@ -19,9 +19,9 @@ from jaxattn.testing import pod_checks
 from jaxattn.testing.model_init import abstract_model
 
 # One stage: a bottleneck (with shortcut conv), then [attn, bottle] x 2 scanned, then an attention block.
-SMALL = dict(stages=[interleave(("bottle", "self_attn"), 6, 16, 1, 0.5)], stem_chs=8,
-             attn=AttnCfg(block_size=2, halo_size=1, num_heads=2), img_size=16, num_classes=5, drop_path_rate=0.0)
-BATCH = (jax.random.normal(jax.random.key(1), (2, 16, 16, 3)), jnp.array([1, 3]))
+SMALL = dict(stages=[interleave(("bottle", "self_attn"), 6, 8, 1, 0.5)], stem_chs=8,
+             attn=AttnCfg(block_size=2, halo_size=1, num_heads=2), img_size=8, num_classes=5, drop_path_rate=0.0)
+BATCH = (jax.random.normal(jax.random.key(1), (2, 8, 8, 3)), jnp.array([1, 3]))
 
 
 def build(fill="zeros", **options):
