@@ -49,17 +49,26 @@ def loss_and_grads(model: nnx.Module, loss_fn: Callable, inputs):
     current mode. Compiled with XLA's backend optimisations off: compile time dominates these small programs.
     Non-parameter state the forward updates (BatchNorm statistics) is not written back."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    run = _value_and_grad(graphdef, loss_fn, has_aux=True)
+    compiled = jax.jit(run).lower(params, rest, inputs).compile(
+        compiler_options={"xla_backend_optimization_level": 0})
+    return compiled(params, rest, inputs)
 
-    def run(params, inputs):
-        return jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), inputs), has_aux=True)(params)
-    compiled = jax.jit(run).lower(params, inputs).compile(compiler_options={"xla_backend_optimization_level": 0})
-    return compiled(params, inputs)
+
+def _value_and_grad(graphdef, loss_fn: Callable, *, has_aux: bool):
+    """`(params, rest, inputs) -> (value, grads)`: the model is merged outside the differentiated function (a
+    forward that writes its state, as BatchNorm's statistics, cannot mutate variables created under `jax.grad`)."""
+    def run(params, rest, inputs):
+        model = nnx.merge(graphdef, params, rest)
+        loss = (lambda m: loss_fn(m, inputs)) if has_aux else (lambda m: loss_fn(m, inputs)[0])
+        return nnx.value_and_grad(loss, has_aux=has_aux)(model)
+    return run
 
 
 def bf16_primitives(model: nnx.Module, loss_fn: Callable, inputs) -> set[str]:
     """The primitives of the loss's gradient that take a bf16 operand."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    eqns = jaxpr_equations(jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), inputs)[0]), params)
+    eqns = jaxpr_equations(_value_and_grad(graphdef, loss_fn, has_aux=False), params, rest, inputs)
     return {e.primitive.name for e in eqns if any(getattr(v.aval, "dtype", None) == jnp.bfloat16 for v in e.invars)}
 
 

@@ -18,9 +18,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxattn.models.layers import axes
 from jaxattn.models.layers.conv import conv_general_dilated
 
 PATCHES_MAX_IN_CHS = 4  # convs with at most this many input channels use the patches-matmul form
+# The logical names of a kernel's `[k, k, in, out]` dims (`models/layers/axes.py`); `tensor` splits the output
+# channels (column-parallel). Row-parallel convs (after a tensor-split width) and convs whose output must stay whole
+# over `tensor` (the residual width, the input of a column-parallel conv) pass their own `names`.
+KERNEL_NAMES = (axes.CONV_KERNEL, axes.CONV_KERNEL, axes.CONV_IN, axes.CONV_OUT)
 
 
 def _taps(xp, kernel: int, stride: int, out_hw: tuple[int, int]):
@@ -49,17 +54,25 @@ def conv2d(x, kernel, *, stride: int = 1, padding: int = 0):
 
 
 class Conv2d(nnx.Module):
-    """Square conv with `nnx.Conv`'s parameter layout (`kernel [k, k, in, out]`, optional `bias`), via `conv2d`."""
+    """Square conv with `nnx.Conv`'s parameter layout (`kernel [k, k, in, out]`, optional `bias`), via `conv2d`.
+
+    The kernel's dims are named `names` (default `KERNEL_NAMES`; the bias takes the output channels' name).
+    Parameters are stored in `param_dtype`; the conv runs in `dtype` (None: the input's dtype).
+    """
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, padding: int = 0, *,
-                 use_bias: bool = False, kernel_init=nnx.initializers.lecun_normal(), rngs: nnx.Rngs):
-        self.kernel = nnx.Param(kernel_init(rngs.params(), (kernel_size, kernel_size, in_chs, out_chs)))
-        self.bias = nnx.Param(jnp.zeros((out_chs,))) if use_bias else None
-        self.stride, self.padding = stride, padding
+                 use_bias: bool = False, kernel_init=nnx.initializers.lecun_normal(), names=KERNEL_NAMES,
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        shape = (kernel_size, kernel_size, in_chs, out_chs)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype), **axes.param_metadata(names))
+        self.bias = (nnx.Param(jnp.zeros((out_chs,), param_dtype), **axes.param_metadata(names[-1:]))
+                     if use_bias else None)
+        self.stride, self.padding, self.dtype = stride, padding, dtype
 
     def __call__(self, x):
-        y = conv2d(x, self.kernel[...].astype(x.dtype), stride=self.stride, padding=self.padding)
-        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+        dtype = self.dtype or x.dtype
+        y = conv2d(x.astype(dtype), self.kernel[...].astype(dtype), stride=self.stride, padding=self.padding)
+        return y if self.bias is None else y + self.bias[...].astype(dtype)
 
 
 def _pool_taps(x):

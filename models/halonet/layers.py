@@ -2,6 +2,9 @@
 
 Attribute names mirror timm's module names (`conv`, `bn`, `q`, `kv`, `pos_embed.height_rel`, ...) so the weight
 loader can walk both trees in parallel. Images are NHWC.
+
+Precision: parameters are stored in `param_dtype`, convs and attention run in `dtype` (None: the input's);
+BatchNorm statistics and normalisation, squeeze-excite and average-pool means compute in float32 and return `dtype`.
 """
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ from flax import nnx
 import jaxattn
 from jaxattn.models import context_parallel as cp
 from jaxattn.models.halonet.config import AttnCfg, make_divisible
-from jaxattn.models.halonet.conv import Conv2d, max_pool_3x3_s2
+from jaxattn.models.halonet.conv import KERNEL_NAMES, Conv2d, max_pool_3x3_s2
+from jaxattn.models.layers import axes
+from jaxattn.models.layers.batch_norm import BatchNormVJP
 
 ACTIVATIONS = {"relu": jax.nn.relu, "silu": jax.nn.silu}
 BN_EPS = 1e-5  # torch BatchNorm2d default, as in timm's BatchNormAct2d
@@ -30,19 +35,38 @@ def activation(name: str | None):
     return ACTIVATIONS[name]
 
 
-def batch_norm(chs: int, *, zero_init: bool = False, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    scale_init = nnx.initializers.zeros if zero_init else nnx.initializers.ones
-    return nnx.BatchNorm(chs, momentum=BN_MOMENTUM, epsilon=BN_EPS, scale_init=scale_init, rngs=rngs)
+class BatchNorm(BatchNormVJP):
+    """`BatchNormVJP` whose statistics and normalisation are float32 in both modes (training: batch statistics via
+    `batch_norm_train`; eval: the running ones), returned in `dtype` (None: the input's). `scale`, `bias` and the
+    running `mean`/`var` are named `NORM`."""
+
+    def __init__(self, chs: int, *, zero_init: bool = False, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        names = axes.param_metadata((axes.NORM,))
+        super().__init__(chs, momentum=BN_MOMENTUM, epsilon=BN_EPS, use_fast_variance=False, dtype=dtype,
+                         param_dtype=param_dtype, scale_init=nnx.initializers.zeros if zero_init else
+                         nnx.initializers.ones, scale_metadata=names, bias_metadata=names, rngs=rngs)
+        self.mean.set_metadata(**names)
+        self.var.set_metadata(**names)
+
+    def __call__(self, x, use_running_average=None, *, mask=None):
+        running = self.use_running_average if use_running_average is None else use_running_average
+        if not running or mask is not None:
+            return super().__call__(x, running, mask=mask)
+        rstd = jax.lax.rsqrt(self.var[...] + self.epsilon)
+        y = (x.astype(jnp.float32) - self.mean[...]) * (rstd * self.scale[...]) + self.bias[...]
+        return y.astype(self.dtype or x.dtype)
 
 
 class ConvBnAct(nnx.Module):
     """timm `ConvNormAct`: bias-free conv with PyTorch symmetric padding `((s-1) + (k-1)) // 2`, BN, activation."""
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, *, act: str | None = "relu",
-                 zero_init: bool = False, rngs: nnx.Rngs):
+                 zero_init: bool = False, names=KERNEL_NAMES, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         pad = ((stride - 1) + (kernel_size - 1)) // 2
-        self.conv = Conv2d(in_chs, out_chs, kernel_size, stride, pad, kernel_init=conv_init, rngs=rngs)
-        self.bn = batch_norm(out_chs, zero_init=zero_init, rngs=rngs)
+        self.conv = Conv2d(in_chs, out_chs, kernel_size, stride, pad, kernel_init=conv_init, names=names,
+                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.bn = BatchNorm(out_chs, zero_init=zero_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.act_name = act
 
     def __call__(self, x):
@@ -60,7 +84,7 @@ class Stem(nnx.Module):
     TYPES = ("7x7", "3x3", "tiered")
 
     def __init__(self, in_chs: int, out_chs: int, stem_type: str = "7x7", pool: bool = True, *, act: str,
-                 rngs: nnx.Rngs):
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if stem_type not in self.TYPES:
             raise ValueError(f"`stem_type` must be one of {self.TYPES}, got {stem_type!r}")
         if stem_type == "tiered":
@@ -71,7 +95,7 @@ class Stem(nnx.Module):
         self.single = len(chs) == 1 and not pool
         convs, prev = [], in_chs
         for ch, s in zip(chs, strides):
-            convs.append(ConvBnAct(prev, ch, kernel, s, act=act, rngs=rngs))
+            convs.append(ConvBnAct(prev, ch, kernel, s, act=act, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
             prev = ch
         self.convs = nnx.List(convs)
         self.pool = pool
@@ -121,23 +145,27 @@ class Stem(nnx.Module):
 class SqueezeExcite(nnx.Module):
     """timm `SEModule` defaults: reduce to `make_divisible(c / 16, 8, round_limit=0)`, ReLU, sigmoid gate."""
 
-    def __init__(self, chs: int, *, rngs: nnx.Rngs):
+    def __init__(self, chs: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         rd = make_divisible(chs / 16, 8, round_limit=0.0)
-        self.fc1 = Conv2d(chs, rd, use_bias=True, kernel_init=conv_init, rngs=rngs)
-        self.fc2 = Conv2d(rd, chs, use_bias=True, kernel_init=conv_init, rngs=rngs)
+        kw = dict(use_bias=True, kernel_init=conv_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = Conv2d(chs, rd, **kw)
+        self.fc2 = Conv2d(rd, chs, **kw)
 
     def __call__(self, x):
-        s = jnp.mean(x, axis=(1, 2), keepdims=True)
-        return x * jax.nn.sigmoid(self.fc2(jax.nn.relu(self.fc1(s))))
+        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+        gate = jax.nn.sigmoid(self.fc2(jax.nn.relu(self.fc1(s))).astype(jnp.float32))
+        return x * gate.astype(x.dtype)
 
 
 class PosEmbedRel(nnx.Module):
-    """timm `PosEmbedRel` tables: `height_rel`, `width_rel` of shape `(2 * win - 1, dim_head)`."""
+    """timm `PosEmbedRel` tables: `height_rel`, `width_rel` of shape `(2 * win - 1, dim_head)`, named
+    `(CONV_KERNEL, HEAD_DIM)` (a relative offset within the window; replicated: every head shares them)."""
 
-    def __init__(self, win: int, dim_head: int, std: float, *, rngs: nnx.Rngs):
+    def __init__(self, win: int, dim_head: int, std: float, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         init = nnx.initializers.truncated_normal(std)
-        self.height_rel = nnx.Param(init(rngs.params(), (2 * win - 1, dim_head)))
-        self.width_rel = nnx.Param(init(rngs.params(), (2 * win - 1, dim_head)))
+        names = axes.param_metadata((axes.CONV_KERNEL, axes.HEAD_DIM))
+        self.height_rel = nnx.Param(init(rngs.params(), (2 * win - 1, dim_head), param_dtype), **names)
+        self.width_rel = nnx.Param(init(rngs.params(), (2 * win - 1, dim_head), param_dtype), **names)
 
 
 class HaloAttention(nnx.Module):
@@ -154,10 +182,14 @@ class HaloAttention(nnx.Module):
     blocks per device and at least `halo_size` rows (`models/context_parallel.attention` decides)
     runs `jaxattn.context_parallel.halo_exchange_halo_attention` over image rows (neighbours exchange the
     `halo_size` border rows); other maps run the single-device op, which GSPMD gathers for. Same result either way.
+
+    Tensor parallelism: q and kv are column-parallel (their output channels, laid out head by head, split over
+    `tensor` as `CONV_OUT`: whole heads per device); q, k, v and the output are constrained per head
+    `(BATCH, HEIGHT, WIDTH, HEADS, HEAD_DIM)`, so attention runs on each device's heads.
     """
 
     def __init__(self, dim: int, dim_out: int | None = None, *, stride: int = 1, cfg: AttnCfg = AttnCfg(),
-                 rngs: nnx.Rngs):
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         dim_out = dim_out or dim
         heads = cfg.num_heads
         if dim_out % heads:
@@ -176,18 +208,18 @@ class HaloAttention(nnx.Module):
         self.query_stride = 1 if self.avg_pool else stride
         # timm's init: q/kv truncated normal with std fan_in ** -0.5, tables with std = scale.
         proj_init = nnx.initializers.truncated_normal(dim ** -0.5)
-        self.q = Conv2d(dim, heads * self.dim_head_qk, 1, self.query_stride, use_bias=cfg.qkv_bias,
-                        kernel_init=proj_init, rngs=rngs)
-        self.kv = Conv2d(dim, heads * (self.dim_head_qk + self.dim_head_v), 1, use_bias=cfg.qkv_bias,
-                         kernel_init=proj_init, rngs=rngs)
-        self.pos_embed = PosEmbedRel(cfg.block_size + 2 * cfg.halo_size, self.dim_head_qk, self.scale, rngs=rngs)
+        kw = dict(use_bias=cfg.qkv_bias, kernel_init=proj_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q = Conv2d(dim, heads * self.dim_head_qk, 1, self.query_stride, **kw)
+        self.kv = Conv2d(dim, heads * (self.dim_head_qk + self.dim_head_v), 1, **kw)
+        self.pos_embed = PosEmbedRel(cfg.block_size + 2 * cfg.halo_size, self.dim_head_qk, self.scale,
+                                     param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         b, h, w, _ = x.shape
         q = self.q(x)
-        q = q.reshape(*q.shape[:3], self.num_heads, self.dim_head_qk)
+        q = _per_head(q.reshape(*q.shape[:3], self.num_heads, self.dim_head_qk))
         kv = self.kv(x).reshape(b, h, w, self.num_heads, self.dim_head_qk + self.dim_head_v)
-        k, v = kv[..., :self.dim_head_qk], kv[..., self.dim_head_qk:]
+        k, v = _per_head(kv[..., :self.dim_head_qk]), _per_head(kv[..., self.dim_head_qk:])
         rel_h, rel_w = self.pos_embed.height_rel[...], self.pos_embed.width_rel[...]
         if self.scale_pos_embed:  # (q.k + rel) * scale == scale * q.k + q.(scale * rel)
             rel_h, rel_w = rel_h * self.scale, rel_w * self.scale
@@ -195,8 +227,15 @@ class HaloAttention(nnx.Module):
                    query_stride=self.query_stride)
         out = cp.attention("halo_attention", self.context_parallel, q, k, v, self.block_size, self.halo_size,
                            implementation=self.implementation, **rel)
+        out = _per_head(out)
         out = out.reshape(*out.shape[:3], self.num_heads * self.dim_head_v)
-        if self.avg_pool:  # torch AvgPool2d(2, 2): floor, no padding
-            out = jax.lax.reduce_window(out, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0
+        if self.avg_pool:  # torch AvgPool2d(2, 2): floor, no padding; summed in float32
+            pooled = jax.lax.reduce_window(out.astype(jnp.float32), 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1),
+                                           "VALID")
+            out = (pooled / 4.0).astype(out.dtype)
         return out
+
+
+def _per_head(x):
+    return axes.constrain(x, (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.HEADS, axes.HEAD_DIM))
 

@@ -4,6 +4,14 @@ optional final 1x1 conv, global average pool and a linear classifier. NHWC image
 The network is described by stages of `BlockCfg` (see `config.py`), so every timm `halonet*` configuration and
 reduced versions of it are expressible. `model.train()` / `model.eval()` switch BatchNorm statistics, drop path and
 the classifier dropout.
+
+On pods (WORKSPACE "Pods"): every parameter names its dims; a stage's repeating blocks are scanned (`stage.py`);
+`remat`, `dtype`, `param_dtype` as every family. Under `tensor` parallelism each residual block is Megatron-style:
+the residual width (block inputs and outputs, shortcut convs, `(BATCH, HEIGHT, WIDTH, ACT_EMBED)`) and the first
+1x1 conv's output (the input of the column-parallel layer) stay whole over `tensor` (`EMBED`: FSDP splits those
+weights); the column-parallel layer (the 3x3 conv of a bottleneck, the q/kv projections of halo attention) splits
+its output channels (`CONV_OUT`: hidden units, or whole heads); the last 1x1 conv is row-parallel (its input
+channels `MLP`), so each block needs one all-reduce after it.
 """
 from __future__ import annotations
 
@@ -14,63 +22,79 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxattn.models.layers import axes, precision
+from jaxattn.models.layers.remat import check_remat
+
 from jaxattn.core import validation
 from jaxattn.models.features import Backbone, FeatureSpec
 from jaxattn.models.halonet.config import AttnCfg, BlockCfg, make_divisible
-from jaxattn.models.halonet.layers import ConvBnAct, HaloAttention, SqueezeExcite, Stem, activation, batch_norm
+from jaxattn.models.halonet.layers import BatchNorm, ConvBnAct, HaloAttention, SqueezeExcite, Stem, activation
+from jaxattn.models.halonet.stage import Stage
 from jaxattn.models.layers import DropPath, drop_path_rates
 
+# Kernel names of a block's convs by their Megatron role (the module docstring); column-parallel convs use
+# `conv.KERNEL_NAMES`.
+WHOLE = (axes.CONV_KERNEL, axes.CONV_KERNEL, axes.CONV_IN, axes.EMBED)
+ROW_PARALLEL = (axes.CONV_KERNEL, axes.CONV_KERNEL, axes.MLP, axes.EMBED)
+IMAGE = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.ACT_EMBED)
+HIDDEN = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.MLP)
 
-def _shortcut(in_chs, out_chs, stride, rngs):
+
+def _shortcut(in_chs, out_chs, stride, precision_kw, rngs):
     """timm 'conv1x1' downsample: a strided 1x1 conv + BN when shape changes, identity otherwise."""
     if in_chs != out_chs or stride != 1:
-        return ConvBnAct(in_chs, out_chs, 1, stride, act=None, rngs=rngs)
+        return ConvBnAct(in_chs, out_chs, 1, stride, act=None, names=WHOLE, **precision_kw, rngs=rngs)
     return None
 
 
 class BottleneckBlock(nnx.Module):
     """timm `BottleneckBlock`: 1x1 -> 3x3 (stride) -> [SE] -> 1x1 (no act), drop path, + shortcut, act."""
 
-    def __init__(self, in_chs: int, cfg: BlockCfg, *, act: str, se: bool, drop_path: float, zero_init_last: bool,
-                 rngs: nnx.Rngs):
+    def __init__(self, in_chs: int, cfg: BlockCfg, *, act: str, se: bool, drop_path, zero_init_last: bool,
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         mid = make_divisible(cfg.out_chs * cfg.bottle_ratio)
-        self.shortcut = _shortcut(in_chs, cfg.out_chs, cfg.stride, rngs)
-        self.conv1_1x1 = ConvBnAct(in_chs, mid, 1, act=act, rngs=rngs)
-        self.conv2_kxk = ConvBnAct(mid, mid, 3, cfg.stride, act=act, rngs=rngs)
-        self.attn = SqueezeExcite(mid, rngs=rngs) if se else None
-        self.conv3_1x1 = ConvBnAct(mid, cfg.out_chs, 1, act=None, zero_init=zero_init_last, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.shortcut = _shortcut(in_chs, cfg.out_chs, cfg.stride, kw, rngs)
+        self.conv1_1x1 = ConvBnAct(in_chs, mid, 1, act=act, names=WHOLE, **kw, rngs=rngs)
+        self.conv2_kxk = ConvBnAct(mid, mid, 3, cfg.stride, act=act, **kw, rngs=rngs)
+        self.attn = SqueezeExcite(mid, **kw, rngs=rngs) if se else None
+        self.conv3_1x1 = ConvBnAct(mid, cfg.out_chs, 1, act=None, zero_init=zero_init_last, names=ROW_PARALLEL,
+                                   **kw, rngs=rngs)
         self.drop_path = DropPath(drop_path, rngs=rngs)
         self.act_name = act
 
     def __call__(self, x):
-        y = self.conv2_kxk(self.conv1_1x1(x))
+        y = axes.constrain(self.conv2_kxk(self.conv1_1x1(x)), HIDDEN)
         if self.attn is not None:
             y = self.attn(y)
         y = self.drop_path(self.conv3_1x1(y))
-        return activation(self.act_name)(y + (x if self.shortcut is None else self.shortcut(x)))
+        y = activation(self.act_name)(y + (x if self.shortcut is None else self.shortcut(x)))
+        return axes.constrain(y, IMAGE)
 
 
 class SelfAttnBlock(nnx.Module):
     """timm `SelfAttnBlock`: 1x1 -> halo attention (stride) -> BN + act (`post_attn`) -> 1x1 (no act), drop path,
     + shortcut, act. The attention output is `mid * value_ratio` wide (timm: `value_ratio = 1`)."""
 
-    def __init__(self, in_chs: int, cfg: BlockCfg, *, act: str, attn: AttnCfg, drop_path: float,
-                 zero_init_last: bool, rngs: nnx.Rngs):
+    def __init__(self, in_chs: int, cfg: BlockCfg, *, act: str, attn: AttnCfg, drop_path, zero_init_last: bool,
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         mid = make_divisible(cfg.out_chs * cfg.bottle_ratio)
         attn_out = mid if cfg.value_ratio == 1.0 else make_divisible(mid * cfg.value_ratio)
-        self.shortcut = _shortcut(in_chs, cfg.out_chs, cfg.stride, rngs)
-        self.conv1_1x1 = ConvBnAct(in_chs, mid, 1, act=act, rngs=rngs)
-        self.self_attn = HaloAttention(mid, attn_out, stride=cfg.stride, cfg=attn, rngs=rngs)
-        self.post_attn = batch_norm(attn_out, rngs=rngs)
-        self.conv3_1x1 = ConvBnAct(attn_out, cfg.out_chs, 1, act=None, zero_init=zero_init_last, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.shortcut = _shortcut(in_chs, cfg.out_chs, cfg.stride, kw, rngs)
+        self.conv1_1x1 = ConvBnAct(in_chs, mid, 1, act=act, names=WHOLE, **kw, rngs=rngs)
+        self.self_attn = HaloAttention(mid, attn_out, stride=cfg.stride, cfg=attn, **kw, rngs=rngs)
+        self.post_attn = BatchNorm(attn_out, **kw, rngs=rngs)
+        self.conv3_1x1 = ConvBnAct(attn_out, cfg.out_chs, 1, act=None, zero_init=zero_init_last,
+                                   names=ROW_PARALLEL, **kw, rngs=rngs)
         self.drop_path = DropPath(drop_path, rngs=rngs)
         self.act_name = act
 
     def __call__(self, x):
         act = activation(self.act_name)
-        y = act(self.post_attn(self.self_attn(self.conv1_1x1(x))))
+        y = axes.constrain(act(self.post_attn(self.self_attn(self.conv1_1x1(x)))), HIDDEN)
         y = self.drop_path(self.conv3_1x1(y))
-        return act(y + (x if self.shortcut is None else self.shortcut(x)))
+        return axes.constrain(act(y + (x if self.shortcut is None else self.shortcut(x))), IMAGE)
 
 
 def _pair(size) -> tuple[int, int]:
@@ -94,6 +118,10 @@ class HaloNet(Backbone, nnx.Module):
       drop_rate: dropout before the classifier; drop_path_rate: stochastic depth, linear over all blocks.
       zero_init_last: zero-init the last BN scale of every residual branch (timm's default).
       attn_implementation: `jaxattn.halo_attention` backend for every block (overrides `AttnCfg.implementation`).
+      remat: the rematerialisation policy of every block (`models/layers/remat.py`).
+      dtype, param_dtype: compute dtype (None: the input's, float32 for float32 images) and parameter storage
+        (`models/layers/precision.py`); BatchNorm, means and the logits stay float32.
+      scan_blocks: scan each stage's repeating blocks (`stage.py`; False: unrolled, per-block names).
 
     As a backbone (`jaxattn.models.features`): timm's features, stem first: the stem's last conv before its final
     stride (`stem.conv1` of a 7x7 stem, `stem.conv3` of a tiered one), the last stage at each further stride, and
@@ -106,37 +134,45 @@ class HaloNet(Backbone, nnx.Module):
                  in_chans: int = 3, stem_type: str = "7x7", stem_chs: int = 64, stem_pool: bool = True,
                  act: str = "relu", num_features: int = 0, attn: AttnCfg = AttnCfg(), se_bottleneck: bool = False,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, zero_init_last: bool = True,
-                 attn_implementation: str | None = None, rngs: nnx.Rngs):
+                 attn_implementation: str | None = None, remat: str = "none", dtype=None,
+                 param_dtype=jnp.float32, scan_blocks: bool = True, rngs: nnx.Rngs):
         activation(act)  # validates the name
+        self.remat, self.scan_blocks = check_remat(remat), bool(scan_blocks)
+        self.dtype = precision.check_dtype("dtype", dtype, allow_none=True)
+        self.param_dtype = precision.check_dtype("param_dtype", param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.stage_cfgs = tuple(tuple(s) for s in stages)
         if not self.stage_cfgs or any(not s for s in self.stage_cfgs):
             raise ValueError(f"`stages` must be a non-empty sequence of non-empty stages, got {stages!r}")
         self.attn_cfg, self.in_chans = attn, in_chans
         self.kept_stages = len(self.stage_cfgs)  # fewer once pruned to a backbone
         self.img_size = _pair(img_size)
-        self.stem = Stem(in_chans, stem_chs, stem_type, stem_pool, act=act, rngs=rngs)
+        self.stem = Stem(in_chans, stem_chs, stem_type, stem_pool, act=act, **kw, rngs=rngs)
         self.check_image_size(self.img_size, name="img_size")
+
+        def make_block(cfg: BlockCfg, in_chs: int, rate, rngs: nnx.Rngs) -> nnx.Module:
+            common = dict(act=act, drop_path=rate, zero_init_last=zero_init_last, **kw, rngs=rngs)
+            if cfg.type == "bottle":
+                return BottleneckBlock(in_chs, cfg, se=se_bottleneck, **common)
+            block_attn = cfg.attn or attn
+            if attn_implementation is not None:
+                block_attn = dataclasses.replace(block_attn, implementation=attn_implementation)
+            return SelfAttnBlock(in_chs, cfg, attn=block_attn, **common)
 
         rates = drop_path_rates(drop_path_rate, [len(s) for s in self.stage_cfgs])
         stage_modules, prev = [], stem_chs
         for stage_cfg, stage_rates in zip(self.stage_cfgs, rates):
-            blocks = []
-            for cfg, rate in zip(stage_cfg, stage_rates):
-                common = dict(act=act, drop_path=rate, zero_init_last=zero_init_last, rngs=rngs)
-                if cfg.type == "bottle":
-                    blocks.append(BottleneckBlock(prev, cfg, se=se_bottleneck, **common))
-                else:
-                    block_attn = cfg.attn or attn
-                    if attn_implementation is not None:
-                        block_attn = dataclasses.replace(block_attn, implementation=attn_implementation)
-                    blocks.append(SelfAttnBlock(prev, cfg, attn=block_attn, **common))
-                prev = cfg.out_chs
-            stage_modules.append(nnx.List(blocks))
+            stage_modules.append(Stage(make_block, stage_cfg, prev, stage_rates, scan=self.scan_blocks,
+                                       remat=self.remat, rngs=rngs))
+            prev = stage_cfg[-1].out_chs
         self.stages = nnx.List(stage_modules)
-        self.final_conv = ConvBnAct(prev, num_features, 1, act=act, rngs=rngs) if num_features else None
+        self.final_conv = ConvBnAct(prev, num_features, 1, act=act, **kw, rngs=rngs) if num_features else None
         self.num_features = num_features or prev
         self.head_drop = nnx.Dropout(drop_rate, rngs=rngs if drop_rate > 0 else None)
-        self.fc = (nnx.Linear(self.num_features, num_classes, kernel_init=nnx.initializers.normal(0.01), rngs=rngs)
+        # logits in float32 whatever `dtype` (bf16 operands, float32 accumulation and result)
+        self.fc = (nnx.Linear(self.num_features, num_classes, **kw, preferred_element_type=jnp.float32,
+                              kernel_init=axes.annotate(nnx.initializers.normal(0.01), (axes.EMBED, axes.VOCAB)),
+                              bias_init=axes.annotate(nnx.initializers.zeros, (axes.VOCAB,)), rngs=rngs)
                    if num_classes else None)
         self.feature_specs = self._feature_specs()
 
@@ -194,16 +230,15 @@ class HaloNet(Backbone, nnx.Module):
         self.check_image_size(images.shape[1:3])
 
     def forward_features(self, x):
-        x = self.stem(x)
+        x = axes.constrain(self.stem(x), IMAGE)
         for stage in self.stages:
-            for block in stage:
-                x = block(x)
+            x = stage(x)
         return x if self.final_conv is None else self.final_conv(x)
 
     def __call__(self, images):
         """`images [B, H, W, in_chans]` (NHWC, float) -> logits `[B, num_classes]`."""
         self.check_images(images)
-        x = jnp.mean(self.forward_features(images), axis=(1, 2))
+        x = jnp.mean(self.forward_features(images).astype(jnp.float32), axis=(1, 2))
         x = self.head_drop(x)
         return x if self.fc is None else self.fc(x)
 
@@ -221,8 +256,7 @@ class HaloNet(Backbone, nnx.Module):
         """The stem (its tapped conv as the feature), then each stage; the last stage ends with `final_conv`."""
         def run(i, stage):
             def tap(x):
-                for block in stage:
-                    x = block(x)
+                x = stage(x)
                 if final_conv and self.final_conv is not None and i == len(self.stage_cfgs) - 1:
                     x = self.final_conv(x)
                 return x, x

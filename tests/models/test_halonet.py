@@ -78,7 +78,8 @@ def test_from_timm_builds_and_loads_reduced_checkpoint():
     fixture = _fixture("halonet_h1_reduced_timm")
     model = convert.from_timm("halonet_h1", fixture.state_dict, **FIXTURES["halonet_h1_reduced_timm"][1])
     assert model.fc.out_features == 10  # inferred from head.fc
-    np.testing.assert_array_equal(np.asarray(model.stages[2][1].self_attn.kv.kernel[...])[0, 0],
+    # stage 2's second block: the scanned stack's only cycle (index 0 of the stacked kernel)
+    np.testing.assert_array_equal(np.asarray(model.stages[2].repeat.blocks.blocks[0].self_attn.kv.kernel[...])[0, 0, 0],
                                   fixture.state_dict["stages.2.1.self_attn.kv.weight"][:, :, 0, 0].T)
     assert {"halonet26t", "halonet50ts", "halonet_h1"} <= set(convert.checkpoint_names("timm"))
 
@@ -157,7 +158,7 @@ def test_pico_gradient_under_jit_and_train_eval_differ(pico):
         return nnx.value_and_grad(loss_fn, has_aux=True)(model), eval_logits, nnx.state(model)
 
     pico.train()
-    mean_before = np.asarray(pico.stages[0][0].post_attn.mean[...])
+    mean_before = np.asarray(pico.stages[0].first.post_attn.mean[...])
     graph, state = nnx.split(pico)
     args = (state, images, labels)  # compiled without XLA's backend optimisations: compile time dominates
     ((loss, train_logits), grads), eval_logits, state = jax.jit(step).lower(*args).compile(
@@ -171,9 +172,9 @@ def test_pico_gradient_under_jit_and_train_eval_differ(pico):
     # training mode: batch statistics (running ones updated) and drop path; eval mode: running statistics
     assert np.all(np.isfinite(np.asarray(eval_logits)))
     assert not np.allclose(np.asarray(eval_logits), np.asarray(train_logits), atol=1e-5)
-    assert not np.allclose(np.asarray(pico.stages[0][0].post_attn.mean[...]), mean_before)
+    assert not np.allclose(np.asarray(pico.stages[0].first.post_attn.mean[...]), mean_before)
     pico.eval()
-    assert pico.stages[3][0].drop_path.deterministic and pico.stages[0][0].post_attn.use_running_average
+    assert pico.stages[3].first.drop_path.deterministic and pico.stages[0].first.post_attn.use_running_average
     assert pico.head_drop.deterministic
 
 
@@ -197,7 +198,7 @@ def test_strided_variants_shapes():
         size = 48 if attn.block_size == 3 else 32
         out = nnx.eval_shape(lambda m: m(jnp.zeros((1, size, size, 3))), model)
         assert out.shape == (1, 3)
-        block = model.stages[1][0].self_attn
+        block = model.stages[1].first.self_attn
         assert block.avg_pool == (attn.avg_down or attn.block_size % 2 == 1)
         assert block.dim_head_v == 32 and block.dim_head_qk == (32 if attn.qk_ratio == 1 else 16)
 
