@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxattn.models.layers import axes
+
 
 def _stats_dtype(x):
     return jnp.promote_types(x.dtype, jnp.float32)
@@ -67,7 +69,20 @@ batch_norm_train.defvjp(_fwd, _bwd)
 class BatchNormVJP(nnx.BatchNorm):
     """`nnx.BatchNorm` (same parameters, statistics and loaders) whose training-mode call on channels-last inputs
     uses `batch_norm_train`; other configurations (masks, `axis_name`, no scale/bias, another feature axis)
-    fall back to `nnx.BatchNorm`."""
+    fall back to `nnx.BatchNorm`.
+
+    `names`: optional logical name of the channel dim (`(axes.NORM,)`, say), given to the scale, the bias and the
+    running statistics; without it they carry no names.
+    """
+
+    def __init__(self, num_features: int, *, names=None, **kwargs):
+        if names is not None:
+            names = tuple(names)
+            kwargs.update(scale_metadata=axes.param_metadata(names), bias_metadata=axes.param_metadata(names))
+        super().__init__(num_features, **kwargs)
+        if names is not None:
+            self.mean = nnx.BatchStat(self.mean.get_value(), **axes.param_metadata(names))
+            self.var = nnx.BatchStat(self.var.get_value(), **axes.param_metadata(names))
 
     def __call__(self, x, use_running_average=None, *, mask=None):
         use_running_average = (self.use_running_average if use_running_average is None else use_running_average)

@@ -19,8 +19,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxattn.core import dispatch
+from jaxattn.models.layers import axes
 from jaxattn.models.layers.depthwise import DepthwiseConv2d, conv_geometry, depthwise_conv2d_lax
 
 OP = "depthwise_conv2d_vjp"
@@ -130,7 +132,21 @@ dispatch.register(OP, dispatch.Backend("lax", lambda: depthwise_conv2d_lax, plat
 
 
 class DepthwiseConv2dVJP(DepthwiseConv2d):
-    """`DepthwiseConv2d` whose shifted (CPU) path differentiates with `shifted_depthwise_conv2d`'s VJP."""
+    """`DepthwiseConv2d` whose shifted (CPU) path differentiates with `shifted_depthwise_conv2d`'s VJP.
+
+    `names`: optional logical names of the kernel's 4 dims (`[kh, kw, 1, C]`); the bias takes the last one.
+    `param_dtype`: the parameters' storage dtype (the convolution computes in the input's dtype).
+    """
+
+    def __init__(self, channels: int, kernel_size=3, *, names=None, param_dtype=jnp.float32, **kwargs):
+        super().__init__(channels, kernel_size, **kwargs)
+        if names is not None and len(tuple(names)) != 4:
+            raise ValueError(f"`names` must name the kernel's 4 dims [kh, kw, 1, C], got {names!r}")
+        meta = {} if names is None else axes.param_metadata(tuple(names))
+        self.kernel = nnx.Param(self.kernel.get_value().astype(param_dtype), **meta)
+        if self.bias is not None:
+            bias_meta = {} if names is None else axes.param_metadata(tuple(names)[-1:])
+            self.bias = nnx.Param(self.bias.get_value().astype(param_dtype), **bias_meta)
 
     def __call__(self, x):
         stride, pads, dilation = conv_geometry(x, self.kernel.shape, self.stride, self.padding, self.dilation)

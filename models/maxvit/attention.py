@@ -2,7 +2,9 @@
 
 Semantics follow timm's `maxvit_*_tf` models (`_tf_cfg`), which load the official TensorFlow weights:
 - channels-last pre-norm layers, LayerNorm eps 1e-5, GELU (tanh approximation) FFN with expansion 4;
-- qkv from one Linear whose output channels are ordered `[3, heads, head_dim]` (timm `head_first=False`);
+- qkv from one Linear whose output channels are ordered `[3, heads, head_dim]` (timm `head_first=False`), stored
+  as a `[C, 3, heads, head_dim]` kernel (and the output projection as `[heads, head_dim, C]`) so that the `tensor`
+  mesh axis splits heads, Megatron-style, instead of cutting across q, k and v;
 - relative position bias `bias_tf`: one table `[heads, 2p-1, 2p-1]` per layer, read at `key - query + p - 1`
   (note: key minus query, the opposite sign of Swin's table).
 The attention itself is `jaxattn.block_attention` / `jaxattn.grid_attention`.
@@ -15,11 +17,15 @@ import numpy as np
 from flax import nnx
 
 import jaxattn
-from jaxattn.models.layers import DropPath
-from jaxattn.models.layers.dense import Dense
+from jaxattn.models.layers import DropPath, axes
+from jaxattn.models.layers.dense import Dense, DenseGeneral
 
 LN_EPS = 1e-5
 RESIZE_METHODS = ("bilinear", "bicubic")
+# Logical names of channels-last activations: the residual stream, per-head tensors, MLP hidden units.
+IMAGE = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.ACT_EMBED)
+IMAGE_HEADS = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.HEADS, axes.HEAD_DIM)
+IMAGE_MLP = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.MLP)
 
 
 def _pair(name, value) -> tuple[int, int]:
@@ -80,8 +86,9 @@ class RelPosBias(nnx.Module):
         self.size = _pair("size", size)
         ph, pw = self.size
         init = nnx.initializers.normal(0.02)
-        self.relative_position_bias_table = nnx.Param(init(rngs.params(), (num_heads, 2 * ph - 1, 2 * pw - 1),
-                                                           param_dtype))
+        self.relative_position_bias_table = nnx.Param(
+            init(rngs.params(), (num_heads, 2 * ph - 1, 2 * pw - 1), param_dtype),
+            **axes.param_metadata((axes.HEADS, None, None)))
 
     def __call__(self):
         return expand_rel_pos_bias(self.relative_position_bias_table[...], self.size)
@@ -89,22 +96,26 @@ class RelPosBias(nnx.Module):
 
 def layer_norm(dim: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     # Two-pass variance, as PyTorch computes it (E[x^2] - E[x]^2 loses digits when |mean| >> std).
+    norm = axes.param_metadata((axes.NORM,))
     return nnx.LayerNorm(dim, epsilon=LN_EPS, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
+                         scale_metadata=norm, bias_metadata=norm, rngs=rngs)
 
 
-def _dense(din, dout, rngs, dtype, param_dtype, use_bias=True):
-    return Dense(din, dout, use_bias=use_bias, kernel_init=nnx.initializers.xavier_uniform(), dtype=dtype,
+def _dense(din, dout, names, rngs, dtype, param_dtype):
+    return Dense(din, dout, names=names, kernel_init=nnx.initializers.xavier_uniform(), dtype=dtype,
                  param_dtype=param_dtype, rngs=rngs)
 
 
 class Mlp(nnx.Module):
+    """`fc2(gelu(fc1(x)))`; the hidden units split over `tensor` (fc1 by columns, fc2 by rows)."""
+
     def __init__(self, dim: int, hidden: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.fc1 = _dense(dim, hidden, rngs, dtype, param_dtype)
-        self.fc2 = _dense(hidden, dim, rngs, dtype, param_dtype)
+        self.fc1 = _dense(dim, hidden, (axes.EMBED, axes.MLP), rngs, dtype, param_dtype)
+        self.fc2 = _dense(hidden, dim, (axes.MLP, axes.EMBED), rngs, dtype, param_dtype)
 
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+        hidden = axes.constrain(jax.nn.gelu(self.fc1(x), approximate=True), IMAGE_MLP)
+        return self.fc2(hidden)
 
 
 class PartitionAttention(nnx.Module):
@@ -128,23 +139,23 @@ class PartitionAttention(nnx.Module):
         self.implementation = implementation
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = layer_norm(dim, **kw)
-        self.qkv = _dense(dim, 3 * dim, rngs, dtype, param_dtype)
+        heads = (self.num_heads, head_dim)
+        self.qkv = DenseGeneral((dim,), (3,) + heads, (axes.EMBED, None, axes.HEADS, axes.HEAD_DIM), **kw)
         self.rel_pos = RelPosBias(self.num_heads, self.size, param_dtype=param_dtype, rngs=rngs)
-        self.proj = _dense(dim, dim, rngs, dtype, param_dtype)
+        self.proj = DenseGeneral(heads, (dim,), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), **kw)
         self.drop_path1 = DropPath(drop_path, rngs=rngs)
         self.norm2 = layer_norm(dim, **kw)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), **kw)
         self.drop_path2 = DropPath(drop_path, rngs=rngs)
 
     def attention(self, x):
-        b, h, w, c = x.shape
-        qkv = self.qkv(x).reshape(b, h, w, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+        qkv = self.qkv(x)  # [B, H, W, 3, heads, head_dim]
+        q, k, v = (axes.constrain(qkv[:, :, :, i], IMAGE_HEADS) for i in range(3))
         op = jaxattn.block_attention if self.partition == "block" else jaxattn.grid_attention
         bias = self.rel_pos().astype(q.dtype)
         out = op(q, k, v, self.size, bias=bias, implementation=self.implementation)
-        return self.proj(out.reshape(b, h, w, c))
+        return self.proj(axes.constrain(out, IMAGE_HEADS))
 
     def __call__(self, x):
-        x = x + self.drop_path1(self.attention(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = axes.constrain(x + self.drop_path1(self.attention(self.norm1(x))), IMAGE)
+        return axes.constrain(x + self.drop_path2(self.mlp(self.norm2(x))), IMAGE)

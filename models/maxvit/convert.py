@@ -6,7 +6,9 @@
     sd384 = resize_rel_pos_bias_tables(sd224, window_size=12)           # 224-px weights for a 384-px model
 
 Layouts: 1x1 convs `[out, in, 1, 1]` (or `[out, in]`, as timm's filter also accepts) -> Linear `[in, out]`;
-depthwise `[C, 1, 3, 3]` -> `[3, 3, 1, C]`; relative position tables `[heads, 2p-1, 2p-1]` as they are.
+depthwise `[C, 1, 3, 3]` -> `[3, 3, 1, C]`; relative position tables `[heads, 2p-1, 2p-1]` as they are; attention
+qkv `[3C, C]` -> `[C, 3, heads, head_dim]` and proj `[C, C]` -> `[heads, head_dim, C]`. Scanned and unrolled models
+load alike (timm's `stages.<s>.blocks.0` is our `stages.<s>.first`, blocks 1.. the stage's `rest`).
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import re
 import numpy as np
 
 from jaxattn.models.convert import StateDictError, StrictLoader, register_checkpoint, register_loader
+from jaxattn.models.convert.common import torch_linear
 from jaxattn.models.maxvit.attention import resize_rel_pos_bias
 from jaxattn.models.maxvit.model import MaxViT
+from jaxattn.models.maxvit.stacking import stage_blocks, unrolled
 
 REL_POS_KEY = "relative_position_bias_table"
 _TABLE = re.compile(r"\.attn_(block|grid)\.attn\.rel_pos\.relative_position_bias_table$")
@@ -60,9 +64,14 @@ def _mbconv(loader: StrictLoader, conv, prefix: str) -> None:
 
 def _partition_attention(loader: StrictLoader, layer, prefix: str) -> None:
     loader.layer_norm(layer.norm1, f"{prefix}.norm1")
-    loader.linear(layer.qkv, f"{prefix}.attn.qkv")
+    # qkv [3C, C] (out channels ordered [3, heads, head_dim]) -> [C, 3, heads, head_dim]; proj [C, C] -> [heads,
+    # head_dim, C].
+    heads = (layer.num_heads, layer.head_dim)
+    loader.set(layer.qkv.kernel, f"{prefix}.attn.qkv.weight", lambda w: torch_linear(w).reshape(-1, 3, *heads))
+    loader.set(layer.qkv.bias, f"{prefix}.attn.qkv.bias", lambda b: np.asarray(b).reshape(3, *heads))
     _rel_pos(loader, layer.rel_pos, f"{prefix}.attn.rel_pos.{REL_POS_KEY}")
-    loader.linear(layer.proj, f"{prefix}.attn.proj")
+    loader.set(layer.proj.kernel, f"{prefix}.attn.proj.weight", lambda w: torch_linear(w).reshape(*heads, -1))
+    loader.set(layer.proj.bias, f"{prefix}.attn.proj.bias")
     loader.layer_norm(layer.norm2, f"{prefix}.norm2")
     loader.linear(layer.mlp.fc1, f"{prefix}.mlp.fc1")
     loader.linear(layer.mlp.fc2, f"{prefix}.mlp.fc2")
@@ -74,18 +83,20 @@ def load_timm_maxvit(model: MaxViT, state_dict) -> MaxViT:
     loader.conv(model.stem.conv1, "stem.conv1")
     loader.batch_norm(model.stem.norm1, "stem.norm1")
     loader.conv(model.stem.conv2, "stem.conv2")
-    for s, stage in enumerate(model.stages):
-        for b, block in enumerate(stage):
-            prefix = f"stages.{s}.blocks.{b}"
-            _mbconv(loader, block.conv, f"{prefix}.conv")
-            _partition_attention(loader, block.attn_block, f"{prefix}.attn_block")
-            _partition_attention(loader, block.attn_grid, f"{prefix}.attn_grid")
-    if model.head is not None:  # None once pruned to a backbone
-        loader.layer_norm(model.head.norm, "head.norm")
-        loader.linear(model.head.pre_logits, "head.pre_logits.fc")
-        if model.head.fc is not None:
-            loader.linear(model.head.fc, "head.fc")
-    return loader.finish()
+    with unrolled(model):  # scanned stacks are filled block by block, then stacked again
+        for s, stage in enumerate(model.stages):
+            for b, block in enumerate(stage_blocks(stage)):
+                prefix = f"stages.{s}.blocks.{b}"
+                _mbconv(loader, block.conv, f"{prefix}.conv")
+                _partition_attention(loader, block.attn_block, f"{prefix}.attn_block")
+                _partition_attention(loader, block.attn_grid, f"{prefix}.attn_grid")
+        if model.head is not None:  # None once pruned to a backbone
+            loader.layer_norm(model.head.norm, "head.norm")
+            loader.linear(model.head.pre_logits, "head.pre_logits.fc")
+            if model.head.fc is not None:
+                loader.linear(model.head.fc, "head.fc")
+        loader.finish()
+    return model
 
 
 def resize_rel_pos_bias_tables(state_dict, window_size, grid_size=None, *, method: str = "bilinear") -> dict:

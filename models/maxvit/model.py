@@ -9,15 +9,18 @@ timm, inputs a few pixels short of a valid size are refused instead of being pad
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.core import validation
 from jaxattn.models.features import Backbone, FeatureSpec
-from jaxattn.models.layers import drop_path_rates
+from jaxattn.models.layers import axes, drop_path_rates, precision
+from jaxattn.models.layers import remat as remat_lib
 from jaxattn.models.layers.dense import Dense
-from jaxattn.models.maxvit.attention import PartitionAttention, _pair, layer_norm
-from jaxattn.models.maxvit.conv import MBConv, Stem
+from jaxattn.models.layers.stack import Stack
+from jaxattn.models.maxvit.attention import IMAGE, PartitionAttention, _pair, layer_norm
+from jaxattn.models.maxvit.conv import MBConv, Stem, mean_fp32
 
 REDUCTION = 32  # stem /2, then four stride-2 stages
 
@@ -48,7 +51,49 @@ class MaxViTBlock(nnx.Module):
                                             drop_path=drop_path, rngs=rngs, **attn_kwargs)
 
     def __call__(self, x):
-        return self.attn_grid(self.attn_block(self.conv(x)))
+        return self.attn_grid(self.attn_block(self.conv(axes.constrain(x, IMAGE))))
+
+
+def checkpointed(module: nnx.Module, x, remat: str):
+    """`module(x)` under the remat policy `remat`, the module's non-parameter updates (BatchNorm statistics, RNG
+    counts) written back: what a `Stack` does for its blocks, for a block outside one."""
+    if remat == "none":
+        return module(x)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def step(params, rest, x):
+        block = nnx.merge(graphdef, params, rest)
+        return block(x), nnx.state(block, nnx.Not(nnx.Param))
+    y, rest = remat_lib.checkpoint(step, remat)(params, rest, x)
+    if jax.tree.leaves(rest):
+        nnx.update(module, rest)
+    return y
+
+
+class MaxViTStage(nnx.Module):
+    """A stage: its first block (`first`: strided, changes the width), then `rest`, the `depth - 1` identical
+    blocks in a `Stack` (None when `depth` is 1), scanned when `scan`. Every block runs under `remat`.
+    `rates`: the `depth` blocks' stochastic-depth rates."""
+
+    def __init__(self, in_chs: int, out_chs: int, depth: int, rates, *, scan: bool, remat: str, rngs: nnx.Rngs,
+                 **block_kwargs):
+        self.remat = remat_lib.check_remat(remat)
+        self.first = MaxViTBlock(in_chs, out_chs, stride=2, drop_path=rates[0], rngs=rngs, **block_kwargs)
+        rest_rates = tuple(rates[1:])
+
+        def make_block(rngs, rate):
+            return MaxViTBlock(out_chs, out_chs, stride=1, drop_path=rate, rngs=rngs, **block_kwargs)
+        # All-zero rates stay a Python float: no per-block rate variable, no random draws.
+        if any(rest_rates):
+            factory, block_args = make_block, (rest_rates,)
+        else:
+            factory, block_args = (lambda rngs: make_block(rngs, 0.0)), ()
+        self.rest = (Stack(factory, depth - 1, rngs=rngs, scan=scan, remat=remat, block_args=block_args)
+                     if depth > 1 else None)
+
+    def __call__(self, x):
+        x = checkpointed(self.first, x, self.remat)
+        return x if self.rest is None else self.rest(x)
 
 
 class NormMlpHead(nnx.Module):
@@ -59,12 +104,14 @@ class NormMlpHead(nnx.Module):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = layer_norm(dim, **kw)
-        self.pre_logits = Dense(dim, hidden, **kw)
+        self.pre_logits = Dense(dim, hidden, names=(axes.EMBED, axes.MLP), **kw)
         self.drop = nnx.Dropout(drop_rate, rngs=rngs)
-        self.fc = Dense(hidden, num_classes, **kw) if num_classes else None
+        # Logits leave the head in float32 whatever the compute dtype (the loss is float32).
+        self.fc = (Dense(hidden, num_classes, names=(axes.MLP, axes.VOCAB), preferred_element_type=jnp.float32, **kw)
+                   if num_classes else None)
 
     def __call__(self, x, *, pre_logits: bool = False):
-        x = jnp.tanh(self.pre_logits(self.norm(jnp.mean(x, axis=(1, 2)))))
+        x = jnp.tanh(self.pre_logits(self.norm(mean_fp32(x, axis=(1, 2)))))
         return x if pre_logits or self.fc is None else self.fc(self.drop(x))
 
 
@@ -89,12 +136,21 @@ class MaxViT(Backbone, nnx.Module):
       bn_momentum: flax convention (0.99 == TF MaxViT's; PyTorch/timm momentum 0.1 is flax 0.9).
       attention_implementation, dw_implementation: forwarded to `jaxattn.block_attention`/`grid_attention` and
         `DepthwiseConv2d` (None: best for the platform).
-      dtype, param_dtype: computation and parameter dtypes.
+      dtype, param_dtype: computation dtype (None: float32; 'bfloat16' runs matmuls and convolutions in bf16,
+        norms, softmax statistics, pooling means and the logits in float32) and parameter storage dtype.
+      remat: rematerialisation policy of every block (`models/layers/remat.POLICIES`).
+      scan_blocks: each stage's blocks after its first (all alike) in a scanned `Stack` (one block compiled per
+        stage, parameters stacked on a leading `layers` axis); False unrolls them (`stages.<s>.rest.blocks.<i>`).
+        `convert.to_unrolled` / `to_scanned` map parameter trees between the two.
 
     `model.train()` / `model.eval()` switch BatchNorm statistics, stochastic depth and dropout.
 
     As a backbone (`jaxattn.models.features`): features are timm's, stem first: `stem` (stride 2), then
     `stages.0` .. `stages.3` (strides 4 .. 32). The final norm is the head's, so `norm=True` changes nothing.
+
+    Parameters: `stages.<s>.first` is timm's `stages.<s>.blocks.0`; `stages.<s>.rest.blocks` holds blocks 1..
+    (stacked when scanned). Every parameter names its dims (`models/layers/axes.py`): heads and MLP / MBConv
+    hidden units split over `tensor`, weights' widths over `fsdp`.
     """
     head_attr = ("head", "head.")
 
@@ -103,7 +159,11 @@ class MaxViT(Backbone, nnx.Module):
                  grid_size=None, head_hidden_size: int | None = None, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, expand_ratio: float = 4.0, se_ratio: float = 0.25,
                  mlp_ratio: float = 4.0, bn_momentum: float = 0.99, attention_implementation=None,
-                 dw_implementation=None, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dw_implementation=None, dtype=None, param_dtype=jnp.float32, remat: str = "none",
+                 scan_blocks: bool = True, rngs: nnx.Rngs):
+        dtype = precision.check_dtype("dtype", dtype, allow_none=True)
+        param_dtype = precision.check_dtype("param_dtype", param_dtype)
+        self.remat, self.scan_blocks = remat_lib.check_remat(remat), bool(scan_blocks)
         self.img_size = _pair("img_size", img_size)
         embed_dim, depths = tuple(embed_dim), tuple(depths)
         if len(embed_dim) != len(depths) or not depths:
@@ -131,13 +191,10 @@ class MaxViT(Backbone, nnx.Module):
         rates = drop_path_rates(drop_path_rate, depths)
         stages, in_chs = [], stem_width[1]
         for out_chs, depth, stage_rates in zip(embed_dim, depths, rates):
-            blocks = []
-            for i in range(depth):
-                blocks.append(MaxViTBlock(in_chs, out_chs, stride=2 if i == 0 else 1, window_size=self.window_size,
-                                          grid_size=self.grid_size, head_dim=head_dim, drop_path=stage_rates[i],
-                                          conv_kwargs=conv_kwargs, attn_kwargs=attn_kwargs, rngs=rngs))
-                in_chs = out_chs
-            stages.append(nnx.List(blocks))
+            stages.append(MaxViTStage(in_chs, out_chs, depth, stage_rates, scan=self.scan_blocks, remat=self.remat,
+                                      window_size=self.window_size, grid_size=self.grid_size, head_dim=head_dim,
+                                      conv_kwargs=conv_kwargs, attn_kwargs=attn_kwargs, rngs=rngs))
+            in_chs = out_chs
         self.stages = nnx.List(stages)
         self.feature_specs = (FeatureSpec(stem_width[1], 2, "stem", 0),) + tuple(
             FeatureSpec(c, 2 ** (i + 2), f"stages.{i}", i + 1) for i, c in enumerate(embed_dim))
@@ -156,10 +213,9 @@ class MaxViT(Backbone, nnx.Module):
         """`[B, H, W, in_chans]` -> last-stage features `[B, H/32, W/32, embed_dim[-1]]`."""
         images = jnp.asarray(images)
         self.check_images(images)
-        x = self.stem(images)
+        x = axes.constrain(self.stem(images), IMAGE)
         for stage in self.stages:
-            for block in stage:
-                x = block(x)
+            x = stage(x)
         return x
 
     def __call__(self, images, *, pre_logits: bool = False):
@@ -168,11 +224,10 @@ class MaxViT(Backbone, nnx.Module):
     def _taps(self):
         def run(stage):
             def tap(x):
-                for block in stage:
-                    x = block(x)
+                x = stage(x)
                 return x, x
             return tap
-        return [lambda x: (self.stem(x),) * 2] + [run(stage) for stage in self.stages]
+        return [lambda x: (axes.constrain(self.stem(x), IMAGE),) * 2] + [run(stage) for stage in self.stages]
 
     def _prune(self, num_taps: int) -> list[str]:
         removed = [f"stages.{i}." for i in range(num_taps - 1, len(self.stages))]

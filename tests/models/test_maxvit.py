@@ -96,12 +96,20 @@ def with_lookups(fixture, reduced):
         lookups = dict(z)
     model = nnx.clone(reduced)
     for s, stage in enumerate(model.stages):
-        for b, block in enumerate(stage):
+        # (module, timm block indices): a scanned stack is one module whose variables stack its blocks'
+        units = [(stage.first, [0])]
+        if stage.rest is not None and stage.rest.scan:
+            units.append((stage.rest.blocks, list(range(1, stage.rest.n + 1))))
+        elif stage.rest is not None:
+            units += [(block, [b + 1]) for b, block in enumerate(stage.rest.blocks)]
+        for module, blocks in units:
+            stacked = module is not stage.first and stage.rest.scan
             for kind in ("block", "grid"):
-                layer = getattr(block, f"attn_{kind}")
-                prefix = f"stages.{s}.blocks.{b}.attn_{kind}.attn.rel_pos"
-                layer.rel_pos = _LookupRelPosBias(layer.rel_pos.relative_position_bias_table[...],
-                                                  lookups[f"{prefix}.height_lookup"], lookups[f"{prefix}.width_lookup"])
+                layer = getattr(module, f"attn_{kind}")
+                prefixes = [f"stages.{s}.blocks.{b}.attn_{kind}.attn.rel_pos" for b in blocks]
+                per_block = [(lookups[f"{p}.height_lookup"], lookups[f"{p}.width_lookup"]) for p in prefixes]
+                height, width = (np.stack(a) for a in zip(*per_block)) if stacked else per_block[0]
+                layer.rel_pos = _LookupRelPosBias(layer.rel_pos.relative_position_bias_table[...], height, width)
     return model, feature_checks.fixture_outputs(model, jnp.asarray(fixture.images_nhwc))
 
 
@@ -152,7 +160,7 @@ def test_pico_train_step_and_modes():
     assert float(jnp.max(jnp.abs(model.stem.norm1.mean[...] - old_mean))) > 0  # train mode moved BN statistics
 
     model.eval()  # BatchNorm running statistics, no stochastic depth
-    assert model.stem.norm1.use_running_average and model.stages[0][0].conv.drop_path.deterministic
+    assert model.stem.norm1.use_running_average and model.stages[0].first.conv.drop_path.deterministic
     graph_eval, state_eval = nnx.split(model)
     eval_logits = _compile(lambda s, x: nnx.merge(graph_eval, s)(x), state_eval, images)(state_eval, images)
     assert eval_logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(eval_logits)))
@@ -201,7 +209,7 @@ def test_resized_tables_load_into_larger_model(fixture):
     assert model.window_size == (14, 14)
     resized = maxvit.resize_rel_pos_bias_tables(fixture.state_dict, window_size=14)
     convert.load_timm(model, resized)
-    table = model.stages[0][0].attn_block.rel_pos.relative_position_bias_table[...]
+    table = model.stages[0].first.attn_block.rel_pos.relative_position_bias_table[...]
     assert table.shape == (1, 27, 27)
 
 
