@@ -27,7 +27,8 @@ def abstract_model(constructor, *, fill: str = "random", seed: int = 0) -> nnx.M
 
 def _fill(index, path, spec, variable_type, fill, rng, seed):
     if jax.dtypes.issubdtype(spec.dtype, jax.dtypes.prng_key):
-        return jax.random.fold_in(jax.random.key(seed), index)  # distinct streams per module
+        key = jax.random.fold_in(jax.random.key(seed), index)  # distinct streams per module
+        return jax.random.split(key, spec.shape) if spec.shape else key  # stacked keys: a scanned Stack's
     if not np.issubdtype(spec.dtype, np.floating) or fill == "zeros":
         return np.zeros(spec.shape, spec.dtype)
     name = str(path[-1])
