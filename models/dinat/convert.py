@@ -7,8 +7,8 @@
 
 Attention's `qkv.weight [3C, C]` becomes `[C, 3, heads, head_dim]` and `proj.weight [C, C]` becomes
 `[heads, head_dim, C]` (heads as a dim of their own, for tensor parallelism); scanned models are filled through
-per-unit views of their stacks (`DiNATPerBlock`). Checkpoint names are the official file names (`dinat_mini_in1k_224`, ...). `from_dinat` reads the class count
-from `head.weight`.
+per-unit views of their stacks (`DiNATPerBlock`). Checkpoint names are the official file names
+(`dinat_mini_in1k_224`, ...). `from_dinat` reads the class count from `head.weight`.
 """
 from __future__ import annotations
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -33,63 +32,12 @@ from jaxattn.core import validation
 from jaxattn.models import context_parallel as cp
 from jaxattn.models.features import Backbone, FeatureSpec
 from jaxattn.models.dinat import stacking
+from jaxattn.models.dinat.layers import (IMAGE, PER_HEAD, ConvDownsampler, ConvTokenizer, Mlp, Projection,
+                                         dropout, layer_norm, linear, scale_fp32, trunc_normal_02)
 from jaxattn.models.layers import DropPath, axes, drop_path_rates
 from jaxattn.models.layers.precision import check_dtype
 from jaxattn.models.layers.remat import check_remat
 from jaxattn.models.layers.stack import Stack
-
-LN_EPS = 1e-5  # torch.nn.LayerNorm default; flax's default is 1e-6
-_trunc02 = nnx.initializers.truncated_normal(0.02)
-IMAGE = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.ACT_EMBED)  # tokens at block boundaries
-PER_HEAD = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.HEADS, axes.HEAD_DIM)
-HIDDEN = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.MLP)
-
-
-def _linear(d_in, d_out, names, *, dtype, param_dtype, rngs, use_bias=True, **kwargs):
-    return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=_trunc02, dtype=dtype, param_dtype=param_dtype,
-                      kernel_metadata=axes.param_metadata(names), bias_metadata=axes.param_metadata(names[1:]),
-                      rngs=rngs, **kwargs)
-
-
-def _norm(dim, *, dtype, param_dtype, rngs):
-    names = axes.param_metadata((axes.NORM,))
-    return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, scale_metadata=names,
-                         bias_metadata=names, rngs=rngs)
-
-
-def _dropout(rate, rngs):
-    # No rng stream when inactive: a model without dropout then holds parameters only (cheap to build abstractly).
-    return nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
-
-
-def _conv3x3_s2(d_in, d_out, *, use_bias, dtype, param_dtype, rngs):
-    # torch Conv2d(kernel 3, stride 2, padding 1): one pixel each side, output ceil(H / 2).
-    kernel = (axes.CONV_KERNEL, axes.CONV_KERNEL, axes.CONV_IN, axes.CONV_OUT)
-    return nnx.Conv(d_in, d_out, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=use_bias,
-                    dtype=dtype, param_dtype=param_dtype, kernel_metadata=axes.param_metadata(kernel),
-                    bias_metadata=axes.param_metadata((axes.CONV_OUT,)), rngs=rngs)
-
-
-class Projection(nnx.Module):
-    """A Linear layer between groups of trailing dims: `[..., *in_shape] -> [..., *out_shape]` (+ a bias of shape
-    `out_shape`). The kernel `[*in_shape, *out_shape]` names its dims `names`, so attention's heads are a dim of
-    their own (`[C, 3, heads, head_dim]`: `tensor` splits the heads of q, k and v alike, never across them)."""
-
-    def __init__(self, in_shape, out_shape, names, *, use_bias: bool = True, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        self.in_shape, self.out_shape, self.dtype = tuple(in_shape), tuple(out_shape), dtype
-        self.kernel = nnx.Param(_trunc02(rngs.params(), self.in_shape + self.out_shape, param_dtype),
-                                **axes.param_metadata(names))
-        self.bias = (nnx.Param(jnp.zeros(self.out_shape, param_dtype),
-                               **axes.param_metadata(names[len(self.in_shape):])) if use_bias else nnx.data(None))
-
-    def __call__(self, x):
-        kernel = self.kernel[...]
-        dtype = self.dtype or jnp.result_type(x, kernel)
-        n_in = len(self.in_shape)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
-        return y if self.bias is None else y + self.bias[...].astype(dtype)
 
 
 def default_dilations(img_size: int, depths: Sequence[int], kernel_size: int) -> list[list[int]]:
@@ -103,53 +51,13 @@ def default_dilations(img_size: int, depths: Sequence[int], kernel_size: int) ->
     return out
 
 
-class ConvTokenizer(nnx.Module):
-    """The stem: `[B, H, W, in_chans] -> [B, ceil(H/4), ceil(W/4), embed_dim]`."""
-
-    def __init__(self, in_chans: int, embed_dim: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.proj0 = _conv3x3_s2(in_chans, embed_dim // 2, use_bias=True, **kw)
-        self.proj1 = _conv3x3_s2(embed_dim // 2, embed_dim, use_bias=True, **kw)
-        self.norm = _norm(embed_dim, **kw)
-
-    def __call__(self, x):
-        return axes.constrain(self.norm(self.proj1(self.proj0(x))), IMAGE)
-
-
-class ConvDownsampler(nnx.Module):
-    """`[B, H, W, C] -> [B, ceil(H/2), ceil(W/2), 2C]`: 3x3 stride-2 conv without bias, then LayerNorm."""
-
-    def __init__(self, dim: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.reduction = _conv3x3_s2(dim, 2 * dim, use_bias=False, **kw)
-        self.norm = _norm(2 * dim, **kw)
-
-    def __call__(self, x):
-        return axes.constrain(self.norm(self.reduction(x)), IMAGE)
-
-
-class Mlp(nnx.Module):
-    """fc1 column-parallel, fc2 row-parallel: `tensor` splits the hidden units."""
-
-    def __init__(self, dim: int, hidden: int, *, drop: float = 0.0, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = _linear(dim, hidden, (axes.EMBED, axes.MLP), **kw)
-        self.fc2 = _linear(hidden, dim, (axes.MLP, axes.EMBED), **kw)
-        self.drop = _dropout(drop, rngs)
-
-    def __call__(self, x):
-        x = jax.nn.gelu(self.fc1(x), approximate=False)  # torch nn.GELU is the exact erf form
-        x = self.drop(axes.constrain(x, HIDDEN))
-        return self.drop(self.fc2(x))
-
-
 class NeighborhoodAttention2D(nnx.Module):
     """natten 0.14 `NeighborhoodAttention2D`: qkv Linear, (dilated) NA with a relative position bias, proj Linear.
 
     `rpb [heads, 2k-1, 2k-1]`; `qkv.kernel [C, 3, heads, head_dim]` (the reference's `[3C, C]` weight, transposed
-    and reshaped), `proj.kernel [heads, head_dim, C]`. The reference scales q by `head_dim ** -0.5` before the QK product and adds rpb to
-    the scaled logits; the op is called with the pre-scaled q and `scale=1.0` to reproduce exactly that.
+    and reshaped), `proj.kernel [heads, head_dim, C]`. The reference scales q by `head_dim ** -0.5` before the QK
+    product and adds rpb to the scaled logits; the op is called with the pre-scaled q and `scale=1.0` to reproduce
+    exactly that.
 
     `context_parallel='halo'`: under a mesh whose `'context'` axis is > 1, a map whose rows split into shards that
     hold the border rows a window needs (`shards_rows`) runs `jaxattn.context_parallel.halo_neighborhood_attention`
@@ -172,10 +80,11 @@ class NeighborhoodAttention2D(nnx.Module):
         heads = (self.num_heads, self.head_dim)
         self.qkv = Projection((dim,), (3, *heads), (axes.EMBED, None, axes.HEADS, axes.HEAD_DIM), use_bias=qkv_bias,
                               **kw)
-        self.rpb = nnx.Param(_trunc02(rngs.params(), (num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1),
-                                      param_dtype), **axes.param_metadata((axes.HEADS, None, None)))
+        window = (num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1)
+        self.rpb = nnx.Param(trunc_normal_02(rngs.params(), window, param_dtype),
+                             **axes.param_metadata((axes.HEADS, None, None)))
         self.proj = Projection(heads, (dim,), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), **kw)
-        self.proj_drop = _dropout(proj_drop, rngs)
+        self.proj_drop = dropout(proj_drop, rngs)
 
     def __call__(self, x):
         b, h, w, c = x.shape
@@ -216,12 +125,12 @@ class NATLayer(nnx.Module):
                  layer_scale: float | None = None, implementation: str | None = None,
                  context_parallel: str | None = None, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = _norm(dim, **kw)
+        self.norm1 = layer_norm(dim, **kw)
         self.attn = NeighborhoodAttention2D(dim, num_heads, kernel_size, dilation, qkv_bias=qkv_bias,
                                             qk_scale=qk_scale, proj_drop=drop, implementation=implementation,
                                             context_parallel=context_parallel, **kw)
         self.drop_path = DropPath(drop_path, rngs=rngs)
-        self.norm2 = _norm(dim, **kw)
+        self.norm2 = layer_norm(dim, **kw)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, **kw)
         if layer_scale is not None:
             gain = lambda: nnx.Param(jnp.full((dim,), layer_scale, param_dtype),  # noqa: E731
@@ -233,11 +142,11 @@ class NATLayer(nnx.Module):
     def __call__(self, x):
         y = self.attn(self.norm1(x))
         if self.gamma1 is not None:
-            y = y * self.gamma1[...].astype(y.dtype)
+            y = scale_fp32(y, self.gamma1)
         x = x + self.drop_path(y)
         y = self.mlp(self.norm2(x))
         if self.gamma2 is not None:
-            y = y * self.gamma2[...].astype(y.dtype)
+            y = scale_fp32(y, self.gamma2)
         return axes.constrain(x + self.drop_path(y), IMAGE)
 
 
@@ -350,7 +259,7 @@ class DiNAT(Backbone, nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
         self.patch_embed = ConvTokenizer(in_chans, embed_dim, **kw)
-        self.pos_drop = _dropout(drop_rate, rngs)
+        self.pos_drop = dropout(drop_rate, rngs)
         rates = drop_path_rates(drop_path_rate, depths)
         self.levels = nnx.List([
             NATLevel(embed_dim * 2 ** i, num_heads[i], kernel_size, dilations[i], rates[i],
@@ -358,8 +267,8 @@ class DiNAT(Backbone, nnx.Module):
                      drop=drop_rate, layer_scale=layer_scale, implementation=implementation,
                      context_parallel=context_parallel, scan=self.scan_blocks, remat=remat, **kw)
             for i in range(len(depths))])
-        self.norm = _norm(self.num_features, **kw)
-        self.head = (_linear(self.num_features, num_classes, (axes.EMBED, axes.VOCAB),
+        self.norm = layer_norm(self.num_features, **kw)
+        self.head = (linear(self.num_features, num_classes, (axes.EMBED, axes.VOCAB),
                              preferred_element_type=jnp.float32, **kw) if num_classes > 0 else nnx.data(None))
         self.feature_specs = tuple(FeatureSpec(embed_dim * 2 ** i, 4 * 2 ** i, f"levels.{i}.blocks", i)
                                    for i in range(len(depths)))
