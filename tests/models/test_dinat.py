@@ -221,6 +221,22 @@ def test_from_dinat_round_trip_with_layer_scale_and_strict_errors():
         convert.from_dinat("dinat_huge_in1k_224", sd)
 
 
+def test_a_state_dict_fills_the_unrolled_layout_as_the_scanned_one():
+    """The default (scanned) model's reference state dict loads into `scan_blocks=False` (per-unit modules), and
+    both give the same per-block parameters; the stage is a scanned pair (dilations 1, 2) and a remainder block."""
+    arch = dict(embed_dim=8, depths=(3,), num_heads=(2,), kernel_size=3, mlp_ratio=2.0, img_size=16,
+                dilations=[[1, 2, 1]], num_classes=3)
+    src = abstract_model(lambda: models.create_model("dinat_mini", **arch), seed=2)
+    unrolled = abstract_model(lambda: models.create_model("dinat_mini", scan_blocks=False, **arch), fill="zeros")
+    sd = _state_dict_of(src)
+    convert.load_dinat(unrolled, sd)
+    per_block = lambda m: stacking.to_per_block(nnx.to_pure_dict(nnx.state(m, nnx.Param)), m)  # noqa: E731
+    jax.tree.map(np.testing.assert_array_equal, per_block(unrolled), per_block(src))
+    assert _state_dict_of(unrolled).keys() == sd.keys()
+    with pytest.raises(StateDictError, match="levels.0.blocks.2.mlp.fc1.weight"):
+        convert.load_dinat(unrolled, {k: v for k, v in sd.items() if k != "levels.0.blocks.2.mlp.fc1.weight"})
+
+
 def test_from_dinat_builds_a_backbone_from_a_file(tmp_path):
     """`from_dinat(name, path, features_only=True, out_indices=...)` builds the registered model as a backbone and
     fills it (strictly) from a classifier's `.safetensors` file. Traced abstractly: nothing is initialised or
