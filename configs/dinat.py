@@ -11,6 +11,11 @@
     # the undilated layers of stages 1-3 shard; dilated windows span nearly the whole map, and so does kernel 7
     # on the 64 px default's small maps)
     python -m train.main --config configs/dinat.py:mini_imagenet --config.mesh.context=2 --config.context_parallel=halo
+    # pods: heads and MLP units split over `tensor` (mesh.tensor must divide every stage's heads: base and large),
+    # weights over `fsdp`; bf16 compute, remat per pair of blocks (scanned); check a slice ahead of time with
+    python -m train.aot --config configs/dinat.py:base_imagenet --topology v5e:2x2 --config.mesh.data=1 \
+        --config.mesh.tensor=4 --config.batch_size=8 --config.dtype=bfloat16
+    # 384 px (the 384 checkpoints' dilations 13, 6, 3, 1): --config.image_size=384 --config.model_kwargs.img_size=384
 """
 from __future__ import annotations
 

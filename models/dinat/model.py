@@ -8,15 +8,22 @@ Layout and names follow SHI-Labs/Neighborhood-Attention-Transformer `classificat
     levels[i].downsample (i < last): conv 3x3 s2 to 2C, no bias -> LayerNorm
     norm -> mean over H, W -> head (Linear)
 
+Pods (WORKSPACE, "Pods"): every parameter names its dims (`models/layers/axes.py`); attention's qkv kernel is
+`[C, 3, heads, head_dim]` and its output projection `[heads, head_dim, C]`, so `tensor` splits heads (and the MLP's
+hidden units) Megatron-style, one all-reduce after each of proj and fc2. A stage's blocks run in `Stack`s, scanned
+over stacked parameters (`scan_blocks=True`) or unrolled; each unit (a pair of blocks of alternating dilation, see
+`stacking.py`) under the remat policy `remat`. `dtype` is the compute dtype; norms, the pooling mean and the
+head's logits are float32.
+
 Images are NHWC; tokens stay `[B, H, W, C]` throughout. Any input size works: the convolutions round up
 (`ceil(H / 2)` per stride), and an attention layer whose map is smaller than its window `k * dilation` zero-pads
 the normed tokens right/bottom before the qkv projection and crops after, as the reference does.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -24,29 +31,13 @@ import jaxattn
 from jaxattn.core import validation
 from jaxattn.models import context_parallel as cp
 from jaxattn.models.features import Backbone, FeatureSpec
-from jaxattn.models.layers import DropPath, drop_path_rates
-
-LN_EPS = 1e-5  # torch.nn.LayerNorm default; flax's default is 1e-6
-_trunc02 = nnx.initializers.truncated_normal(0.02)
-
-
-def _linear(d_in, d_out, *, dtype, rngs, use_bias=True):
-    return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=_trunc02, dtype=dtype, rngs=rngs)
-
-
-def _norm(dim, *, dtype, rngs):
-    return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
-
-
-def _dropout(rate, rngs):
-    # No rng stream when inactive: a model without dropout then holds parameters only (cheap to build abstractly).
-    return nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
-
-
-def _conv3x3_s2(d_in, d_out, *, use_bias, dtype, rngs):
-    # torch Conv2d(kernel 3, stride 2, padding 1): one pixel each side, output ceil(H / 2).
-    return nnx.Conv(d_in, d_out, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=use_bias,
-                    dtype=dtype, rngs=rngs)
+from jaxattn.models.dinat import stacking
+from jaxattn.models.dinat.layers import (IMAGE, PER_HEAD, ConvDownsampler, ConvTokenizer, Mlp, Projection,
+                                         dropout, layer_norm, linear, scale_fp32, trunc_normal_02)
+from jaxattn.models.layers import DropPath, axes, drop_path_rates
+from jaxattn.models.layers.precision import check_dtype
+from jaxattn.models.layers.remat import check_remat
+from jaxattn.models.layers.stack import Stack
 
 
 def default_dilations(img_size: int, depths: Sequence[int], kernel_size: int) -> list[list[int]]:
@@ -60,45 +51,13 @@ def default_dilations(img_size: int, depths: Sequence[int], kernel_size: int) ->
     return out
 
 
-class ConvTokenizer(nnx.Module):
-    """The stem: `[B, H, W, in_chans] -> [B, ceil(H/4), ceil(W/4), embed_dim]`."""
-
-    def __init__(self, in_chans: int, embed_dim: int, *, dtype=None, rngs: nnx.Rngs):
-        self.proj0 = _conv3x3_s2(in_chans, embed_dim // 2, use_bias=True, dtype=dtype, rngs=rngs)
-        self.proj1 = _conv3x3_s2(embed_dim // 2, embed_dim, use_bias=True, dtype=dtype, rngs=rngs)
-        self.norm = _norm(embed_dim, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return self.norm(self.proj1(self.proj0(x)))
-
-
-class ConvDownsampler(nnx.Module):
-    """`[B, H, W, C] -> [B, ceil(H/2), ceil(W/2), 2C]`: 3x3 stride-2 conv without bias, then LayerNorm."""
-
-    def __init__(self, dim: int, *, dtype=None, rngs: nnx.Rngs):
-        self.reduction = _conv3x3_s2(dim, 2 * dim, use_bias=False, dtype=dtype, rngs=rngs)
-        self.norm = _norm(2 * dim, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return self.norm(self.reduction(x))
-
-
-class Mlp(nnx.Module):
-    def __init__(self, dim: int, hidden: int, *, drop: float = 0.0, dtype=None, rngs: nnx.Rngs):
-        self.fc1 = _linear(dim, hidden, dtype=dtype, rngs=rngs)
-        self.fc2 = _linear(hidden, dim, dtype=dtype, rngs=rngs)
-        self.drop = _dropout(drop, rngs)
-
-    def __call__(self, x):
-        x = self.drop(jax.nn.gelu(self.fc1(x), approximate=False))  # torch nn.GELU is the exact erf form
-        return self.drop(self.fc2(x))
-
-
 class NeighborhoodAttention2D(nnx.Module):
     """natten 0.14 `NeighborhoodAttention2D`: qkv Linear, (dilated) NA with a relative position bias, proj Linear.
 
-    `rpb [heads, 2k-1, 2k-1]`. The reference scales q by `head_dim ** -0.5` before the QK product and adds rpb to
-    the scaled logits; the op is called with the pre-scaled q and `scale=1.0` to reproduce exactly that.
+    `rpb [heads, 2k-1, 2k-1]`; `qkv.kernel [C, 3, heads, head_dim]` (the reference's `[3C, C]` weight, transposed
+    and reshaped), `proj.kernel [heads, head_dim, C]`. The reference scales q by `head_dim ** -0.5` before the QK
+    product and adds rpb to the scaled logits; the op is called with the pre-scaled q and `scale=1.0` to reproduce
+    exactly that.
 
     `context_parallel='halo'`: under a mesh whose `'context'` axis is > 1, a map whose rows split into shards that
     hold the border rows a window needs runs `jaxattn.context_parallel.halo_neighborhood_attention` over image rows
@@ -108,7 +67,7 @@ class NeighborhoodAttention2D(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int, dilation: int = 1, *, qkv_bias: bool = True,
                  qk_scale: float | None = None, proj_drop: float = 0.0, implementation: str | None = None,
-                 context_parallel: str | None = None, dtype=None, rngs: nnx.Rngs):
+                 context_parallel: str | None = None, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.kernel_size = kernel_size
@@ -117,10 +76,15 @@ class NeighborhoodAttention2D(nnx.Module):
         self.scale = qk_scale or self.head_dim ** -0.5
         self.implementation = implementation
         self.context_parallel = cp.check_strategy(context_parallel, "dinat")
-        self.qkv = _linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.rpb = nnx.Param(_trunc02(rngs.params(), (num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1)))
-        self.proj = _linear(dim, dim, dtype=dtype, rngs=rngs)
-        self.proj_drop = _dropout(proj_drop, rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        heads = (self.num_heads, self.head_dim)
+        self.qkv = Projection((dim,), (3, *heads), (axes.EMBED, None, axes.HEADS, axes.HEAD_DIM), use_bias=qkv_bias,
+                              **kw)
+        window = (num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1)
+        self.rpb = nnx.Param(trunc_normal_02(rngs.params(), window, param_dtype),
+                             **axes.param_metadata((axes.HEADS, None, None)))
+        self.proj = Projection(heads, (dim,), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), **kw)
+        self.proj_drop = dropout(proj_drop, rngs)
 
     def __call__(self, x):
         b, h, w, c = x.shape
@@ -128,13 +92,13 @@ class NeighborhoodAttention2D(nnx.Module):
         if pad_h or pad_w:  # before qkv, as the reference: padded tokens carry the qkv bias, not zeros
             x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
         hp, wp = h + pad_h, w + pad_w
-        qkv = self.qkv(x).reshape(b, hp, wp, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+        qkv = self.qkv(x)  # [b, hp, wp, 3, heads, head_dim]
+        q, k, v = (axes.constrain(qkv[..., i, :, :], PER_HEAD) for i in range(3))
         q = q * jnp.asarray(self.scale, q.dtype)
         rpb = self.rpb[...].astype(q.dtype)
         out = cp.attention("neighborhood_attention", self.context_parallel, q, k, v, self.kernel_size,
                            dilation=self.dilation, rpb=rpb, scale=1.0, implementation=self.implementation)
-        out = out[:, :h, :w].reshape(b, h, w, c)
+        out = axes.constrain(out[:, :h, :w], PER_HEAD)
         return self.proj_drop(self.proj(out))
 
 
@@ -144,44 +108,82 @@ class NATLayer(nnx.Module):
     def __init__(self, dim: int, num_heads: int, kernel_size: int, dilation: int, *, mlp_ratio: float,
                  qkv_bias: bool = True, qk_scale: float | None = None, drop: float = 0.0, drop_path: float = 0.0,
                  layer_scale: float | None = None, implementation: str | None = None,
-                 context_parallel: str | None = None, dtype=None, rngs: nnx.Rngs):
-        self.norm1 = _norm(dim, dtype=dtype, rngs=rngs)
+                 context_parallel: str | None = None, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = layer_norm(dim, **kw)
         self.attn = NeighborhoodAttention2D(dim, num_heads, kernel_size, dilation, qkv_bias=qkv_bias,
                                             qk_scale=qk_scale, proj_drop=drop, implementation=implementation,
-                                            context_parallel=context_parallel, dtype=dtype, rngs=rngs)
+                                            context_parallel=context_parallel, **kw)
         self.drop_path = DropPath(drop_path, rngs=rngs)
-        self.norm2 = _norm(dim, dtype=dtype, rngs=rngs)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, dtype=dtype, rngs=rngs)
+        self.norm2 = layer_norm(dim, **kw)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, **kw)
         if layer_scale is not None:
-            self.gamma1 = nnx.Param(jnp.full((dim,), layer_scale, jnp.float32))
-            self.gamma2 = nnx.Param(jnp.full((dim,), layer_scale, jnp.float32))
+            gain = lambda: nnx.Param(jnp.full((dim,), layer_scale, param_dtype),  # noqa: E731
+                                     **axes.param_metadata((axes.NORM,)))
+            self.gamma1, self.gamma2 = gain(), gain()
         else:
             self.gamma1 = self.gamma2 = nnx.data(None)
 
     def __call__(self, x):
         y = self.attn(self.norm1(x))
         if self.gamma1 is not None:
-            y = y * self.gamma1[...].astype(y.dtype)
+            y = scale_fp32(y, self.gamma1)
         x = x + self.drop_path(y)
         y = self.mlp(self.norm2(x))
         if self.gamma2 is not None:
-            y = y * self.gamma2[...].astype(y.dtype)
-        return x + self.drop_path(y)
+            y = scale_fp32(y, self.gamma2)
+        return axes.constrain(x + self.drop_path(y), IMAGE)
 
 
-class NATLevel(nnx.Module):
-    """One stage: `len(dilations)` blocks, then the downsampler unless it is the last stage."""
+class NATUnit(nnx.Module):
+    """Consecutive blocks of static dilations `dilations` (a `Stack`'s unit: DiNAT's pair NA, DiNA).
+    `drop_paths`: their rates, Python floats or (in a scanned `Stack`) a traced `[len(dilations)]` array."""
 
-    def __init__(self, dim: int, num_heads: int, kernel_size: int, dilations: Sequence[int],
-                 drop_paths: Sequence[float], *, downsample: bool, dtype=None, rngs: nnx.Rngs, **block_args):
-        self.blocks = nnx.List([
-            NATLayer(dim, num_heads, kernel_size, d, drop_path=p, dtype=dtype, rngs=rngs, **block_args)
-            for d, p in zip(dilations, drop_paths)])
-        self.downsample = ConvDownsampler(dim, dtype=dtype, rngs=rngs) if downsample else nnx.data(None)
+    def __init__(self, dim: int, num_heads: int, kernel_size: int, dilations: Sequence[int], drop_paths, *,
+                 rngs: nnx.Rngs, **block_args):
+        self.blocks = nnx.List([NATLayer(dim, num_heads, kernel_size, d, drop_path=drop_paths[k], rngs=rngs,
+                                         **block_args) for k, d in enumerate(dilations)])
 
     def __call__(self, x):
         for block in self.blocks:
             x = block(x)
+        return x
+
+
+def _make_unit(dim, num_heads, kernel_size, dilations, rngs, unit_rates, **block_args):
+    return NATUnit(dim, num_heads, kernel_size, dilations, unit_rates, rngs=rngs, **block_args)
+
+
+class NATLevel(nnx.Module):
+    """One stage: `len(dilations)` blocks in `segments` (`Stack`s of units, `stacking.segment_plan`), then the
+    downsampler unless it is the last stage."""
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int, dilations: Sequence[int],
+                 drop_paths: Sequence[float], *, downsample: bool, scan: bool = True, remat: str = "none",
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs, **block_args):
+        self.plan = stacking.segment_plan(dilations)
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        segments, start = [], 0
+        for unit, n in self.plan:
+            rates = [list(drop_paths[start + u * len(unit):start + (u + 1) * len(unit)]) for u in range(n)]
+            start += n * len(unit)
+
+            make = functools.partial(_make_unit, dim, num_heads, kernel_size, unit, **kw, **block_args)
+            if not any(map(any, rates)):  # zero rates stay Python floats: no DropPath rng, nothing traced
+                make = functools.partial(make, unit_rates=(0.0,) * len(unit))
+                rates = None
+            segments.append(Stack(make, n, rngs=rngs, scan=scan, remat=remat,
+                                  block_args=() if rates is None else (rates,)))
+        self.segments = nnx.List(segments)
+        self.downsample = ConvDownsampler(dim, rngs=rngs, **kw) if downsample else nnx.data(None)
+
+    def run_blocks(self, x):
+        for segment in self.segments:
+            x = segment(x)
+        return x
+
+    def __call__(self, x):
+        x = self.run_blocks(x)
         return x if self.downsample is None else self.downsample(x)
 
 
@@ -201,7 +203,12 @@ class DiNAT(Backbone, nnx.Module):
       implementation: passed to `jaxattn.neighborhood_attention` (None picks per platform).
       context_parallel: 'halo' or None: context parallelism over image rows in training under a mesh with
         `'context'` > 1 (see `NeighborhoodAttention2D`; `jaxattn.models.context_parallel`).
-      dtype: computation dtype of the layers (parameters stay float32).
+      scan_blocks: run each stage's repeated blocks as a `jax.lax.scan` over stacked parameters (one unit
+        compiled per segment); False unrolls them, with per-unit names (`stacking.to_per_block` maps either
+        layout to the reference's per-block names).
+      remat: rematerialisation policy of each unit of blocks (`models/layers/remat.POLICIES`).
+      dtype: computation dtype (None: float32); norms, the pooling mean and the logits stay float32.
+      param_dtype: storage dtype of the parameters (float32).
 
     As a backbone (`jaxattn.models.features`): one feature per stage, `levels.{i}.blocks`, the output of the
     stage's blocks before its downsampler (strides 4, 8, 16, 32), where the official detection and segmentation
@@ -215,8 +222,10 @@ class DiNAT(Backbone, nnx.Module):
                  dilations: Sequence[Sequence[int]] | None = None, img_size: int = 224, in_chans: int = 3,
                  num_classes: int = 1000, qkv_bias: bool = True, qk_scale: float | None = None,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.2, layer_scale: float | None = None,
-                 implementation: str | None = None, context_parallel: str | None = None, dtype=None,
-                 rngs: nnx.Rngs):
+                 implementation: str | None = None, context_parallel: str | None = None, scan_blocks: bool = True,
+                 remat: str = "none", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        remat = check_remat(remat)
+        dtype, param_dtype = check_dtype("dtype", dtype, allow_none=True), check_dtype("param_dtype", param_dtype)
         depths, num_heads = tuple(int(d) for d in depths), tuple(int(n) for n in num_heads)
         _check_config(embed_dim, depths, num_heads, kernel_size, img_size, in_chans, num_classes)
         context_parallel = cp.check_strategy(context_parallel, "dinat")
@@ -231,19 +240,21 @@ class DiNAT(Backbone, nnx.Module):
         self.in_chans, self.num_classes, self.img_size = in_chans, num_classes, img_size
         self.dilations, self.context_parallel = dilations, context_parallel
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
+        self.scan_blocks = bool(scan_blocks)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-        self.patch_embed = ConvTokenizer(in_chans, embed_dim, dtype=dtype, rngs=rngs)
-        self.pos_drop = _dropout(drop_rate, rngs)
+        self.patch_embed = ConvTokenizer(in_chans, embed_dim, **kw)
+        self.pos_drop = dropout(drop_rate, rngs)
         rates = drop_path_rates(drop_path_rate, depths)
         self.levels = nnx.List([
             NATLevel(embed_dim * 2 ** i, num_heads[i], kernel_size, dilations[i], rates[i],
                      downsample=i < len(depths) - 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
                      drop=drop_rate, layer_scale=layer_scale, implementation=implementation,
-                     context_parallel=context_parallel, dtype=dtype, rngs=rngs)
+                     context_parallel=context_parallel, scan=self.scan_blocks, remat=remat, **kw)
             for i in range(len(depths))])
-        self.norm = _norm(self.num_features, dtype=dtype, rngs=rngs)
-        self.head = (_linear(self.num_features, num_classes, dtype=dtype, rngs=rngs) if num_classes > 0
-                     else nnx.data(None))
+        self.norm = layer_norm(self.num_features, **kw)
+        self.head = (linear(self.num_features, num_classes, (axes.EMBED, axes.VOCAB),
+                             preferred_element_type=jnp.float32, **kw) if num_classes > 0 else nnx.data(None))
         self.feature_specs = tuple(FeatureSpec(embed_dim * 2 ** i, 4 * 2 ** i, f"levels.{i}.blocks", i)
                                    for i in range(len(depths)))
 
@@ -259,15 +270,14 @@ class DiNAT(Backbone, nnx.Module):
         x = self.pos_drop(self.patch_embed(x))
         for level in self.levels:
             x = level(x)
-        return self.norm(x).mean(axis=(1, 2))
+        return self.norm(x).astype(jnp.float32).mean(axis=(1, 2))
 
     def _taps(self):
         def run(i, level):
             def tap(x):
                 if i == 0:
                     x = self.pos_drop(self.patch_embed(x))
-                for block in level.blocks:
-                    x = block(x)
+                x = level.run_blocks(x)
                 return (x if level.downsample is None else level.downsample(x)), x
             return tap
         return [run(i, level) for i, level in enumerate(self.levels)]

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from flax.traverse_util import flatten_dict
 from hypothesis import example, given, settings, strategies as st
 
 import feature_checks
@@ -11,8 +12,9 @@ import feature_checks
 from jaxattn import models
 from jaxattn.models import convert
 from jaxattn.models.convert import StateDictError
-from jaxattn.models.dinat import DiNAT, default_dilations
+from jaxattn.models.dinat import DiNAT, default_dilations, stacking
 from jaxattn.models.dinat.model import NATLayer, NeighborhoodAttention2D
+from jaxattn.models.layers.drop_path import DropRate
 from jaxattn.models.layers.tracing import count_params, eval_shape_model
 from jaxattn.testing import model_checks
 from jaxattn.testing.model_init import abstract_model
@@ -29,10 +31,18 @@ def _forward(model, x):
 _jit_forward = feature_checks.jit_forward  # also runs single layers
 
 
+def with_drop_rates(constructor):
+    """`abstract_model(constructor)` with the scanned stacks' drop-path rates (`DropRate` variables, which the
+    numpy fill zeroes) computed by the constructor itself: one small compile, the parameters' init eliminated."""
+    model = abstract_model(constructor)
+    nnx.update(model, jax.jit(lambda: nnx.state(constructor(), DropRate))())
+    return model
+
+
 @pytest.fixture(scope="module")
 def pico():
     # Built abstractly and filled with numpy: eager init would compile one program per parameter shape.
-    return abstract_model(lambda: models.create_model("dinat_pico", num_classes=5, img_size=PICO_SIZE))
+    return with_drop_rates(lambda: models.create_model("dinat_pico", num_classes=5, img_size=PICO_SIZE))
 
 
 def _images(seed, b, h, w, c=3):  # numpy: no eager random-number compile per shape
@@ -103,7 +113,8 @@ def _attention_layer_numpy(layer, x):
     hp, wp = max(h, k * d), max(w, k * d)
     x = np.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
     param = lambda v: np.asarray(v[...], np.float64)
-    qkv = (x @ param(layer.qkv.kernel) + param(layer.qkv.bias)).reshape(b, hp, wp, 3, n, c // n)
+    qkv = (x @ param(layer.qkv.kernel).reshape(c, 3 * c) + param(layer.qkv.bias).reshape(-1)).reshape(
+        b, hp, wp, 3, n, c // n)
     q, kk, v = qkv[..., 0, :, :] * layer.scale, qkv[..., 1, :, :], qkv[..., 2, :, :]
     mh, rh = _axis_window(hp, k, d)
     mw, rw = _axis_window(wp, k, d)
@@ -114,7 +125,7 @@ def _attention_layer_numpy(layer, x):
     p = np.exp(logits - logits.max(axis=(-2, -1), keepdims=True))
     p /= p.sum(axis=(-2, -1), keepdims=True)
     out = np.einsum("bnijkl,bklnc->bijnc", p, v)[:, :h, :w].reshape(b, h, w, c)
-    return out @ param(layer.proj.kernel) + param(layer.proj.bias)
+    return out @ param(layer.proj.kernel).reshape(c, c) + param(layer.proj.bias)
 
 
 @settings(max_examples=2)
@@ -145,7 +156,7 @@ def test_pico_train_step_finite_and_train_eval_differ(pico):
     x = _images(0, 2, PICO_SIZE, PICO_SIZE)
     labels = jnp.array([1, 3])
     _, train_logits, grads = model_checks.train_step_gradients(pico, x, labels)
-    assert float(jnp.abs(grads["levels"][0]["blocks"][0]["attn"]["rpb"][...]).sum()) > 0
+    assert float(jnp.abs(grads["levels"][0]["segments"][0]["blocks"]["blocks"][0]["attn"]["rpb"][...]).sum()) > 0
     model_checks.assert_eval_differs_from_train(pico, x, train_logits, _jit_forward)  # stochastic depth
 
 
@@ -169,15 +180,18 @@ def test_bfloat16_compute_tracks_float32(pico):
 
 # -- loading and bad inputs -----------------------------------------------------------------------------------------
 def _state_dict_of(model):
-    """Our parameters in the reference's names and layouts, via the loader's own key list (round trip)."""
+    """Our parameters in the reference's names and layouts (any layout: via the per-block names), for round trips."""
     out = {}
-    for path, var in nnx.iter_graph(model):
-        if not isinstance(var, nnx.Param):
-            continue
+    per_block = stacking.to_per_block(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model)
+    for path, value in flatten_dict(per_block).items():
         parts = [str(p) for p in path]
-        value = np.asarray(var[...])
+        value = np.asarray(value)
         leaf, owner = parts[-1], parts[:-1]
         owner = [{"proj0": "proj.0", "proj1": "proj.1"}.get(p, p) for p in owner]
+        if owner[-2:] == ["attn", "qkv"]:  # [C, 3, heads, head_dim] and [3, heads, head_dim]
+            value = value.reshape(value.shape[0], -1) if leaf == "kernel" else value.reshape(-1)
+        if owner[-2:] == ["attn", "proj"] and leaf == "kernel":  # [heads, head_dim, C]
+            value = value.reshape(-1, value.shape[-1])
         if leaf == "kernel":
             leaf, value = "weight", (value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1))
         elif leaf == "scale":
@@ -205,6 +219,22 @@ def test_from_dinat_round_trip_with_layer_scale_and_strict_errors():
         convert.load_dinat(dst, {**sd, "levels.0.blocks.0.attn.rpb": np.zeros((2, 7, 7), np.float32)})
     with pytest.raises(ValueError, match="unknown dinat checkpoint"):
         convert.from_dinat("dinat_huge_in1k_224", sd)
+
+
+def test_a_state_dict_fills_the_unrolled_layout_as_the_scanned_one():
+    """The default (scanned) model's reference state dict loads into `scan_blocks=False` (per-unit modules), and
+    both give the same per-block parameters; the stage is a scanned pair (dilations 1, 2) and a remainder block."""
+    arch = dict(embed_dim=8, depths=(3,), num_heads=(2,), kernel_size=3, mlp_ratio=2.0, img_size=16,
+                dilations=[[1, 2, 1]], num_classes=3)
+    src = abstract_model(lambda: models.create_model("dinat_mini", **arch), seed=2)
+    unrolled = abstract_model(lambda: models.create_model("dinat_mini", scan_blocks=False, **arch), fill="zeros")
+    sd = _state_dict_of(src)
+    convert.load_dinat(unrolled, sd)
+    per_block = lambda m: stacking.to_per_block(nnx.to_pure_dict(nnx.state(m, nnx.Param)), m)  # noqa: E731
+    jax.tree.map(np.testing.assert_array_equal, per_block(unrolled), per_block(src))
+    assert _state_dict_of(unrolled).keys() == sd.keys()
+    with pytest.raises(StateDictError, match="levels.0.blocks.2.mlp.fc1.weight"):
+        convert.load_dinat(unrolled, {k: v for k, v in sd.items() if k != "levels.0.blocks.2.mlp.fc1.weight"})
 
 
 def test_from_dinat_builds_a_backbone_from_a_file(tmp_path):
