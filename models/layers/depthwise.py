@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.core import dispatch
+from jaxattn.models.layers import axes
 
 OP = "depthwise_conv2d"
 
@@ -100,14 +101,23 @@ dispatch.register(OP, dispatch.Backend("lax", lambda: depthwise_conv2d_lax, plat
 
 class DepthwiseConv2d(nnx.Module):
     """Depthwise conv layer; parameters `kernel [kh, kw, 1, C]` (as `nnx.Conv` with `feature_group_count=C`) and
-    optional `bias [C]`. PyTorch weights `[C, 1, kh, kw]` load with `w.transpose(2, 3, 1, 0)`."""
+    optional `bias [C]`. PyTorch weights `[C, 1, kh, kw]` load with `w.transpose(2, 3, 1, 0)`.
+
+    `names`: the kernel's four logical dim names (`models/layers/axes.py`), e.g. `(CONV_KERNEL, CONV_KERNEL, None,
+    EMBED)`; the bias takes the last one. None leaves the parameters unnamed. The parameters are stored in
+    `param_dtype` and cast to the input's dtype where used.
+    """
 
     def __init__(self, channels: int, kernel_size=3, *, stride=1, padding="SAME", dilation=1, use_bias=True,
-                 implementation=None, rngs: nnx.Rngs):
+                 implementation=None, names=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kh, kw = _pairs("kernel_size", kernel_size)
+        if names is not None and len(names) != 4:
+            raise ValueError(f"`names` must name the kernel's 4 dims [kh, kw, 1, C], got {tuple(names)}")
+        kernel_meta = {} if names is None else axes.param_metadata(names)
+        bias_meta = {} if names is None else axes.param_metadata(tuple(names)[-1:])
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        self.kernel = nnx.Param(init(rngs.params(), (kh, kw, 1, channels)))
-        self.bias = nnx.Param(jnp.zeros((channels,))) if use_bias else None
+        self.kernel = nnx.Param(init(rngs.params(), (kh, kw, 1, channels), param_dtype), **kernel_meta)
+        self.bias = nnx.Param(jnp.zeros((channels,), param_dtype), **bias_meta) if use_bias else None
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.implementation = implementation
 
