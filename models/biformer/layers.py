@@ -31,8 +31,9 @@ class Projection(nnx.Module):
     """A linear map between groups of trailing dims, `[..., *in_shape] -> [..., *out_shape]`, with an optional bias
     `[*out_shape]`: the kernel `[*in_shape, *out_shape]` (truncated N(0, 0.02)) names its dims `names`, the bias
     the output's. Computed as one 2-D matmul over the flattened tokens and groups (the fast form on XLA:CPU, see
-    `models/layers/dense.py`); `dtype` None computes in the promoted dtype of input and kernel, `out_dtype` (e.g.
-    fp32 for logits) is the matmul's result dtype."""
+    `models/layers/dense.py`); `dtype` None computes in the promoted dtype of input and kernel, which is also the
+    result's, unless `out_dtype` (e.g. fp32 for logits) is given. Products accumulate, and the bias is added, in
+    at least fp32."""
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], names: Sequence, *, use_bias=True,
                  dtype=None, param_dtype=jnp.float32, out_dtype=None, rngs: nnx.Rngs):
@@ -53,10 +54,13 @@ class Projection(nnx.Module):
         kernel = self.kernel[...]
         dtype = self.dtype or jnp.result_type(x, kernel)
         lead = x.shape[:x.ndim - n_in]
+        accumulate = self.out_dtype or jnp.promote_types(dtype, jnp.float32)
         y = jnp.dot(x.astype(dtype).reshape(-1, math.prod(self.in_shape)),
-                    kernel.astype(dtype).reshape(math.prod(self.in_shape), -1), preferred_element_type=self.out_dtype)
+                    kernel.astype(dtype).reshape(math.prod(self.in_shape), -1), preferred_element_type=accumulate)
         y = y.reshape(*lead, *self.out_shape)
-        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+        if self.bias is not None:  # added before rounding: its gradient (a sum over tokens) then sums in fp32
+            y = y + self.bias[...].astype(accumulate)
+        return y.astype(self.out_dtype or dtype)
 
 
 def linear(d_in: int, d_out: int, names: Sequence, **kw) -> Projection:
@@ -74,8 +78,10 @@ def batch_norm(dim: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs)
 
 
 def conv3x3_s2(d_in: int, d_out: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+    """3x3 stride-2 conv; its result (and the bias sum) in at least fp32, for the BatchNorm after it."""
     return nnx.Conv(d_in, d_out, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=dtype,
-                    param_dtype=param_dtype, kernel_init=axes.annotate(nnx.initializers.lecun_normal(), CONV_NAMES),
+                    param_dtype=param_dtype, preferred_element_type=jnp.promote_types(dtype or jnp.float32,
+                                                                                      jnp.float32), kernel_init=axes.annotate(nnx.initializers.lecun_normal(), CONV_NAMES),
                     bias_init=axes.annotate(nnx.initializers.zeros, CONV_NAMES[-1:]), rngs=rngs)
 
 
@@ -86,7 +92,8 @@ def depthwise(dim: int, kernel: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs)
 
 
 def gelu(x):
-    return jax.nn.gelu(x, approximate=False)  # torch nn.GELU
+    """torch nn.GELU (exact, erf), computed in fp32 (its derivative has an exp) and returned in `x.dtype`."""
+    return jax.nn.gelu(x.astype(jnp.promote_types(x.dtype, jnp.float32)), approximate=False).astype(x.dtype)
 
 
 def fused_qkv_per_head(w, qk_dim: int, num_heads: int):

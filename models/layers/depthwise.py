@@ -83,16 +83,17 @@ def depthwise_conv2d_shifted(x, kernel, stride, padding, dilation):
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     ho = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
     wo = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
-    kernel = kernel.astype(x.dtype)
+    acc = jnp.promote_types(x.dtype, jnp.float32)  # low-precision inputs: products summed in fp32 (so are the
+    kernel = kernel.astype(acc)                     # kernel's gradient sums), the result rounded once
     out = None
     for i in range(kh):
         for j in range(kw):
             tap = jax.lax.slice(xp, (0, i * dh, j * dw, 0),
                                 (xp.shape[0], i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
                                 (1, sh, sw, 1))
-            term = tap * kernel[i, j, 0]
+            term = tap.astype(acc) * kernel[i, j, 0]
             out = term if out is None else out + term
-    return out
+    return out.astype(x.dtype)
 
 
 dispatch.register(OP, dispatch.Backend("shifted", lambda: depthwise_conv2d_shifted, platforms=("cpu",), priority=1))
@@ -124,6 +125,7 @@ class DepthwiseConv2d(nnx.Module):
     def __call__(self, x):
         y = depthwise_conv2d(x, self.kernel[...], stride=self.stride, padding=self.padding,
                              dilation=self.dilation, implementation=self.implementation)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
+        if self.bias is not None:  # added in fp32 at least: its gradient sums over the batch and the map
+            acc = jnp.promote_types(y.dtype, jnp.float32)
+            y = (y.astype(acc) + self.bias[...].astype(acc)).astype(y.dtype)
         return y
