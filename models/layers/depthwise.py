@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.core import dispatch
+from jaxattn.models.layers import axes
 
 OP = "depthwise_conv2d"
 
@@ -82,16 +83,17 @@ def depthwise_conv2d_shifted(x, kernel, stride, padding, dilation):
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     ho = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
     wo = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
-    kernel = kernel.astype(x.dtype)
+    acc = jnp.promote_types(x.dtype, jnp.float32)  # low-precision inputs: products summed in fp32 (so are the
+    kernel = kernel.astype(acc)                     # kernel's gradient sums), the result rounded once
     out = None
     for i in range(kh):
         for j in range(kw):
             tap = jax.lax.slice(xp, (0, i * dh, j * dw, 0),
                                 (xp.shape[0], i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
                                 (1, sh, sw, 1))
-            term = tap * kernel[i, j, 0]
+            term = tap.astype(acc) * kernel[i, j, 0]
             out = term if out is None else out + term
-    return out
+    return out.astype(x.dtype)
 
 
 dispatch.register(OP, dispatch.Backend("shifted", lambda: depthwise_conv2d_shifted, platforms=("cpu",), priority=1))
@@ -100,20 +102,30 @@ dispatch.register(OP, dispatch.Backend("lax", lambda: depthwise_conv2d_lax, plat
 
 class DepthwiseConv2d(nnx.Module):
     """Depthwise conv layer; parameters `kernel [kh, kw, 1, C]` (as `nnx.Conv` with `feature_group_count=C`) and
-    optional `bias [C]`. PyTorch weights `[C, 1, kh, kw]` load with `w.transpose(2, 3, 1, 0)`."""
+    optional `bias [C]`. PyTorch weights `[C, 1, kh, kw]` load with `w.transpose(2, 3, 1, 0)`.
+
+    `names`: the kernel's four logical dim names (`models/layers/axes.py`), e.g. `(CONV_KERNEL, CONV_KERNEL, None,
+    EMBED)`; the bias takes the last one. None leaves the parameters unnamed. The parameters are stored in
+    `param_dtype` and cast to the input's dtype where used.
+    """
 
     def __init__(self, channels: int, kernel_size=3, *, stride=1, padding="SAME", dilation=1, use_bias=True,
-                 implementation=None, rngs: nnx.Rngs):
+                 implementation=None, names=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kh, kw = _pairs("kernel_size", kernel_size)
+        if names is not None and len(names) != 4:
+            raise ValueError(f"`names` must name the kernel's 4 dims [kh, kw, 1, C], got {tuple(names)}")
+        kernel_meta = {} if names is None else axes.param_metadata(names)
+        bias_meta = {} if names is None else axes.param_metadata(tuple(names)[-1:])
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        self.kernel = nnx.Param(init(rngs.params(), (kh, kw, 1, channels)))
-        self.bias = nnx.Param(jnp.zeros((channels,))) if use_bias else None
+        self.kernel = nnx.Param(init(rngs.params(), (kh, kw, 1, channels), param_dtype), **kernel_meta)
+        self.bias = nnx.Param(jnp.zeros((channels,), param_dtype), **bias_meta) if use_bias else None
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.implementation = implementation
 
     def __call__(self, x):
         y = depthwise_conv2d(x, self.kernel[...], stride=self.stride, padding=self.padding,
                              dilation=self.dilation, implementation=self.implementation)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
+        if self.bias is not None:  # added in fp32 at least: its gradient sums over the batch and the map
+            acc = jnp.promote_types(y.dtype, jnp.float32)
+            y = (y.astype(acc) + self.bias[...].astype(acc)).astype(y.dtype)
         return y

@@ -12,6 +12,8 @@ import feature_checks
 from jaxattn import models
 from jaxattn.models import convert
 from jaxattn.models.biformer import BiFormer
+from jaxattn.models.biformer import convert as biformer_convert
+from jaxattn.models.biformer.layers import per_head_qkv_fused
 from jaxattn.models.biformer.model import BiLevelRoutingAttention
 from jaxattn.models.convert import StateDictError
 from jaxattn.models.layers.tracing import count_params, eval_shape_model
@@ -101,7 +103,8 @@ def _bra_numpy(layer, x):
     x = np.pad(x, ((0, 0), (0, -h % s), (0, -w % s), (0, 0)))
     hp, wp = x.shape[1:3]
     rh, rw = hp // s, wp // s
-    qkv = x @ param(layer.qkv.kernel) + param(layer.qkv.bias)
+    qkv = (x @ per_head_qkv_fused(param(layer.qkv.kernel), qk)
+           + per_head_qkv_fused(param(layer.qkv.bias), qk))  # the reference's fused [q | k | v] Linear
     q, k, v = qkv[..., :qk], qkv[..., qk:2 * qk], qkv[..., 2 * qk:]
     regions = lambda t: t.reshape(b, s, rh, s, rw, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, s * s, rh * rw, -1)
     q_tok, k_tok, v_tok = regions(q), regions(k), regions(v)
@@ -119,7 +122,7 @@ def _bra_numpy(layer, x):
                 out[bi, r, :, vs] = (p / p.sum(-1, keepdims=True)) @ vals[:, vs]
     out = out.reshape(b, s, s, rh, rw, dim).transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, dim)
     out = out + _depthwise_numpy(v, param(layer.lepe.kernel), param(layer.lepe.bias))
-    return (out @ param(layer.wo.kernel) + param(layer.wo.bias))[:, :h, :w]
+    return (out @ param(layer.wo.kernel).reshape(dim, dim) + param(layer.wo.bias))[:, :h, :w]
 
 
 @settings(max_examples=2)
@@ -171,7 +174,9 @@ _LEAF = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "
 
 
 def _state_dict_of(model):
-    """Our variables under the reference's names and layouts (the inverse of the loader, written separately)."""
+    """Our variables (an unrolled model's) under the reference's names and layouts (the inverse of the loader,
+    written separately)."""
+    assert not model.scan_blocks
     out = {}
     for path, var in nnx.iter_graph(model):
         if not isinstance(var, (nnx.Param, nnx.BatchStat)):
@@ -180,12 +185,21 @@ def _state_dict_of(model):
         value = np.asarray(var[...])
         if parts[0] == "downsample_layers":
             parts[2] = _STEM[parts[2]]
-        if parts[0] == "stages" and parts[-2] == "qkv":
-            routed = isinstance(model.stages[int(parts[1])][int(parts[2])].attn, BiLevelRoutingAttention)
-            parts[-2] = "qkv.qkv" if routed else "qkv"  # BRA wraps its Linear in a QKVLinear
+        conv = parts[-2] in ("pos_embed", "lepe") or parts[0] == "downsample_layers"
+        if parts[0] == "stages":
+            del parts[2]  # stages.{i}.blocks.{j} -> stages.{i}.{j}
+            attn = model.stages[int(parts[1])].blocks[int(parts[2])].attn
+            if parts[-2] == "qkv" and isinstance(attn, BiLevelRoutingAttention):
+                parts[-2] = "qkv.qkv"  # BRA wraps its Linear in a QKVLinear; ours is regrouped per head
+                value = per_head_qkv_fused(value, attn.qk_dim)
+        if parts[-1] == "kernel" and not conv:  # Linear kernels [*in, *out] -> torch [out, in]
+            inputs = 2 if parts[-2] in ("wo", "proj") else 1  # per-head inputs [heads, head_dim]
+            value = value.reshape(int(np.prod(value.shape[:inputs])), -1).T
+        elif parts[-1] == "kernel":
+            value = value.transpose(3, 2, 0, 1)
+        elif parts[-1] == "bias":
+            value = value.reshape(-1)
         parts[-2] = _OWNER.get(parts[-2], parts[-2])
-        if parts[-1] == "kernel":
-            value = value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
         parts[-1] = _LEAF.get(parts[-1], parts[-1])
         out[".".join(parts)] = value
     return out
@@ -213,13 +227,15 @@ def test_loader_is_strict():
 def test_round_trip_with_layer_scale():
     arch = dict(depths=(1, 1), embed_dims=(32, 64), mlp_ratios=(2, 2), topks=(2, -2), n_win=2, img_size=32,
                 layer_scale=1e-6, num_classes=3)
-    src = abstract_model(lambda: models.create_model("biformer_tiny", **arch), seed=5)
+    src = abstract_model(lambda: models.create_model("biformer_tiny", scan_blocks=False, **arch), seed=5)
     sd = _state_dict_of(src)
     assert {"stages.0.0.gamma1", "stages.0.0.attn.qkv.qkv.weight", "stages.1.0.attn.proj.bias",
             "downsample_layers.0.4.running_var", "norm.running_mean"} <= set(sd)
-    dst = convert.load_biformer(_abstract_zeros("biformer_tiny", **arch), sd)
-    want, got = nnx.state(src, (nnx.Param, nnx.BatchStat)), nnx.state(dst, (nnx.Param, nnx.BatchStat))
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), want, got)
+    dst = convert.load_biformer(_abstract_zeros("biformer_tiny", **arch), sd)  # scanned: loads across layouts
+    assert dst.scan_blocks
+    pure = lambda m: nnx.to_pure_dict(nnx.state(m, (nnx.Param, nnx.BatchStat)))
+    got = biformer_convert.to_unrolled(pure(dst), dst)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), pure(src), got)
 
 
 def test_bad_inputs_raise_value_errors(pico):
