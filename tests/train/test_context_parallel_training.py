@@ -128,14 +128,14 @@ def _map(rows, channels=8):
 def check_vision_models():
     dinat = _vision_config("dinat_pico", 64, **DINAT)
     def dinat_layers(m):
-        attn = [lv.blocks[0].attn for lv in m.levels]
+        attn = [lv.segments[0].template.blocks[0].attn for lv in m.levels]
         return [("neighborhood_attention", a, _map(r), _map(r), (a.kernel_size,), dict(dilation=a.dilation))
                 for a, r in zip(attn, (16, 8, 4))]
     assert _rows_sharded(dinat, dinat_layers, CONTEXT4) == [True, True, False]
     _compare_family([("dinat/halo", dinat, CONTEXT4)], mesh_curves.image_batches(64), 10)
     halonet = _vision_config("halonet_pico", 32, **_halonet_kwargs())
-    assert _rows_sharded(halonet, lambda m: [("halo_attention", s[0].self_attn, _map(r), _map(r),
-                                               (s[0].self_attn.block_size, s[0].self_attn.halo_size), {})
+    assert _rows_sharded(halonet, lambda m: [("halo_attention", s.first.self_attn, _map(r), _map(r),
+                                               (s.first.self_attn.block_size, s.first.self_attn.halo_size), {})
                                               for s, r in zip(m.stages, (8, 8, 4))], CONTEXT4) == [True, True, False]
     _compare_family([("halonet/halo", halonet, CONTEXT4)], mesh_curves.image_batches(32), 10)
 
