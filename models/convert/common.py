@@ -39,7 +39,7 @@ class StrictLoader:
     # -- primitives ---------------------------------------------------------------------------------------------
     def take(self, key: str) -> np.ndarray:
         if key not in self.state_dict:
-            raise StateDictError(f"the state dict does not fit {type(self.model).__name__}: it has no key {key!r}"
+            raise StateDictError(f"the state dict does not fit {_model_name(self.model)}: it has no key {key!r}"
                                  f"{self._hint(key)}")
         self.used.add(key)
         return self.state_dict[key]
@@ -116,3 +116,8 @@ class StrictLoader:
         if problems:
             raise StateDictError("; ".join(problems))
         return self.model
+
+
+def _model_name(model) -> str:
+    """The model a loader fills, as errors name it (a per-block view of a model names the model)."""
+    return getattr(model, "model_name", type(model).__name__)

@@ -28,6 +28,7 @@ _DILATIONS_224_K7 = [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5]
 class DiNATPerBlock(nnx.Module):
     """`model` seen with the reference's names (`levels.{i}.blocks.{j}`), whatever its layout: its own modules,
     except that the units of scanned stacks are per-unit copies (`stacking.unit_views`) until `write_back`."""
+    model_name = "DiNAT"  # what load errors name
 
     def __init__(self, model: DiNAT):
         self.patch_embed, self.norm, self.head = model.patch_embed, model.norm, model.head

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 import jaxattn
+from jaxattn.models.layers import axes
 from jaxattn.models.layers.dense import Dense
 from jaxattn.models.layers.depthwise import DepthwiseConv2d
 
@@ -51,8 +52,10 @@ def resize_table(table, size: tuple[int, int]):
     return jax.image.resize(table, (*table.shape[:-2], *size), method="bilinear", antialias=False)
 
 
-def _bias_param(rngs: nnx.Rngs, shape):
-    return nnx.Param(0.02 * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32))
+def _bias_param(rngs: nnx.Rngs, shape, param_dtype=jnp.float32):
+    """A per-head bias table (heads first; logical names: heads, then replicated dims)."""
+    value = 0.02 * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
+    return nnx.Param(value.astype(param_dtype), **axes.param_metadata((axes.HEADS,) + (None,) * (len(shape) - 1)))
 
 
 class AgentAttention(nnx.Module):
@@ -61,12 +64,14 @@ class AgentAttention(nnx.Module):
     Parameters: `qkv` (dim -> 3 dim, bias if `qkv_bias`), `proj` (dim -> dim, bias), `dwc` (3 x 3 depthwise conv of
     V, bias), and the agent biases `agent_key_table`, `query_agent_table` `[N, n, 7, 7]`, `agent_row [N, n, H, 1]`,
     `agent_col [N, n, 1, W]`, `row_agent [N, H, 1, n]`, `col_agent [N, 1, W, n]` (truncated normal, std 0.02).
-    `implementation` is passed to `jaxattn.agent_attention`; `dtype` is the compute dtype (parameters stay fp32,
-    softmax statistics fp32 inside the op).
+    `implementation` is passed to `jaxattn.agent_attention`; `dtype` is the compute dtype, `param_dtype` the
+    storage dtype (softmax statistics fp32 inside the op). Logical names: the fused qkv and the output projection
+    split their `EMBED` dim (FSDP), not heads (its `3 * dim` outputs interleave q, k and v).
     """
 
     def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int], *, agent_grid: int = 7,
-                 qkv_bias: bool = True, implementation: str | None = None, dtype=None, rngs: nnx.Rngs):
+                 qkv_bias: bool = True, implementation: str | None = None, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if dim % num_heads:
             raise ValueError(f"`dim` ({dim}) must be a multiple of `num_heads` ({num_heads})")
         height, width = (int(s) for s in input_size)
@@ -76,25 +81,28 @@ class AgentAttention(nnx.Module):
         self.implementation, self.dtype = implementation, dtype
         self.scale = (dim // num_heads) ** -0.5
         init = nnx.initializers.truncated_normal(0.02)
-        self.qkv = Dense(dim, 3 * dim, use_bias=qkv_bias, kernel_init=init, dtype=dtype, rngs=rngs)
-        self.proj = Dense(dim, dim, kernel_init=init, dtype=dtype, rngs=rngs)
-        self.dwc = DepthwiseConv2d(dim, 3, rngs=rngs)
+        kw = dict(kernel_init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qkv = Dense(dim, 3 * dim, use_bias=qkv_bias, names=(axes.EMBED, None), **kw)
+        self.proj = Dense(dim, dim, names=(None, axes.EMBED), **kw)
+        self.dwc = DepthwiseConv2d(dim, 3, names=(axes.CONV_KERNEL, axes.CONV_KERNEL, None, axes.EMBED),
+                                   param_dtype=param_dtype, rngs=rngs)
         n, agents, table = num_heads, agent_grid * agent_grid, BIAS_TABLE_SIZE
-        self.agent_key_table = _bias_param(rngs, (n, agents, table, table))
-        self.query_agent_table = _bias_param(rngs, (n, agents, table, table))
-        self.agent_row = _bias_param(rngs, (n, agents, height, 1))
-        self.agent_col = _bias_param(rngs, (n, agents, 1, width))
-        self.row_agent = _bias_param(rngs, (n, height, 1, agents))
-        self.col_agent = _bias_param(rngs, (n, 1, width, agents))
+        self.agent_key_table = _bias_param(rngs, (n, agents, table, table), param_dtype)
+        self.query_agent_table = _bias_param(rngs, (n, agents, table, table), param_dtype)
+        self.agent_row = _bias_param(rngs, (n, agents, height, 1), param_dtype)
+        self.agent_col = _bias_param(rngs, (n, agents, 1, width), param_dtype)
+        self.row_agent = _bias_param(rngs, (n, height, 1, agents), param_dtype)
+        self.col_agent = _bias_param(rngs, (n, 1, width, agents), param_dtype)
 
     def biases(self):
         """`(key_bias [N, n, H*W], query_bias [N, H*W, n])` in fp32, for `jaxattn.agent_attention`."""
         n, agents = self.num_heads, self.agent_grid ** 2
         tokens = self.input_size[0] * self.input_size[1]
-        key_bias = (resize_table(self.agent_key_table[...], self.input_size)
-                    + self.agent_row[...] + self.agent_col[...]).reshape(n, agents, tokens)
-        query_table = resize_table(self.query_agent_table[...], self.input_size).reshape(n, agents, tokens)
-        query_bias = jnp.swapaxes(query_table, 1, 2) + (self.row_agent[...] + self.col_agent[...]).reshape(
+        f32 = lambda v: v[...].astype(jnp.float32)  # noqa: E731
+        key_bias = (resize_table(f32(self.agent_key_table), self.input_size)
+                    + f32(self.agent_row) + f32(self.agent_col)).reshape(n, agents, tokens)
+        query_table = resize_table(f32(self.query_agent_table), self.input_size).reshape(n, agents, tokens)
+        query_bias = jnp.swapaxes(query_table, 1, 2) + (f32(self.row_agent) + f32(self.col_agent)).reshape(
             n, tokens, agents)
         return key_bias, query_bias
 
