@@ -36,6 +36,14 @@ def assert_every_parameter_named(model: nnx.Module, *, stacked: Callable[[tuple]
         assert (names[0] == axes.LAYERS) == bool(stacked(path)), (path, names)
 
 
+def load_pure(model: nnx.Module, pure, kind=nnx.Param) -> nnx.Module:
+    """`model` with its `kind` variables set from the pure state `pure` (`nnx.to_pure_dict` layout); returned."""
+    state = nnx.state(model, kind)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    return model
+
+
 def image_loss(model, batch):
     """Cross-entropy of a classifier on `batch = (images [B, H, W, C], labels [B])`; returns `(loss, logits)`."""
     images, labels = batch

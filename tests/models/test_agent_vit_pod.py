@@ -33,10 +33,7 @@ def loss_and_grads(model):
 
 
 def load(model, params):
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(model, state)
-    return model
+    return pod_checks.load_pure(model, params)
 
 
 def test_every_parameter_is_named():

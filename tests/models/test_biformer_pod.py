@@ -42,10 +42,7 @@ def params(model):
 
 def load(model, unrolled):
     """`model` with the parameters and statistics of the unrolled pure state `unrolled`."""
-    state = nnx.state(model, LOADED)
-    nnx.replace_by_pure_dict(state, convert.from_unrolled(unrolled, model))
-    nnx.update(model, state)
-    return model
+    return pod_checks.load_pure(model, convert.from_unrolled(unrolled, model), LOADED)
 
 
 @functools.cache

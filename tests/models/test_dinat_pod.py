@@ -37,10 +37,7 @@ def per_block_params(model):
 
 
 def load(model, per_block):
-    params = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(params, stacking.from_per_block(per_block, model))
-    nnx.update(model, params)
-    return model
+    return pod_checks.load_pure(model, stacking.from_per_block(per_block, model))
 
 
 @functools.cache

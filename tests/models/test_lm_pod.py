@@ -38,10 +38,7 @@ TOKENS = jax.random.randint(jax.random.key(1), (2, 11), 0, SMALL["vocab_size"])
 
 def load(model, per_layer):
     """`model` with the parameters of the per-layer pure state `per_layer`."""
-    params = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(params, from_per_layer(per_layer, model))
-    nnx.update(model, params)
-    return model
+    return pod_checks.load_pure(model, from_per_layer(per_layer, model))
 
 
 def per_layer_params(model):
